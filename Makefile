@@ -1,0 +1,47 @@
+# mgrun: `make demo` and `make test` do all set-up on a fresh machine.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+VENV_STAMP := $(VENV)/.mgrun-venv-ok
+# A user's own libtorch 2.11 wins; otherwise the venv's PyTorch provides it.
+LIBTORCH ?= $(CURDIR)/$(VENV)/libtorch
+export LIBTORCH
+export MGRUN_PYTHON ?= $(CURDIR)/$(VENV)/bin/python
+CARGO ?= cargo
+MGRUN := target/release/mgrun
+
+.PHONY: all venv build demo test lint fmt bench-comm clean
+
+all: build
+
+venv: $(VENV_STAMP)
+
+$(VENV_STAMP): scripts/requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet -r scripts/requirements.txt
+	ln -sfn "$$($(VENV)/bin/python -c 'import os, torch; print(os.path.dirname(torch.__file__))')" $(VENV)/libtorch
+	touch $@
+
+build: venv
+	$(CARGO) build --release --workspace
+
+demo: build
+	$(MGRUN) --cpus 2 --out runs/quickstart configs/quickstart.toml
+
+test: venv
+	$(CARGO) build --release --workspace --all-targets
+	$(CARGO) test --release --workspace --no-fail-fast
+
+lint: venv
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --release --workspace --all-targets -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all
+
+bench-comm: build
+	bash bench/comm_vs_gloo.sh
+
+clean:
+	$(CARGO) clean
+	rm -rf runs

@@ -1,0 +1,1 @@
+//! Rendezvous key-value store (to be implemented).

@@ -1,0 +1,1 @@
+//! TCP ring backend (to be implemented).

@@ -1,0 +1,195 @@
+use anyhow::{bail, Result};
+use tch::{Device, Kind, Tensor};
+
+/// What a parameter is, for methods that treat kinds differently (DSP-Reg excludes norm affine
+/// parameters and, optionally, biases).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ParamKind {
+    Weight,
+    Bias,
+    NormWeight,
+    NormBias,
+}
+
+/// How a parameter is initialised (torchvision's choices).
+#[derive(Debug, Clone, Copy)]
+pub enum Init {
+    /// kaiming_normal_(mode="fan_out", nonlinearity="relu"), torchvision's conv init.
+    KaimingNormalFanOut,
+    /// U(-1/sqrt(fan_in), 1/sqrt(fan_in)), torch.nn.Linear/Conv default for weight and bias.
+    UniformFanIn(i64),
+    Const(f64),
+}
+
+/// Handle to a parameter declared in a [`ParamBuilder`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ParamId(pub usize);
+
+/// One trainable parameter: a view of the store's flat buffer.
+#[derive(Debug)]
+pub struct Param {
+    /// torchvision-style state-dict name, e.g. `layer1.0.conv1.weight`.
+    pub name: String,
+    pub shape: Vec<i64>,
+    pub kind: ParamKind,
+    /// Offset and length in the flat buffer, in elements.
+    pub offset: usize,
+    pub numel: usize,
+    pub tensor: Tensor,
+}
+
+struct Decl {
+    name: String,
+    shape: Vec<i64>,
+    kind: ParamKind,
+    init: Init,
+}
+
+/// Collects parameter and buffer declarations, then allocates them in one flat buffer.
+#[derive(Default)]
+pub struct ParamBuilder {
+    params: Vec<Decl>,
+    buffers: Vec<(String, Tensor)>,
+}
+
+impl ParamBuilder {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn param(&mut self, name: &str, shape: &[i64], kind: ParamKind, init: Init) -> ParamId {
+        self.params.push(Decl { name: name.to_string(), shape: shape.to_vec(), kind, init });
+        ParamId(self.params.len() - 1)
+    }
+
+    /// A non-trainable tensor of the model's state (e.g. BN running statistics); returns its index.
+    pub fn buffer(&mut self, name: &str, value: Tensor) -> usize {
+        self.buffers.push((name.to_string(), value));
+        self.buffers.len() - 1
+    }
+
+    /// Allocates the flat buffer on `device` and initialises every parameter, deterministically
+    /// for a given `seed` (initialisation runs on the CPU, then moves).
+    pub fn build(self, device: Device, seed: i64) -> Result<ParamStore> {
+        tch::manual_seed(seed);
+        let _guard = tch::no_grad_guard();
+        let mut chunks = Vec::with_capacity(self.params.len());
+        for d in &self.params {
+            let t = match d.init {
+                Init::KaimingNormalFanOut => {
+                    if d.shape.len() < 2 {
+                        bail!("{}: kaiming init needs a weight of rank >= 2", d.name);
+                    }
+                    let receptive: i64 = d.shape[2..].iter().product();
+                    let fan_out = d.shape[0] * receptive;
+                    let std = (2.0 / fan_out as f64).sqrt();
+                    Tensor::randn(d.shape.as_slice(), (Kind::Float, Device::Cpu)) * std
+                }
+                Init::UniformFanIn(fan_in) => {
+                    let bound = 1.0 / (fan_in as f64).sqrt();
+                    Tensor::empty(d.shape.as_slice(), (Kind::Float, Device::Cpu)).uniform_(-bound, bound)
+                }
+                Init::Const(v) => Tensor::full(d.shape.as_slice(), v, (Kind::Float, Device::Cpu)),
+            };
+            chunks.push(t.reshape([-1]));
+        }
+        let flat = if chunks.is_empty() {
+            Tensor::zeros([0], (Kind::Float, device))
+        } else {
+            Tensor::cat(&chunks, 0).to_device(device)
+        };
+        let mut params = Vec::with_capacity(self.params.len());
+        let mut offset = 0usize;
+        for d in self.params {
+            let numel: usize = d.shape.iter().product::<i64>() as usize;
+            let tensor = flat.narrow(0, offset as i64, numel as i64).view(d.shape.as_slice()).set_requires_grad(true);
+            params.push(Param { name: d.name, shape: d.shape, kind: d.kind, offset, numel, tensor });
+            offset += numel;
+        }
+        let buffers = self.buffers.into_iter().map(|(n, t)| (n, t.to_device(device))).collect();
+        Ok(ParamStore { flat, params, buffers })
+    }
+}
+
+/// All trainable parameters of a model in one flat f32 buffer, plus the model's buffers.
+#[derive(Debug)]
+pub struct ParamStore {
+    flat: Tensor,
+    params: Vec<Param>,
+    buffers: Vec<(String, Tensor)>,
+}
+
+impl ParamStore {
+    /// The flat parameter buffer. Writing to it (under `no_grad`) updates every parameter.
+    pub fn flat(&self) -> &Tensor {
+        &self.flat
+    }
+    pub fn params(&self) -> &[Param] {
+        &self.params
+    }
+    /// The parameter declared as `id`, as a tensor usable in a forward pass.
+    pub fn get(&self, id: ParamId) -> &Tensor {
+        &self.params[id.0].tensor
+    }
+    pub fn buffer(&self, index: usize) -> &Tensor {
+        &self.buffers[index].1
+    }
+    pub fn buffers(&self) -> &[(String, Tensor)] {
+        &self.buffers
+    }
+    pub fn numel(&self) -> usize {
+        self.flat.numel()
+    }
+    pub fn device(&self) -> tch::Device {
+        self.flat.device()
+    }
+
+    /// The current gradients as one flat tensor (zeros where a parameter has none), in the
+    /// layout of [`ParamStore::flat`].
+    pub fn flat_grad(&self) -> Tensor {
+        let grads: Vec<Tensor> = self
+            .params
+            .iter()
+            .map(|p| {
+                let g = p.tensor.grad();
+                if g.defined() {
+                    g.reshape([-1])
+                } else {
+                    Tensor::zeros([p.numel as i64], (Kind::Float, self.flat.device()))
+                }
+            })
+            .collect();
+        if grads.is_empty() {
+            return Tensor::zeros([0], (Kind::Float, self.flat.device()));
+        }
+        Tensor::cat(&grads, 0)
+    }
+
+    /// Drops the gradients so that the next backward starts from zero.
+    pub fn zero_grad(&mut self) {
+        for p in &mut self.params {
+            let mut g = p.tensor.grad();
+            if g.defined() {
+                let _ = g.detach_();
+                let _ = g.zero_();
+            }
+        }
+    }
+
+    /// Copies `values` (same layout as [`ParamStore::flat`]) into the parameters.
+    pub fn set_flat(&self, values: &Tensor) -> Result<()> {
+        if values.size() != self.flat.size() {
+            bail!("parameter buffer has {:?} elements, got {:?}", self.flat.size(), values.size());
+        }
+        let _guard = tch::no_grad_guard();
+        self.flat.shallow_clone().copy_(values);
+        Ok(())
+    }
+
+    /// (name, tensor) of every parameter and buffer, with state-dict names.
+    pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut out: Vec<(String, Tensor)> = self.params.iter().map(|p| (p.name.clone(), p.tensor.detach())).collect();
+        out.extend(self.buffers.iter().map(|(n, t)| (n.clone(), t.shallow_clone())));
+        out
+    }
+}

@@ -1,0 +1,18 @@
+//! The mgrun trainer: typed job config, domain sharding, the training loop and evaluation.
+
+use std::path::PathBuf;
+
+/// What a worker process (one rank) is started with; the rank itself comes from the environment
+/// (torchrun's contract: RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT).
+#[derive(Debug, Clone)]
+pub struct WorkerArgs {
+    pub config: PathBuf,
+    /// `--set a.b=value` overrides, in order.
+    pub overrides: Vec<String>,
+    pub out_dir: PathBuf,
+}
+
+/// Runs one rank of a training job to completion.
+pub fn run_worker(args: &WorkerArgs) -> anyhow::Result<()> {
+    anyhow::bail!("trainer not implemented yet: {:?}", args.config)
+}
