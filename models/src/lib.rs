@@ -5,10 +5,14 @@
 //! (DSP-Reg's moments) therefore work on single flat tensors, and a checkpoint is a few large
 //! tensors with a table of names and offsets.
 
+pub mod io;
 pub mod params;
+pub mod resnet;
 pub mod small_cnn;
 
+pub use io::{load_safetensors, save_safetensors};
 pub use params::{Param, ParamBuilder, ParamId, ParamKind, ParamStore};
+pub use resnet::ResNet;
 
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
@@ -49,6 +53,7 @@ pub trait Model: Send {
 /// Builds `spec` on `device`, initialised deterministically from `seed`.
 pub fn build(spec: &ModelSpec, device: Device, seed: i64) -> Result<Box<dyn Model>> {
     match spec.arch.as_str() {
+        "resnet18" | "resnet50" => Ok(Box::new(resnet::ResNet::new(spec, device, seed)?)),
         "small_cnn" => Ok(Box::new(small_cnn::SmallCnn::new(spec, device, seed)?)),
         other => bail!("model.arch: unknown architecture {other:?} (expected resnet18, resnet50 or small_cnn)"),
     }

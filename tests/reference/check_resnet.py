@@ -1,0 +1,60 @@
+"""Reference for mgrun's ResNets: runs torchvision's model on a state dict written by mgrun.
+
+Usage: check_resnet.py --arch resnet18 --num-classes 7 --state model.safetensors
+                       --input input.safetensors --out out.safetensors [--train]
+
+`input.safetensors` holds `images` (NCHW f32) and, with --train, `grad_weights` (same shape as the
+logits). The script loads the state dict with strict=True (so every key and shape must match
+torchvision), then writes to `out.safetensors`:
+  logits_eval                 eval-mode logits
+and with --train, after one train-mode forward (BN batch statistics, running stats updated) and a
+backward of sum(logits_train * grad_weights):
+  logits_train                train-mode logits
+  state.<key>                 every state-dict entry after the train-mode forward
+  grad.<name>                 the gradient of every parameter
+"""
+
+import argparse
+
+import torch
+import torchvision
+from safetensors.torch import load_file, save_file
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--arch", required=True, choices=["resnet18", "resnet50"])
+    parser.add_argument("--num-classes", type=int, required=True)
+    parser.add_argument("--state", required=True)
+    parser.add_argument("--input", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--train", action="store_true")
+    args = parser.parse_args()
+
+    torch.set_num_threads(2)
+
+    model = getattr(torchvision.models, args.arch)(weights=None, num_classes=args.num_classes)
+    model.load_state_dict(load_file(args.state), strict=True)
+    inputs = load_file(args.input)
+    images = inputs["images"]
+
+    out = {}
+    model.eval()
+    with torch.no_grad():
+        out["logits_eval"] = model(images).contiguous()
+
+    if args.train:
+        model.train()
+        logits = model(images)
+        (logits * inputs["grad_weights"]).sum().backward()
+        out["logits_train"] = logits.detach().contiguous()
+        for key, value in model.state_dict().items():
+            out[f"state.{key}"] = value.detach().clone().contiguous()
+        for name, param in model.named_parameters():
+            out[f"grad.{name}"] = param.grad.detach().clone().contiguous()
+
+    save_file(out, args.out)
+
+
+if __name__ == "__main__":
+    main()
