@@ -4,6 +4,7 @@
 //! are chosen at run time: [`tcp::TcpCommunicator`] (CPU, TCP ring, bootstrapped through the
 //! rendezvous [`store`]) and, on GPUs, NCCL. [`SingleRank`] is the trivial world of one.
 
+pub mod bench;
 pub mod bucket;
 pub mod error;
 pub mod single;

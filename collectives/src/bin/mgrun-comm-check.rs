@@ -1,0 +1,352 @@
+//! Test and benchmark worker for the TCP backend: one process per rank, configured like a torchrun
+//! worker (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, MGRUN_STORE_TOKEN). Each rank builds deterministic
+//! inputs for every rank, runs the collectives and compares with a sequentially computed reference.
+//!
+//! Usage: mgrun-comm-check <correctness|fail [victim] [die|stall]|bench [max_bytes] [json_out]>
+//!        mgrun-comm-check launch <ranks> <worker args...>   (hosts the store and spawns the ranks)
+//! Prints `OK ...` lines and exits 0 when every check passed; prints `FAIL ...` and exits 1 otherwise.
+
+use anyhow::{bail, ensure, Context, Result};
+use mgrun_collectives::store::StoreClient;
+use mgrun_collectives::tcp::{TcpCommunicator, TcpOptions};
+use mgrun_collectives::{all_reduce_flat, Communicator, ReduceOp};
+use std::time::{Duration, Instant};
+use tch::{Device, Kind, Tensor};
+
+fn env_usize(name: &str) -> Result<usize> {
+    let text = std::env::var(name).with_context(|| format!("{name} is not set"))?;
+    text.parse().with_context(|| format!("{name}={text:?}"))
+}
+
+/// A value in [-15.625, 15.625] that is a multiple of 1/64: sums of up to 4 of them are exact in f32,
+/// so ring and sequential reductions agree bit for bit in any order.
+fn input_value(rank: usize, case: u64, index: usize) -> f64 {
+    let mut x = (rank as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ case.wrapping_mul(0xC2B2_AE3D_27D4_EB4F)
+        ^ (index as u64).wrapping_mul(0x1656_67B1_9E37_79F9);
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xFF51_AFD7_ED55_8CCD);
+    x ^= x >> 33;
+    ((x % 2001) as f64 - 1000.0) / 64.0
+}
+
+fn inputs(rank: usize, case: u64, len: usize) -> Vec<f64> {
+    (0..len).map(|i| input_value(rank, case, i)).collect()
+}
+
+fn to_tensor(values: &[f64], kind: Kind) -> Tensor {
+    Tensor::from_slice(values).to_kind(kind)
+}
+
+/// The reference: reduce every member's input sequentially.
+fn expected(members: &[usize], case: u64, len: usize, op: ReduceOp) -> Vec<f64> {
+    let mut out = inputs(members[0], case, len);
+    for &member in &members[1..] {
+        for (o, v) in out.iter_mut().zip(inputs(member, case, len)) {
+            *o = match op {
+                ReduceOp::Sum | ReduceOp::Avg => *o + v,
+                ReduceOp::Max => o.max(v),
+            };
+        }
+    }
+    if op == ReduceOp::Avg {
+        for o in &mut out {
+            *o /= members.len() as f64;
+        }
+    }
+    out
+}
+
+/// Compares after rounding the reference to the tensor's dtype (the ring result is exact before the
+/// division of Avg, and the division is correctly rounded in both).
+fn check_equal(what: &str, got: &Tensor, want: &[f64]) -> Result<()> {
+    ensure!(got.numel() == want.len(), "{what}: {} elements, want {}", got.numel(), want.len());
+    let want = to_tensor(want, got.kind());
+    let got_flat = got.reshape([-1]).to_kind(Kind::Double);
+    let want_flat = want.to_kind(Kind::Double);
+    let mismatches = got_flat.ne_tensor(&want_flat).sum(Kind::Int64).int64_value(&[]);
+    if mismatches > 0 {
+        let first = got_flat.ne_tensor(&want_flat).nonzero().int64_value(&[0, 0]);
+        bail!(
+            "{what}: {mismatches} of {} elements differ; first at {first}: got {} want {}",
+            want.numel(),
+            got_flat.double_value(&[first]),
+            want_flat.double_value(&[first])
+        );
+    }
+    Ok(())
+}
+
+const OPS: [ReduceOp; 3] = [ReduceOp::Sum, ReduceOp::Avg, ReduceOp::Max];
+
+fn check_all_reduce(
+    comm: &dyn Communicator,
+    members: &[usize],
+    label: &str,
+    sizes: &[usize],
+    case0: u64,
+) -> Result<u64> {
+    let rank_global = members[comm.rank()];
+    let mut case = case0;
+    for &len in sizes {
+        for kind in [Kind::Float, Kind::Double] {
+            for op in OPS {
+                // The largest size only for f32 sum, to keep the test fast.
+                if len >= 5_000_000 && (kind != Kind::Float || op != ReduceOp::Sum) {
+                    continue;
+                }
+                case += 1;
+                let mut tensor = to_tensor(&inputs(rank_global, case, len), kind);
+                comm.all_reduce(&mut tensor, op)?;
+                check_equal(
+                    &format!("{label} all_reduce {op:?} {kind:?} len {len}"),
+                    &tensor,
+                    &expected(members, case, len, op),
+                )?;
+            }
+        }
+    }
+    Ok(case)
+}
+
+fn correctness(rank: usize, world: usize, timeout: Duration) -> Result<()> {
+    let started = Instant::now();
+    let store = StoreClient::from_env(timeout)?;
+    let comm = TcpCommunicator::connect(&store, rank, world, timeout)?;
+    ensure!(comm.rank() == rank && comm.world_size() == world && comm.backend() == "tcp");
+    let everyone: Vec<usize> = (0..world).collect();
+
+    // Default options: small sizes take the gather path, large ones the pipelined ring.
+    let mut case = check_all_reduce(&comm, &everyone, "default", &[1, 7, 1000, 65_537, 1_000_000, 10_000_000], 0)?;
+    println!("OK rank {rank} all_reduce default ({:.1} s)", started.elapsed().as_secs_f64());
+
+    // A second world in the same job, forcing the ring for every size with tiny segments, so chunking,
+    // empty chunks (len < world) and the pipelining dependencies are all exercised.
+    let tiny = TcpOptions { segment_bytes: 64, small_bytes: 0, socket_buffer_bytes: None };
+    let ring = TcpCommunicator::connect_with(&store, rank, world, timeout, tiny)?;
+    case = check_all_reduce(&ring, &everyone, "ring/64B-segments", &[1, 3, 7, 1000, 65_537], case)?;
+    let big_segments = TcpOptions { segment_bytes: 1 << 20, small_bytes: 0, socket_buffer_bytes: Some(1 << 20) };
+    let ring_big = TcpCommunicator::connect_with(&store, rank, world, timeout, big_segments)?;
+    case = check_all_reduce(&ring_big, &everyone, "ring/1MiB-segments", &[999_999], case)?;
+    println!("OK rank {rank} all_reduce ring variants");
+
+    // i64 sum and max.
+    for op in [ReduceOp::Sum, ReduceOp::Max] {
+        case += 1;
+        let values: Vec<i64> = (0..5000).map(|i| (input_value(rank, case, i) * 64.0) as i64 * 1_000_003).collect();
+        let mut tensor = Tensor::from_slice(&values);
+        comm.all_reduce(&mut tensor, op)?;
+        let mut want = vec![if op == ReduceOp::Sum { 0i64 } else { i64::MIN }; 5000];
+        for r in 0..world {
+            for (i, w) in want.iter_mut().enumerate() {
+                let v = (input_value(r, case, i) * 64.0) as i64 * 1_000_003;
+                *w = if op == ReduceOp::Sum { *w + v } else { (*w).max(v) };
+            }
+        }
+        ensure!(Vec::<i64>::try_from(&tensor)? == want, "i64 all_reduce {op:?} differs");
+    }
+    let mut int_avg = Tensor::from_slice(&[1i64, 2]);
+    ensure!(comm.all_reduce(&mut int_avg, ReduceOp::Avg).is_err(), "i64 Avg must be rejected");
+
+    // Non-contiguous input: reduced through a host copy and written back into the tensor's storage.
+    case += 1;
+    let base = to_tensor(&inputs(rank, case, 300), Kind::Float).reshape([20, 15]);
+    let mut transposed = base.tr();
+    ensure!(!transposed.is_contiguous());
+    comm.all_reduce(&mut transposed, ReduceOp::Sum)?;
+    let want = expected(&everyone, case, 300, ReduceOp::Sum);
+    check_equal("non-contiguous all_reduce (view)", &transposed.tr().contiguous(), &want)?;
+    check_equal("non-contiguous all_reduce (storage)", &base, &want)?;
+
+    // Bucketed flat reduction through narrow views writes into the flat buffer itself.
+    case += 1;
+    let mut flat = to_tensor(&inputs(rank, case, 100_003), Kind::Float);
+    all_reduce_flat(&comm, &mut flat, ReduceOp::Avg, 40_000)?;
+    check_equal("all_reduce_flat", &flat, &expected(&everyone, case, 100_003, ReduceOp::Avg))?;
+    println!("OK rank {rank} i64, non-contiguous, flat buckets");
+
+    // Broadcast from every root, with both communicators.
+    for (label, c) in [("default", &comm as &dyn Communicator), ("ring", &ring)] {
+        for root in 0..world {
+            for len in [5usize, 300_001] {
+                case += 1;
+                let mut tensor = to_tensor(&inputs(rank, case, len), Kind::Double);
+                c.broadcast(&mut tensor, root)?;
+                check_equal(&format!("{label} broadcast root {root} len {len}"), &tensor, &inputs(root, case, len))?;
+            }
+        }
+    }
+    let mut scratch = Tensor::zeros([3], (Kind::Float, Device::Cpu));
+    ensure!(comm.broadcast(&mut scratch, world).is_err(), "broadcast from a root outside the group must fail");
+
+    // All-gather: shape [world, ...] in rank order.
+    for shape in [vec![3i64, 5], vec![100_000]] {
+        case += 1;
+        let len = shape.iter().product::<i64>() as usize;
+        let mine = to_tensor(&inputs(rank, case, len), Kind::Float).reshape(shape.as_slice());
+        let gathered = comm.all_gather(&mine)?;
+        let mut want_shape = vec![world as i64];
+        want_shape.extend(&shape);
+        ensure!(gathered.size() == want_shape, "all_gather shape {:?}, want {want_shape:?}", gathered.size());
+        for r in 0..world {
+            check_equal(&format!("all_gather slot {r}"), &gathered.get(r as i64), &inputs(r, case, len))?;
+        }
+    }
+    println!("OK rank {rank} broadcast, all_gather");
+
+    // Barrier: rank 0 arrives late, nobody may leave before it arrives.
+    for _ in 0..3 {
+        comm.barrier()?;
+    }
+    if rank == 0 {
+        std::thread::sleep(Duration::from_millis(400));
+    }
+    let waiting = Instant::now();
+    comm.barrier()?;
+    let waited = waiting.elapsed();
+    if rank != 0 {
+        ensure!(
+            waited >= Duration::from_millis(300),
+            "barrier released rank {rank} after {waited:?}, before rank 0 arrived"
+        );
+    }
+    println!("OK rank {rank} barrier");
+
+    // Split by parity, then reduce within each group; a second split (everyone together) and a split of
+    // the split check that the store keys of successive splits do not collide.
+    let halves = comm.split(rank % 2)?;
+    let members: Vec<usize> = (0..world).filter(|r| r % 2 == rank % 2).collect();
+    ensure!(halves.world_size() == members.len(), "split size {} want {}", halves.world_size(), members.len());
+    ensure!(halves.rank() == rank / 2, "split rank {} want {}", halves.rank(), rank / 2);
+    case = check_all_reduce(halves.as_ref(), &members, "split-by-parity", &[7, 65_537], case)?;
+    let together = comm.split(7)?;
+    ensure!(together.world_size() == world && together.rank() == rank);
+    case = check_all_reduce(together.as_ref(), &everyone, "split-all", &[1000], case)?;
+    let singles = halves.split(halves.rank())?;
+    ensure!(singles.world_size() == 1 && singles.rank() == 0);
+    case += 1;
+    let mut alone = to_tensor(&inputs(rank, case, 10), Kind::Float);
+    singles.all_reduce(&mut alone, ReduceOp::Sum)?;
+    check_equal("split of a split (world of one)", &alone, &inputs(rank, case, 10))?;
+    halves.barrier()?;
+    println!("OK rank {rank} split");
+
+    // Mismatched sizes are detected (on a throwaway world): every rank gets an error, nobody hangs.
+    if world > 1 {
+        let doomed = TcpCommunicator::connect(&store, rank, world, timeout)?;
+        let mut tensor = Tensor::zeros([10 + (rank == 0) as i64], (Kind::Float, Device::Cpu));
+        let start = Instant::now();
+        let error = doomed.all_reduce(&mut tensor, ReduceOp::Sum).err().context("mismatched sizes went unnoticed")?;
+        ensure!(start.elapsed() < timeout, "mismatch detected only after {:?}", start.elapsed());
+        let again =
+            doomed.all_reduce(&mut tensor, ReduceOp::Sum).err().context("a failed communicator kept working")?;
+        println!("OK rank {rank} mismatch detected: {error} | then: {again}");
+    }
+    // The main world still works.
+    comm.barrier()?;
+    println!("OK rank {rank} all checks passed in {:.1} s", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// The victim dies (exits) or stalls (sleeps past the timeout) after one good all-reduce; the others
+/// report how they failed and how long it took.
+fn failure(rank: usize, world: usize, timeout: Duration, victim: usize, mode: &str) -> Result<()> {
+    let store = StoreClient::from_env(timeout)?;
+    let comm = TcpCommunicator::connect(&store, rank, world, timeout)?;
+    let mut tensor = Tensor::ones([200_000], (Kind::Float, Device::Cpu));
+    comm.all_reduce(&mut tensor, ReduceOp::Sum)?;
+    if rank == victim {
+        match mode {
+            "die" => std::process::exit(3),
+            _ => {
+                std::thread::sleep(timeout * 3);
+                std::process::exit(0);
+            }
+        }
+    }
+    let start = Instant::now();
+    let outcome = comm.all_reduce(&mut tensor, ReduceOp::Sum).and_then(|_| comm.all_reduce(&mut tensor, ReduceOp::Sum));
+    let elapsed_ms = start.elapsed().as_millis();
+    match outcome {
+        Ok(()) => bail!("rank {rank}: all_reduce succeeded although rank {victim} is gone"),
+        Err(error) => {
+            let kind = match &error {
+                mgrun_collectives::CommError::PeerLost { peer, .. } => format!("PeerLost peer={peer}"),
+                mgrun_collectives::CommError::Timeout { peer, .. } => format!("Timeout peer={peer}"),
+                other => format!("Other {other:?}"),
+            };
+            println!("RESULT rank={rank} elapsed_ms={elapsed_ms} kind={kind} error={error}");
+        }
+    }
+    Ok(())
+}
+
+/// A minimal stand-in for `mgrun`'s launcher: hosts the store on loopback and runs `ranks` copies of this
+/// binary with `args` and torchrun-style environment variables; fails if any rank fails.
+fn launch(ranks: usize, args: &[String]) -> Result<()> {
+    let token = format!("{:032x}", rand::random::<u128>());
+    let server = mgrun_collectives::store::StoreServer::start("127.0.0.1:0".parse()?, token.clone())?;
+    let exe = std::env::current_exe().context("locating this executable")?;
+    let mut children = Vec::new();
+    for rank in 0..ranks {
+        let child = std::process::Command::new(&exe)
+            .args(args)
+            .env("RANK", rank.to_string())
+            .env("LOCAL_RANK", rank.to_string())
+            .env("WORLD_SIZE", ranks.to_string())
+            .env("LOCAL_WORLD_SIZE", ranks.to_string())
+            .env("MASTER_ADDR", "127.0.0.1")
+            .env("MASTER_PORT", server.addr().port().to_string())
+            .env("MGRUN_STORE_TOKEN", &token)
+            .spawn()
+            .with_context(|| format!("spawning rank {rank}"))?;
+        children.push(child);
+    }
+    let mut failed = Vec::new();
+    for (rank, mut child) in children.into_iter().enumerate() {
+        let status = child.wait().with_context(|| format!("waiting for rank {rank}"))?;
+        if !status.success() {
+            failed.push(format!("rank {rank}: {status}"));
+        }
+    }
+    ensure!(failed.is_empty(), "ranks failed: {}", failed.join(", "));
+    Ok(())
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("launch") {
+        let outcome = args
+            .get(2)
+            .and_then(|n| n.parse::<usize>().ok())
+            .context("usage: mgrun-comm-check launch <ranks> <worker args...>")
+            .and_then(|ranks| launch(ranks, &args[3..]));
+        if let Err(error) = outcome {
+            eprintln!("FAIL launch: {error:#}");
+            std::process::exit(1);
+        }
+        return;
+    }
+    let outcome = (|| -> Result<()> {
+        let rank = env_usize("RANK")?;
+        let world = env_usize("WORLD_SIZE")?;
+        let timeout_s: f64 = std::env::var("MGRUN_COMM_TIMEOUT_S").ok().and_then(|t| t.parse().ok()).unwrap_or(30.0);
+        let timeout = Duration::from_secs_f64(timeout_s);
+        match args.get(1).map(String::as_str) {
+            Some("correctness") => correctness(rank, world, timeout),
+            Some("fail") => {
+                let victim = args.get(2).and_then(|v| v.parse().ok()).unwrap_or(world - 1);
+                failure(rank, world, timeout, victim, args.get(3).map(String::as_str).unwrap_or("die"))
+            }
+            Some("bench") => {
+                let max_bytes = args.get(2).and_then(|v| v.parse().ok()).unwrap_or(64 << 20);
+                mgrun_collectives::bench::bench_worker_main(max_bytes, args.get(3).map(std::path::Path::new))
+            }
+            _ => bail!("usage: mgrun-comm-check <correctness|fail [victim] [die|stall]|bench [max_bytes] [json_out]>"),
+        }
+    })();
+    if let Err(error) = outcome {
+        println!("FAIL rank {}: {error:#}", std::env::var("RANK").unwrap_or_default());
+        std::process::exit(1);
+    }
+}
