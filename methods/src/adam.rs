@@ -1,1 +1,157 @@
-//! (to be implemented)
+//! Adam on the flat parameter buffer, with exactly `torch.optim.Adam`'s arithmetic (single-tensor
+//! path, coupled L2 weight decay), so that one optimizer step updates every parameter view at once.
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind, Tensor};
+
+/// Adam hyperparameters (DomainBed defaults).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdamConfig {
+    /// Learning rate.
+    pub lr: f64,
+    /// Decay of the first-moment moving average.
+    pub beta1: f64,
+    /// Decay of the second-moment moving average.
+    pub beta2: f64,
+    /// Added to the bias-corrected square root of the second moment.
+    pub eps: f64,
+    /// Coupled L2 penalty: `grad += weight_decay * param` before the moments (torch.optim.Adam, not AdamW).
+    pub weight_decay: f64,
+}
+
+impl Default for AdamConfig {
+    fn default() -> Self {
+        Self { lr: 5e-5, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 }
+    }
+}
+
+impl AdamConfig {
+    /// Checks ranges; `prefix` names the config section in errors (e.g. `optimizer`).
+    pub fn validate(&self, prefix: &str) -> Result<()> {
+        if !(self.lr.is_finite() && self.lr >= 0.0) {
+            bail!("{prefix}.lr must be a finite number >= 0, got {}", self.lr);
+        }
+        for (field, beta) in [("beta1", self.beta1), ("beta2", self.beta2)] {
+            if !(0.0..1.0).contains(&beta) {
+                bail!("{prefix}.{field} must be in [0, 1), got {beta}");
+            }
+        }
+        if !(self.eps.is_finite() && self.eps >= 0.0) {
+            bail!("{prefix}.eps must be a finite number >= 0, got {}", self.eps);
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            bail!("{prefix}.weight_decay must be a finite number >= 0, got {}", self.weight_decay);
+        }
+        Ok(())
+    }
+}
+
+const STATE_EXP_AVG: &str = "adam.exp_avg";
+const STATE_EXP_AVG_SQ: &str = "adam.exp_avg_sq";
+const STATE_STEP: &str = "adam.step";
+
+/// Adam state for one flat parameter buffer.
+pub struct Adam {
+    cfg: AdamConfig,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    step: u64,
+}
+
+impl Adam {
+    /// Zero moments for a buffer of `numel` f32 values on `device`.
+    pub fn new(cfg: AdamConfig, numel: usize, device: Device) -> Self {
+        let zeros = || Tensor::zeros([numel as i64], (Kind::Float, device));
+        Self { cfg, exp_avg: zeros(), exp_avg_sq: zeros(), step: 0 }
+    }
+
+    pub fn config(&self) -> &AdamConfig {
+        &self.cfg
+    }
+
+    pub fn lr(&self) -> f64 {
+        self.cfg.lr
+    }
+
+    /// Changes the learning rate for the following steps (schedules).
+    pub fn set_lr(&mut self, lr: f64) {
+        self.cfg.lr = lr;
+    }
+
+    /// Number of steps taken so far.
+    pub fn steps(&self) -> u64 {
+        self.step
+    }
+
+    /// One Adam step: updates `flat_params` in place (under `no_grad`) from `flat_grad`, both 1-D
+    /// f32 tensors with the optimizer's number of elements.
+    pub fn step(&mut self, flat_params: &Tensor, flat_grad: &Tensor) -> Result<()> {
+        let numel = self.exp_avg.numel();
+        if flat_params.size() != [numel as i64] || flat_grad.size() != [numel as i64] {
+            bail!(
+                "Adam::step: expected flat parameters and gradient of {numel} elements, got {:?} and {:?}",
+                flat_params.size(),
+                flat_grad.size()
+            );
+        }
+        let _guard = tch::no_grad_guard();
+        self.step += 1;
+        let AdamConfig { lr, beta1, beta2, eps, weight_decay } = self.cfg;
+        let grad = if weight_decay != 0.0 { flat_grad + flat_params * weight_decay } else { flat_grad.shallow_clone() };
+        let _ = self.exp_avg.f_lerp_(&grad, 1.0 - beta1).context("Adam: first moment")?;
+        // torch's addcmul_(grad, grad, value=1-beta2) computes (value * grad) * grad.
+        let _ = self.exp_avg_sq.f_mul_scalar_(beta2).context("Adam: second moment")?;
+        let _ = self.exp_avg_sq.f_add_(&((&grad * (1.0 - beta2)) * &grad)).context("Adam: second moment")?;
+        // Bias corrections in f64, as Python computes them.
+        let bias_correction1 = 1.0 - beta1.powf(self.step as f64);
+        let bias_correction2 = 1.0 - beta2.powf(self.step as f64);
+        let step_size = lr / bias_correction1;
+        let denom = (self.exp_avg_sq.sqrt() / bias_correction2.sqrt()) + eps;
+        // torch's addcdiv_(exp_avg, denom, value=-step_size) computes (value * exp_avg) / denom.
+        let mut params = flat_params.shallow_clone();
+        let _ = params.f_add_(&((&self.exp_avg * -step_size) / denom)).context("Adam: parameter update")?;
+        Ok(())
+    }
+
+    /// Moments and step count, for checkpoints.
+    pub fn state(&self) -> Vec<(String, Tensor)> {
+        vec![
+            (STATE_EXP_AVG.to_string(), self.exp_avg.shallow_clone()),
+            (STATE_EXP_AVG_SQ.to_string(), self.exp_avg_sq.shallow_clone()),
+            (STATE_STEP.to_string(), Tensor::from_slice(&[self.step as i64])),
+        ]
+    }
+
+    /// Restores what [`Adam::state`] returned (tensors may come from another device).
+    pub fn load_state(&mut self, state: &[(String, Tensor)]) -> Result<()> {
+        let find = |name: &str| {
+            state
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, t)| t)
+                .with_context(|| format!("optimizer state: missing tensor {name:?}"))
+        };
+        let device = self.exp_avg.device();
+        let numel = self.exp_avg.numel() as i64;
+        for (name, target) in [(STATE_EXP_AVG, &mut self.exp_avg), (STATE_EXP_AVG_SQ, &mut self.exp_avg_sq)] {
+            let t = find(name)?;
+            if t.size() != [numel] {
+                bail!("optimizer state: {name:?} has shape {:?}, expected [{numel}]", t.size());
+            }
+            *target = t.to_kind(Kind::Float).to_device(device).copy();
+        }
+        let step = find(STATE_STEP)?;
+        if step.numel() != 1 {
+            bail!("optimizer state: {STATE_STEP:?} must hold one value, got shape {:?}", step.size());
+        }
+        let step =
+            step.f_int64_value(&[0]).or_else(|_| step.f_int64_value(&[])).context("optimizer state: adam.step")?;
+        if step < 0 {
+            bail!("optimizer state: {STATE_STEP:?} is negative ({step})");
+        }
+        self.step = step as u64;
+        Ok(())
+    }
+}

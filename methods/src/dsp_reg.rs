@@ -1,1 +1,591 @@
-//! (to be implemented)
+//! DSP-Reg, Domain-Sensitive Parameter Regularization (arXiv 2601.19394), as specified in
+//! methods.md section 1.3 (the paper's formulas are not public; every inferred choice is a knob).
+//!
+//! Per step: per-domain gradients g_e (one backward per shard; a domain split over ranks is summed
+//! within its domain group), the cross-domain moments m = mean_e g_e and v = var_e g_e per scalar
+//! parameter (from one world all-reduce of [sum g_e; sum g_e^2]), bias-corrected EMAs V and M, a
+//! sensitivity score s and a detached weight w. The update gradient is the ERM gradient m plus an
+//! anchor/shrink penalty gradient 2 lambda_t w (theta - theta0), or the gated (1 - gamma_t w) m.
+//! All statistics are fp32 tensors on the model's device, computed on flat buffers.
+
+use crate::common::{all_reduce_grad, all_reduce_scalars, backward_flat, check_shards, cross_entropy_sum, shard_len};
+use crate::{CrossRankStat, DomainShard, Method, StepStats, UpdateContext};
+use anyhow::{bail, Context, Result};
+use mgrun_models::{Model, ParamKind};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
+use std::collections::BTreeMap;
+use tch::{Device, Kind, Tensor};
+
+/// How the weights w enter the update.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DspMode {
+    /// Penalty lambda * sum_i w_i (theta_i - theta0_i)^2, theta0 = the weights at the first update.
+    Anchor,
+    /// Penalty lambda * sum_i w_i theta_i^2 (sensitivity-weighted L2).
+    Shrink,
+    /// No penalty: the update gradient is (1 - gamma * w) * m.
+    Gate,
+}
+
+/// Sensitivity score s from the bias-corrected EMAs V (cross-domain variance) and M (squared mean).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DspScore {
+    /// s = V / (V + M + epsilon), in [0, 1).
+    Ratio,
+    /// s = V / (mean of V over the parameter tensor + epsilon), unbounded.
+    LayerNorm,
+    /// The ratio score's rank within its parameter tensor, scaled to [0, 1]: (number of smaller
+    /// values in the tensor) / (numel - 1); ties share the lowest rank.
+    Rank,
+}
+
+/// Map from score s to weight w.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DspWeight {
+    /// w = s.
+    Linear,
+    /// w = sigmoid((s - tau) / temperature).
+    Sigmoid,
+}
+
+/// Denominator of the per-parameter cross-domain variance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VarianceDenominator {
+    /// Unbiased: divide by K - 1.
+    #[serde(rename = "k_minus_1")]
+    KMinus1,
+    /// Divide by K.
+    #[serde(rename = "k")]
+    K,
+}
+
+/// DSP-Reg hyperparameters (methods.md section 1.3).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DspRegConfig {
+    /// `anchor`, `shrink` or `gate`.
+    pub mode: DspMode,
+    /// EMA decay of the gradient moments V and M.
+    pub beta: f64,
+    /// Penalty strength of `anchor` and `shrink`.
+    pub lambda: f64,
+    /// Gate strength of `gate`, in [0, 1].
+    pub gamma: f64,
+    /// `ratio`, `layer_norm` or `rank`.
+    pub score: DspScore,
+    /// `linear` or `sigmoid`.
+    pub weight: DspWeight,
+    /// Threshold of the sigmoid weight.
+    pub tau: f64,
+    /// Temperature of the sigmoid weight (> 0).
+    pub temperature: f64,
+    /// Added to score denominators.
+    pub epsilon: f64,
+    /// `k_minus_1` (unbiased) or `k`.
+    pub variance_denominator: VarianceDenominator,
+    /// Fraction of the run's steps that use the plain ERM gradient while the EMAs fill.
+    pub warmup_frac: f64,
+    /// Fraction of the run's steps over which lambda (or gamma) then ramps linearly from 0.
+    pub ramp_frac: f64,
+    /// Exclude normalisation-layer affine parameters (weight 0).
+    pub exclude_norm: bool,
+    /// Exclude the biases of convolutions and linear layers (weight 0).
+    pub exclude_bias: bool,
+    /// Parameter-name prefixes to exclude, e.g. `["fc."]`.
+    pub exclude: Vec<String>,
+    /// Ask the trainer to write the per-parameter sensitivity (see [`DspReg::sensitivity_tensors`]).
+    pub dump_sensitivity: bool,
+}
+
+impl Default for DspRegConfig {
+    fn default() -> Self {
+        Self {
+            mode: DspMode::Anchor,
+            beta: 0.95,
+            lambda: 0.1,
+            gamma: 0.5,
+            score: DspScore::Ratio,
+            weight: DspWeight::Linear,
+            tau: 0.5,
+            temperature: 0.1,
+            epsilon: 1e-20,
+            variance_denominator: VarianceDenominator::KMinus1,
+            warmup_frac: 0.1,
+            ramp_frac: 0.1,
+            exclude_norm: true,
+            exclude_bias: true,
+            exclude: Vec::new(),
+            dump_sensitivity: false,
+        }
+    }
+}
+
+impl DspRegConfig {
+    pub fn validate(&self) -> Result<()> {
+        let check = |field: &str, value: f64, ok: bool, expected: &str| -> Result<()> {
+            if !(value.is_finite() && ok) {
+                bail!("method.dsp_reg.{field} must be {expected}, got {value}");
+            }
+            Ok(())
+        };
+        check("beta", self.beta, (0.0..1.0).contains(&self.beta), "in [0, 1)")?;
+        check("lambda", self.lambda, self.lambda >= 0.0, ">= 0")?;
+        check("gamma", self.gamma, (0.0..=1.0).contains(&self.gamma), "in [0, 1]")?;
+        check("tau", self.tau, true, "finite")?;
+        check("temperature", self.temperature, self.temperature > 0.0, "> 0")?;
+        check("epsilon", self.epsilon, self.epsilon >= 0.0, ">= 0")?;
+        check("warmup_frac", self.warmup_frac, (0.0..=1.0).contains(&self.warmup_frac), "in [0, 1]")?;
+        check("ramp_frac", self.ramp_frac, (0.0..=1.0).contains(&self.ramp_frac), "in [0, 1]")?;
+        if let Some(empty) = self.exclude.iter().position(|p| p.is_empty()) {
+            bail!("method.dsp_reg.exclude[{empty}] is an empty prefix (it would exclude every parameter)");
+        }
+        Ok(())
+    }
+
+    /// Steps of plain ERM, then of the linear ramp: `round(frac * total_steps)` each.
+    pub fn schedule_steps(&self, total_steps: u64) -> (u64, u64) {
+        let steps = |frac: f64| (frac * total_steps as f64).round() as u64;
+        (steps(self.warmup_frac), steps(self.ramp_frac))
+    }
+
+    /// Fraction of lambda (or gamma) in force at 0-based `step`: 0 during warm-up, then
+    /// `(step - warmup + 1) / ramp` capped at 1 (so the first step after warm-up is already active),
+    /// 1 at once when the ramp is empty.
+    pub fn penalty_fraction(&self, step: u64, total_steps: u64) -> f64 {
+        let (warmup, ramp) = self.schedule_steps(total_steps);
+        if step < warmup {
+            0.0
+        } else if ramp == 0 {
+            1.0
+        } else {
+            ((step - warmup + 1) as f64 / ramp as f64).min(1.0)
+        }
+    }
+
+    /// Full strength of the current mode: lambda for anchor/shrink, gamma for gate.
+    pub fn strength(&self) -> f64 {
+        match self.mode {
+            DspMode::Anchor | DspMode::Shrink => self.lambda,
+            DspMode::Gate => self.gamma,
+        }
+    }
+
+    pub(crate) const FIELD_DOCS: &'static [(&'static str, &'static str)] = &[
+        ("mode", "\"anchor\": + lambda*sum w(theta-theta0)^2; \"shrink\": theta0 = 0; \"gate\": update (1-gamma*w)*m"),
+        ("beta", "EMA decay of the cross-domain gradient variance V and squared mean M"),
+        ("lambda", "penalty strength (anchor, shrink)"),
+        ("gamma", "gate strength in [0, 1] (gate)"),
+        ("score", "\"ratio\": V/(V+M+epsilon); \"layer_norm\": V/mean_tensor(V); \"rank\": ratio ranked per tensor"),
+        ("weight", "\"linear\": w = s; \"sigmoid\": w = sigmoid((s - tau)/temperature)"),
+        ("tau", "threshold of the sigmoid weight"),
+        ("temperature", "temperature of the sigmoid weight"),
+        ("epsilon", "added to score denominators"),
+        ("variance_denominator", "\"k_minus_1\" (unbiased) or \"k\" in the cross-domain variance"),
+        ("warmup_frac", "fraction of steps with the plain ERM gradient while the EMAs fill"),
+        ("ramp_frac", "fraction of steps over which lambda/gamma then ramps linearly from 0"),
+        ("exclude_norm", "give normalisation affine parameters weight 0"),
+        ("exclude_bias", "give conv/linear biases weight 0"),
+        ("exclude", "parameter-name prefixes with weight 0, e.g. [\"fc.\"]"),
+        ("dump_sensitivity", "write the per-parameter sensitivity s to a safetensors file at evaluations"),
+    ];
+}
+
+/// Name and place of one parameter tensor in the flat buffer.
+struct ParamSlot {
+    name: String,
+    offset: i64,
+    numel: i64,
+}
+
+/// Per-element parameter-tensor index, for per-tensor reductions on flat buffers.
+struct Segments {
+    /// `[P]` int64: index of each element's parameter tensor.
+    ids: Tensor,
+    /// `[n]` f32: elements per tensor.
+    counts: Tensor,
+    /// `[n]` int64: first element of each tensor.
+    starts: Tensor,
+}
+
+const STATE_VARIANCE: &str = "dsp_reg.ema_variance";
+const STATE_MEAN_SQ: &str = "dsp_reg.ema_mean_sq";
+const STATE_T: &str = "dsp_reg.t";
+const STATE_THETA0: &str = "dsp_reg.theta0";
+
+pub struct DspReg {
+    cfg: DspRegConfig,
+    num_domains: usize,
+    slots: Vec<ParamSlot>,
+    /// `[P]` f32, 1 where the weight applies and 0 for excluded parameters.
+    mask: Tensor,
+    included: f64,
+    segments: Option<Segments>,
+    /// EMAs of v and m^2 (not bias-corrected) and the number of updates they have seen.
+    ema_variance: Tensor,
+    ema_mean_sq: Tensor,
+    t: u64,
+    /// Anchor weights (mode `anchor`), captured at the first update unless restored.
+    theta0: Option<Tensor>,
+}
+
+impl DspReg {
+    /// Builds the state for `model`'s parameters; `num_domains` is the number of training domains K.
+    pub fn new(cfg: &DspRegConfig, model: &dyn Model, num_domains: usize) -> Result<Self> {
+        cfg.validate()?;
+        if num_domains < 2 {
+            bail!(
+                "method.dsp_reg needs at least 2 training domains to measure cross-domain gradient variance, got \
+                 {num_domains} (leave more domains out of data.test_domains, or use another method)"
+            );
+        }
+        let store = model.store();
+        let device = store.device();
+        let numel = store.numel() as i64;
+        let slots: Vec<ParamSlot> = store
+            .params()
+            .iter()
+            .map(|p| ParamSlot { name: p.name.clone(), offset: p.offset as i64, numel: p.numel as i64 })
+            .collect();
+
+        let mask = Tensor::ones([numel], (Kind::Float, Device::Cpu));
+        let mut prefix_used = vec![false; cfg.exclude.len()];
+        let mut included = 0i64;
+        for p in store.params() {
+            let by_kind = match p.kind {
+                ParamKind::NormWeight | ParamKind::NormBias => cfg.exclude_norm,
+                ParamKind::Bias => cfg.exclude_bias,
+                ParamKind::Weight => false,
+            };
+            let mut by_name = false;
+            for (used, prefix) in prefix_used.iter_mut().zip(&cfg.exclude) {
+                if p.name.starts_with(prefix.as_str()) {
+                    *used = true;
+                    by_name = true;
+                }
+            }
+            if by_kind || by_name {
+                let _ = mask.narrow(0, p.offset as i64, p.numel as i64).fill_(0.0);
+            } else {
+                included += p.numel as i64;
+            }
+        }
+        if let Some(unused) = prefix_used.iter().position(|used| !used) {
+            bail!(
+                "method.dsp_reg.exclude[{unused}]: prefix {:?} matches no parameter of the model",
+                cfg.exclude[unused]
+            );
+        }
+
+        let segments = match cfg.score {
+            DspScore::Ratio => None,
+            DspScore::LayerNorm | DspScore::Rank => Some(Self::segments(&slots, device)),
+        };
+        let zeros = || Tensor::zeros([numel], (Kind::Float, device));
+        Ok(Self {
+            cfg: cfg.clone(),
+            num_domains,
+            slots,
+            mask: mask.to_device(device),
+            included: included as f64,
+            segments,
+            ema_variance: zeros(),
+            ema_mean_sq: zeros(),
+            t: 0,
+            theta0: None,
+        })
+    }
+
+    fn segments(slots: &[ParamSlot], device: Device) -> Segments {
+        let counts: Vec<i64> = slots.iter().map(|s| s.numel).collect();
+        let starts: Vec<i64> = slots.iter().map(|s| s.offset).collect();
+        let ids = Tensor::arange(slots.len() as i64, (Kind::Int64, Device::Cpu)).repeat_interleave_self_tensor(
+            &Tensor::from_slice(&counts),
+            0,
+            None,
+        );
+        Segments {
+            ids: ids.to_device(device),
+            counts: Tensor::from_slice(&counts).to_kind(Kind::Float).to_device(device),
+            starts: Tensor::from_slice(&starts).to_device(device),
+        }
+    }
+
+    pub fn config(&self) -> &DspRegConfig {
+        &self.cfg
+    }
+
+    /// `[P]` f32: 1 where the weight applies, 0 for excluded parameters.
+    pub fn weight_mask(&self) -> &Tensor {
+        &self.mask
+    }
+
+    /// Number of statistics updates so far.
+    pub fn statistics_updates(&self) -> u64 {
+        self.t
+    }
+
+    /// Sensitivity score s `[P]` from the current EMAs (zeros before the first update).
+    pub fn sensitivity(&self) -> Result<Tensor> {
+        let _guard = tch::no_grad_guard();
+        if self.t == 0 {
+            return Ok(self.ema_variance.zeros_like());
+        }
+        let correction = 1.0 - self.cfg.beta.powf(self.t as f64);
+        let variance = &self.ema_variance / correction;
+        let mean_sq = &self.ema_mean_sq / correction;
+        let eps = self.cfg.epsilon;
+        let ratio = || &variance / (&variance + &mean_sq + eps);
+        match (self.cfg.score, &self.segments) {
+            (DspScore::Ratio, _) => Ok(ratio()),
+            (DspScore::LayerNorm, Some(seg)) => {
+                let sums = Tensor::zeros([self.slots.len() as i64], (Kind::Float, variance.device()))
+                    .f_index_add(0, &seg.ids, &variance)
+                    .context("DSP-Reg: per-tensor sums of V")?;
+                let means = sums / &seg.counts;
+                Ok(&variance / (means.index_select(0, &seg.ids) + eps))
+            }
+            (DspScore::Rank, Some(seg)) => {
+                // Exact sort key: tensor index in the high 32 bits, the score's f32 bit pattern in
+                // the low 32 (non-negative floats order like their bits; abs() turns -0 into +0).
+                // A key's left insertion point among the sorted keys, minus its tensor's start, is
+                // the number of smaller scores in its tensor; equal scores share that rank.
+                let bits = ratio().abs().f_view_dtype(Kind::Int).context("DSP-Reg: score bits")?.to_kind(Kind::Int64);
+                let key = seg.ids.f_mul_scalar(1i64 << 32)? + bits;
+                let (sorted, _) = key.sort(0, false);
+                let position = key
+                    .f_searchsorted(&sorted, false, false, "left", None::<Tensor>)
+                    .context("DSP-Reg: ranking scores")?;
+                let rank = (position - seg.starts.index_select(0, &seg.ids)).to_kind(Kind::Float);
+                let denominator = (seg.counts.index_select(0, &seg.ids) - 1.0).clamp_min(1.0);
+                Ok(rank / denominator)
+            }
+            (_, None) => bail!("DSP-Reg: per-tensor segments missing for score {:?}", self.cfg.score),
+        }
+    }
+
+    /// Weight w `[P]` (masked) from a score.
+    fn weight_of(&self, score: &Tensor) -> Tensor {
+        let w = match self.cfg.weight {
+            DspWeight::Linear => score.shallow_clone(),
+            DspWeight::Sigmoid => ((score - self.cfg.tau) / self.cfg.temperature).sigmoid(),
+        };
+        w * &self.mask
+    }
+
+    /// The sensitivity score of every parameter, shaped like the parameter, for a safetensors dump.
+    pub fn sensitivity_tensors(&self, model: &dyn Model) -> Result<Vec<(String, Tensor)>> {
+        let score = self.sensitivity()?;
+        if model.store().numel() as i64 != score.numel() as i64 {
+            bail!("DSP-Reg: model has {} parameters, statistics have {}", model.store().numel(), score.numel());
+        }
+        Ok(model
+            .store()
+            .params()
+            .iter()
+            .map(|p| (p.name.clone(), score.narrow(0, p.offset as i64, p.numel as i64).view(p.shape.as_slice()).copy()))
+            .collect())
+    }
+
+    fn check_state_tensor(name: &str, t: &Tensor, numel: i64) -> Result<()> {
+        if t.size() != [numel] {
+            bail!("DSP-Reg state: {name:?} has shape {:?}, expected [{numel}]", t.size());
+        }
+        Ok(())
+    }
+}
+
+impl Method for DspReg {
+    fn name(&self) -> &'static str {
+        "dsp_reg"
+    }
+
+    fn cross_rank_statistics(&self) -> Vec<CrossRankStat> {
+        vec![
+            CrossRankStat {
+                name: "domain gradient (only when a domain is split over ranks)",
+                collective: "all_reduce_sum",
+                size: "P",
+                group: "domain_group",
+            },
+            CrossRankStat {
+                name: "gradient moments [sum_e g_e; sum_e g_e^2]",
+                collective: "all_reduce_sum",
+                size: "2P",
+                group: "world",
+            },
+            CrossRankStat { name: "loss", collective: "all_reduce_sum", size: "1", group: "world" },
+        ]
+    }
+
+    fn update(&mut self, ctx: &mut UpdateContext<'_>, shards: &[DomainShard]) -> Result<StepStats> {
+        let topology = ctx.topology;
+        check_shards("dsp_reg", topology, shards)?;
+        if topology.num_domains != self.num_domains {
+            bail!(
+                "method.dsp_reg was built for {} training domains but the topology has {}",
+                self.num_domains,
+                topology.num_domains
+            );
+        }
+        let k = self.num_domains as f64;
+        let b = topology.batch_per_domain as f64;
+        let device = ctx.model.store().device();
+        let numel = ctx.model.store().numel() as i64;
+        if numel != self.mask.numel() as i64 {
+            bail!("method.dsp_reg: model has {numel} parameters, the method was built for {}", self.mask.numel());
+        }
+        if self.cfg.mode == DspMode::Anchor && self.theta0.is_none() {
+            self.theta0 = Some(ctx.model.store().flat().detach().copy());
+        }
+
+        // Per-domain gradients; [S1; S2] gathers sum g_e and sum g_e^2 over the domains this rank leads.
+        let mut moments = Tensor::zeros([2 * numel], (Kind::Float, device));
+        let mut local_loss = 0.0;
+        let leader = topology.is_domain_leader();
+        for shard in shards {
+            let mut grad = if shard_len(shard) > 0 {
+                let loss_sum = cross_entropy_sum(&*ctx.model, &shard.x, &shard.y)?;
+                local_loss += loss_sum.f_double_value(&[]).context("reading a shard's loss")? / (k * b);
+                backward_flat(ctx.model.store_mut(), &(loss_sum / b))
+                    .with_context(|| format!("DSP-Reg: backward of domain {}", shard.domain))?
+            } else {
+                Tensor::zeros([numel], (Kind::Float, device))
+            };
+            if let Some(group) = topology.domain_group {
+                all_reduce_grad(
+                    group,
+                    &mut grad,
+                    topology.bucket_bytes,
+                    "a domain's gradient within its domain group",
+                )?;
+            }
+            if leader {
+                let _guard = tch::no_grad_guard();
+                let _ = moments.narrow(0, 0, numel).f_add_(&grad)?;
+                let _ = moments.narrow(0, numel, numel).f_add_(&(&grad * &grad))?;
+            }
+        }
+        all_reduce_grad(topology.world, &mut moments, topology.bucket_bytes, "DSP-Reg gradient moments")?;
+        let loss = all_reduce_scalars(topology.world, &[local_loss], device)?[0];
+
+        let _guard = tch::no_grad_guard();
+        let mean = moments.narrow(0, 0, numel) / k;
+        let denominator = match self.cfg.variance_denominator {
+            VarianceDenominator::KMinus1 => k - 1.0,
+            VarianceDenominator::K => k,
+        };
+        let mean_sq = &mean * &mean;
+        let variance = ((moments.narrow(0, numel, numel) - &mean_sq * k) / denominator).clamp_min(0.0);
+        let beta = self.cfg.beta;
+        self.t += 1;
+        let _ = self.ema_variance.f_mul_scalar_(beta)?.f_add_(&(variance * (1.0 - beta)))?;
+        let _ = self.ema_mean_sq.f_mul_scalar_(beta)?.f_add_(&(mean_sq * (1.0 - beta)))?;
+        let score = self.sensitivity()?;
+        let weight = self.weight_of(&score);
+
+        let strength = self.cfg.strength() * self.cfg.penalty_fraction(ctx.step, ctx.total_steps);
+        let theta = ctx.model.store().flat();
+        let update = if strength == 0.0 {
+            mean
+        } else {
+            match self.cfg.mode {
+                DspMode::Anchor => {
+                    let theta0 = self.theta0.as_ref().context("DSP-Reg: anchor weights missing")?;
+                    &mean + &weight * (theta - theta0) * (2.0 * strength)
+                }
+                DspMode::Shrink => &mean + &weight * theta * (2.0 * strength),
+                DspMode::Gate => (1.0 - &weight * strength) * &mean,
+            }
+        };
+        let mean_sensitivity = if self.included > 0.0 {
+            (&score * &self.mask).sum(Kind::Double).f_double_value(&[])? / self.included
+        } else {
+            0.0
+        };
+        ctx.optimizer.step(theta, &update)?;
+
+        let mut extra = BTreeMap::new();
+        extra.insert("dsp_lambda".to_string(), strength);
+        extra.insert("dsp_mean_sensitivity".to_string(), mean_sensitivity);
+        Ok(StepStats { loss, extra })
+    }
+
+    fn summaries(&self, _model: &dyn Model) -> Map<String, Value> {
+        let mut out = Map::new();
+        if self.t == 0 {
+            return out;
+        }
+        let Ok(score) = self.sensitivity() else {
+            return out;
+        };
+        let weight = self.weight_of(&score);
+        let mut layers = Map::new();
+        for slot in &self.slots {
+            if slot.numel == 0 {
+                continue;
+            }
+            let s = score.narrow(0, slot.offset, slot.numel);
+            let w = weight.narrow(0, slot.offset, slot.numel);
+            let value = |t: Tensor| t.f_double_value(&[]).unwrap_or(f64::NAN);
+            layers.insert(
+                slot.name.clone(),
+                json!({
+                    "mean": value(s.mean(Kind::Double)),
+                    "max": value(s.max().to_kind(Kind::Double)),
+                    "w_mean": value(w.mean(Kind::Double)),
+                }),
+            );
+        }
+        out.insert("dsp_sensitivity".to_string(), Value::Object(layers));
+        out
+    }
+
+    fn state(&self) -> Vec<(String, Tensor)> {
+        let mut state = vec![
+            (STATE_VARIANCE.to_string(), self.ema_variance.shallow_clone()),
+            (STATE_MEAN_SQ.to_string(), self.ema_mean_sq.shallow_clone()),
+            (STATE_T.to_string(), Tensor::from_slice(&[self.t as i64])),
+        ];
+        if let Some(theta0) = &self.theta0 {
+            state.push((STATE_THETA0.to_string(), theta0.shallow_clone()));
+        }
+        state
+    }
+
+    fn load_state(&mut self, state: &[(String, Tensor)]) -> Result<()> {
+        let find = |name: &str| state.iter().find(|(n, _)| n == name).map(|(_, t)| t);
+        let numel = self.mask.numel() as i64;
+        let device = self.mask.device();
+        let variance = find(STATE_VARIANCE).with_context(|| format!("DSP-Reg state: missing {STATE_VARIANCE:?}"))?;
+        let mean_sq = find(STATE_MEAN_SQ).with_context(|| format!("DSP-Reg state: missing {STATE_MEAN_SQ:?}"))?;
+        let t = find(STATE_T).with_context(|| format!("DSP-Reg state: missing {STATE_T:?}"))?;
+        Self::check_state_tensor(STATE_VARIANCE, variance, numel)?;
+        Self::check_state_tensor(STATE_MEAN_SQ, mean_sq, numel)?;
+        if t.numel() != 1 {
+            bail!("DSP-Reg state: {STATE_T:?} must hold one value, got shape {:?}", t.size());
+        }
+        let t = t.reshape([-1]).f_int64_value(&[0]).context("DSP-Reg state: dsp_reg.t")?;
+        if t < 0 {
+            bail!("DSP-Reg state: {STATE_T:?} is negative ({t})");
+        }
+        let theta0 = match find(STATE_THETA0) {
+            Some(theta0) => {
+                Self::check_state_tensor(STATE_THETA0, theta0, numel)?;
+                Some(theta0.to_kind(Kind::Float).to_device(device).copy())
+            }
+            None if self.cfg.mode == DspMode::Anchor && t > 0 => {
+                bail!("DSP-Reg state: mode anchor needs {STATE_THETA0:?} once statistics exist")
+            }
+            None => None,
+        };
+        self.ema_variance = variance.to_kind(Kind::Float).to_device(device).copy();
+        self.ema_mean_sq = mean_sq.to_kind(Kind::Float).to_device(device).copy();
+        self.t = t as u64;
+        self.theta0 = theta0;
+        Ok(())
+    }
+}

@@ -7,13 +7,17 @@
 //! [`Topology`]'s communicators.
 
 pub mod adam;
+mod common;
 pub mod dsp_reg;
 pub mod erm;
 pub mod registry;
 pub mod sam;
 
 pub use adam::{Adam, AdamConfig};
-pub use registry::{build, MethodConfig};
+pub use dsp_reg::{DspReg, DspRegConfig};
+pub use erm::{Erm, ErmConfig};
+pub use registry::{available, build, describe, MethodConfig, MethodInfo};
+pub use sam::{Sam, SamConfig, SamPerturb};
 
 use anyhow::Result;
 use mgrun_collectives::Communicator;
@@ -49,7 +53,7 @@ impl Topology<'_> {
     /// True when this rank contributes its domain's statistics to world-level sums: always for
     /// whole domains, and for the lowest rank of a domain group.
     pub fn is_domain_leader(&self) -> bool {
-        self.domain_group.map_or(true, |g| g.rank() == 0)
+        self.domain_group.is_none_or(|g| g.rank() == 0)
     }
 }
 

@@ -1,0 +1,268 @@
+//! Unit tests of the methods crate's pieces that the reference comparison does not isolate.
+
+use mgrun_methods::dsp_reg::{DspMode, DspScore};
+use mgrun_methods::{DspReg, DspRegConfig, Method};
+use mgrun_models::{Model, ModelSpec};
+use tch::{Device, Kind, Tensor};
+
+fn small_cnn() -> Box<dyn Model> {
+    let spec = ModelSpec { arch: "small_cnn".into(), num_classes: 5, freeze_bn: false, dropout: 0.0, width: 8 };
+    mgrun_models::build(&spec, Device::Cpu, 3).unwrap()
+}
+
+/// Sets DSP-Reg's EMAs to `variance` and `mean_sq` with t = 1 and beta = 0 (no bias correction).
+fn with_moments(cfg: DspRegConfig, model: &dyn Model, variance: &Tensor, mean_sq: &Tensor) -> DspReg {
+    let mut dsp = DspReg::new(&DspRegConfig { beta: 0.0, ..cfg }, model, 3).unwrap();
+    let numel = model.store().numel() as i64;
+    dsp.load_state(&[
+        ("dsp_reg.ema_variance".into(), variance.shallow_clone()),
+        ("dsp_reg.ema_mean_sq".into(), mean_sq.shallow_clone()),
+        ("dsp_reg.t".into(), Tensor::from_slice(&[1i64])),
+        ("dsp_reg.theta0".into(), Tensor::zeros([numel], (Kind::Float, Device::Cpu))),
+    ])
+    .unwrap();
+    dsp
+}
+
+#[test]
+fn rank_score_counts_smaller_scores_within_each_tensor() {
+    let model = small_cnn();
+    let numel = model.store().numel() as i64;
+    tch::manual_seed(5);
+    // Tiny, tied and ordinary variances.
+    let variance = Tensor::rand([numel], (Kind::Float, Device::Cpu)).pow_tensor_scalar(6);
+    let _ = variance.narrow(0, 0, 20).fill_(0.0);
+    let _ = variance.narrow(0, 40, 20).fill_(0.25);
+    let mean_sq = Tensor::rand([numel], (Kind::Float, Device::Cpu));
+    let cfg = DspRegConfig { score: DspScore::Rank, mode: DspMode::Anchor, ..DspRegConfig::default() };
+    let dsp = with_moments(cfg, &*model, &variance, &mean_sq);
+    let score = dsp.sensitivity().unwrap();
+    let ratio = &variance / (&variance + &mean_sq + 1e-20);
+    for p in model.store().params() {
+        let r = ratio.narrow(0, p.offset as i64, p.numel as i64);
+        let smaller = r.unsqueeze(0).lt_tensor(&r.unsqueeze(1)).sum_dim_intlist(1, false, Kind::Float);
+        let expected = smaller / ((p.numel as f64 - 1.0).max(1.0));
+        let got = score.narrow(0, p.offset as i64, p.numel as i64);
+        let max_diff = (&got - &expected).abs().max().double_value(&[]);
+        assert!(max_diff < 1e-6, "{}: rank score differs from brute force by {max_diff}", p.name);
+    }
+}
+
+use mgrun_collectives::SingleRank;
+use mgrun_methods::{build, describe, Adam, AdamConfig, DomainShard, MethodConfig, Topology, UpdateContext};
+
+#[test]
+fn exclusion_mask_keeps_only_included_parameters() {
+    let model = small_cnn();
+    let cfg = DspRegConfig { exclude: vec!["fc.".into(), "conv4".into()], ..DspRegConfig::default() };
+    let dsp = DspReg::new(&cfg, &*model, 3).unwrap();
+    let mask = dsp.weight_mask();
+    assert_eq!(mask.numel(), model.store().numel());
+    for p in model.store().params() {
+        let part = mask.narrow(0, p.offset as i64, p.numel as i64);
+        let included = ["conv1.weight", "conv2.weight", "conv3.weight"].contains(&p.name.as_str());
+        let expected = if included { 1.0 } else { 0.0 };
+        let (lo, hi) = (part.min().double_value(&[]), part.max().double_value(&[]));
+        assert!(lo == expected && hi == expected, "{}: mask in [{lo}, {hi}], expected {expected}", p.name);
+    }
+    // Keeping norms and biases in: only the prefixes are excluded.
+    let cfg = DspRegConfig {
+        exclude_norm: false,
+        exclude_bias: false,
+        exclude: vec!["fc.".into()],
+        ..DspRegConfig::default()
+    };
+    let dsp = DspReg::new(&cfg, &*model, 3).unwrap();
+    let fc: i64 = model.store().params().iter().filter(|p| p.name.starts_with("fc.")).map(|p| p.numel as i64).sum();
+    let kept = dsp.weight_mask().sum(Kind::Double).double_value(&[]);
+    assert_eq!(kept as i64, model.store().numel() as i64 - fc);
+}
+
+#[test]
+fn unknown_exclusion_prefix_is_an_error() {
+    let model = small_cnn();
+    let cfg = DspRegConfig { exclude: vec!["classifier.".into()], ..DspRegConfig::default() };
+    let err = DspReg::new(&cfg, &*model, 3).err().unwrap().to_string();
+    assert!(err.contains("method.dsp_reg.exclude[0]") && err.contains("classifier."), "{err}");
+}
+
+#[test]
+fn warmup_then_linear_ramp() {
+    let cfg = DspRegConfig { warmup_frac: 0.1, ramp_frac: 0.1, ..DspRegConfig::default() };
+    assert_eq!(cfg.schedule_steps(100), (10, 10));
+    let fraction = |step| cfg.penalty_fraction(step, 100);
+    for step in 0..10 {
+        assert_eq!(fraction(step), 0.0, "step {step} is warm-up");
+    }
+    assert!((fraction(10) - 0.1).abs() < 1e-12);
+    assert!((fraction(14) - 0.5).abs() < 1e-12);
+    assert_eq!(fraction(19), 1.0);
+    assert_eq!(fraction(99), 1.0);
+    let no_ramp = DspRegConfig { ramp_frac: 0.0, ..cfg.clone() };
+    assert_eq!(no_ramp.penalty_fraction(9, 100), 0.0);
+    assert_eq!(no_ramp.penalty_fraction(10, 100), 1.0);
+    let no_warmup = DspRegConfig { warmup_frac: 0.0, ramp_frac: 0.0, ..cfg };
+    assert_eq!(no_warmup.penalty_fraction(0, 100), 1.0);
+}
+
+#[test]
+fn dsp_reg_needs_two_domains() {
+    let model = small_cnn();
+    let cfg = MethodConfig { name: "dsp_reg".into(), ..MethodConfig::default() };
+    let err = build(&cfg, &*model, 1).err().unwrap().to_string();
+    assert!(err.contains("method.dsp_reg") && err.contains("data.test_domains"), "{err}");
+    assert!(build(&cfg, &*model, 2).is_ok());
+}
+
+#[test]
+fn unknown_method_lists_the_available_ones() {
+    let model = small_cnn();
+    let cfg = MethodConfig { name: "fishr".into(), ..MethodConfig::default() };
+    let err = build(&cfg, &*model, 3).err().unwrap().to_string();
+    assert!(err.contains("fishr") && err.contains("erm, sam, dsp_reg"), "{err}");
+}
+
+#[test]
+fn describe_lists_methods_with_their_defaults() {
+    let infos = describe();
+    let names: Vec<&str> = infos.iter().map(|m| m.name).collect();
+    assert_eq!(names, ["erm", "sam", "dsp_reg"]);
+    let find = |method: &str, key: &str| {
+        let info = infos.iter().find(|m| m.name == method).unwrap();
+        info.hyperparameters.iter().find(|(k, _, _)| k == key).unwrap_or_else(|| panic!("{key} missing")).clone()
+    };
+    assert_eq!(find("sam", "method.sam.rho").1, "0.05");
+    assert_eq!(find("sam", "method.sam.perturb").1, "\"global\"");
+    assert_eq!(find("dsp_reg", "method.dsp_reg.beta").1, "0.95");
+    assert_eq!(find("dsp_reg", "method.dsp_reg.mode").1, "\"anchor\"");
+    assert_eq!(find("dsp_reg", "method.dsp_reg.variance_denominator").1, "\"k_minus_1\"");
+    assert_eq!(find("dsp_reg", "method.dsp_reg.epsilon").1, "1e-20");
+    let dsp = infos.iter().find(|m| m.name == "dsp_reg").unwrap();
+    assert_eq!(dsp.hyperparameters.len(), 16);
+    assert!(dsp.hyperparameters.iter().all(|(_, _, doc)| !doc.is_empty()));
+}
+
+#[test]
+fn configs_parse_names_and_reject_unknown_fields() {
+    let cfg: MethodConfig = serde_json::from_str(
+        r#"{"name": "dsp_reg", "dsp_reg": {"mode": "gate", "score": "layer_norm", "weight": "sigmoid",
+            "variance_denominator": "k", "exclude": ["fc."]}, "sam": {"perturb": "local"}}"#,
+    )
+    .unwrap();
+    assert_eq!(cfg.dsp_reg.mode, DspMode::Gate);
+    assert_eq!(cfg.dsp_reg.score, DspScore::LayerNorm);
+    assert_eq!(cfg.dsp_reg.beta, 0.95);
+    assert_eq!(cfg.sam.perturb, mgrun_methods::SamPerturb::Local);
+    assert!(serde_json::from_str::<MethodConfig>(r#"{"dsp_reg": {"lamda": 1.0}}"#).is_err());
+    assert!(serde_json::from_str::<MethodConfig>(r#"{"sam": {"perturb": "per_rank"}}"#).is_err());
+    assert!(serde_json::from_str::<AdamConfig>(r#"{"lr": 1e-3, "momentum": 0.9}"#).is_err());
+    let bad = MethodConfig {
+        name: "dsp_reg".into(),
+        dsp_reg: DspRegConfig { beta: 1.0, ..DspRegConfig::default() },
+        ..MethodConfig::default()
+    };
+    let err = build(&bad, &*small_cnn(), 3).err().unwrap().to_string();
+    assert!(err.contains("method.dsp_reg.beta"), "{err}");
+}
+
+fn random_shards(step: u64) -> Vec<DomainShard> {
+    tch::manual_seed(100 + step as i64);
+    (0..3)
+        .map(|domain| DomainShard {
+            domain,
+            x: Tensor::randn([2, 3, 8, 8], (Kind::Float, Device::Cpu)),
+            y: Tensor::randint(5, [2], (Kind::Int64, Device::Cpu)),
+        })
+        .collect()
+}
+
+/// Runs `steps` of `method` from `start`, returning the flat weights.
+fn run_steps(
+    model: &mut dyn Model,
+    method: &mut dyn Method,
+    optimizer: &mut Adam,
+    steps: std::ops::Range<u64>,
+    shards: &[Vec<DomainShard>],
+) -> Vec<mgrun_methods::StepStats> {
+    let world = SingleRank;
+    let topology =
+        Topology { world: &world, domain_group: None, num_domains: 3, batch_per_domain: 2, bucket_bytes: 1024 };
+    steps
+        .map(|step| {
+            let mut ctx = UpdateContext {
+                model: &mut *model,
+                optimizer: &mut *optimizer,
+                topology: &topology,
+                step,
+                total_steps: 4,
+            };
+            method.update(&mut ctx, &shards[step as usize]).unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn dsp_reg_and_adam_state_round_trip_continue_identically() {
+    let shards: Vec<Vec<DomainShard>> = (0..4).map(random_shards).collect();
+    let cfg = MethodConfig {
+        name: "dsp_reg".into(),
+        dsp_reg: DspRegConfig { warmup_frac: 0.25, ramp_frac: 0.25, lambda: 5.0, ..DspRegConfig::default() },
+        ..MethodConfig::default()
+    };
+    let adam_cfg = AdamConfig { lr: 1e-2, ..AdamConfig::default() };
+    let mut model = small_cnn();
+    let numel = model.store().numel();
+    let mut method = build(&cfg, &*model, 3).unwrap();
+    let mut adam = Adam::new(adam_cfg.clone(), numel, Device::Cpu);
+    run_steps(&mut *model, &mut *method, &mut adam, 0..2, &shards);
+
+    // Checkpoint, then restore into fresh objects.
+    let weights = model.store().flat().copy();
+    let method_state: Vec<(String, Tensor)> = method.state().into_iter().map(|(n, t)| (n, t.copy())).collect();
+    let adam_state: Vec<(String, Tensor)> = adam.state().into_iter().map(|(n, t)| (n, t.copy())).collect();
+    let mut restored_model = small_cnn();
+    restored_model.store().set_flat(&weights).unwrap();
+    let mut restored = build(&cfg, &*restored_model, 3).unwrap();
+    restored.load_state(&method_state).unwrap();
+    let mut restored_adam = Adam::new(adam_cfg, numel, Device::Cpu);
+    restored_adam.load_state(&adam_state).unwrap();
+    assert_eq!(restored_adam.steps(), 2);
+
+    let a = run_steps(&mut *model, &mut *method, &mut adam, 2..4, &shards);
+    let b = run_steps(&mut *restored_model, &mut *restored, &mut restored_adam, 2..4, &shards);
+    assert!(model.store().flat().equal(restored_model.store().flat()), "restored run diverged");
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!(x.loss, y.loss);
+        assert_eq!(x.extra, y.extra);
+    }
+    assert_eq!(a[1].extra["dsp_lambda"], 5.0);
+    let s = a[1].extra["dsp_mean_sensitivity"];
+    assert!(s > 0.0 && s < 1.0, "mean sensitivity {s}");
+
+    // Summaries and the sensitivity dump describe every parameter.
+    let summaries = method.summaries(&*model);
+    let layers = summaries["dsp_sensitivity"].as_object().unwrap();
+    assert_eq!(layers.len(), model.store().params().len());
+    let conv1 = &layers["conv1.weight"];
+    assert!(conv1["max"].as_f64().unwrap() >= conv1["mean"].as_f64().unwrap());
+    assert_eq!(layers["gn1.weight"]["w_mean"].as_f64().unwrap(), 0.0, "norm parameters are excluded");
+    let state_names: Vec<&str> = method_state.iter().map(|(n, _)| n.as_str()).collect();
+    assert!(state_names.contains(&"dsp_reg.theta0"), "{state_names:?}");
+}
+
+#[test]
+fn sensitivity_tensors_have_parameter_shapes() {
+    let model = small_cnn();
+    let numel = model.store().numel() as i64;
+    let variance = Tensor::full([numel], 1.0, (Kind::Float, Device::Cpu));
+    let mean_sq = Tensor::full([numel], 3.0, (Kind::Float, Device::Cpu));
+    let dsp = with_moments(DspRegConfig::default(), &*model, &variance, &mean_sq);
+    let tensors = dsp.sensitivity_tensors(&*model).unwrap();
+    assert_eq!(tensors.len(), model.store().params().len());
+    for ((name, t), p) in tensors.iter().zip(model.store().params()) {
+        assert_eq!(name, &p.name);
+        assert_eq!(t.size(), p.shape);
+        // s = V / (V + M) = 0.25 everywhere.
+        assert!((t - 0.25).abs().max().double_value(&[]) < 1e-7);
+    }
+}

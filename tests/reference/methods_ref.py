@@ -1,0 +1,208 @@
+"""Reference training steps for mgrun's methods, written straight from the formulas in
+/work/shared/reference/methods.md with plain PyTorch autograd and torch.optim.Adam.
+
+Usage: methods_ref.py INPUT.safetensors CONFIG.json OUTPUT.safetensors
+
+INPUT holds the initial SmallCnn weights (state-dict names) and the batches `x.{step}.{domain}`,
+`y.{step}.{domain}`. CONFIG is {"width", "num_classes", "steps", "num_domains", "cases": [{"name",
+"method": "erm"|"sam"|"dsp_reg", "adam": {...}, "sam": {...}, "dsp_reg": {...}, "total_steps"}]}.
+OUTPUT gets, per case, `{name}.loss` (f64, one per step), `{name}.extra.{key}` (f64 per step) and
+`{name}.param.{param name}` (final weights).
+
+Everything here works per parameter tensor (no flat buffer), so it checks the Rust flat layout too.
+"""
+import json
+import math
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from small_cnn import SmallCnn  # noqa: E402
+
+
+def make_model(cfg, weights):
+    model = SmallCnn(cfg["width"], cfg["num_classes"], dropout=0.0)
+    model.load_state_dict({k: weights[k] for k in model.state_dict().keys()})
+    model.train()
+    return model
+
+
+def make_adam(params, adam):
+    return torch.optim.Adam(
+        params,
+        lr=adam.get("lr", 5e-5),
+        betas=(adam.get("beta1", 0.9), adam.get("beta2", 0.999)),
+        eps=adam.get("eps", 1e-8),
+        weight_decay=adam.get("weight_decay", 0.0),
+        foreach=False,
+    )
+
+
+def batches(inputs, step, num_domains):
+    return [(inputs[f"x.{step}.{e}"], inputs[f"y.{step}.{e}"]) for e in range(num_domains)]
+
+
+def erm_step(model, params, opt, doms, case, state, step):
+    x = torch.cat([d[0] for d in doms])
+    y = torch.cat([d[1] for d in doms])
+    loss = F.cross_entropy(model(x), y)
+    grads = torch.autograd.grad(loss, params)
+    for p, g in zip(params, grads):
+        p.grad = g
+    opt.step()
+    return loss.item(), {}
+
+
+def sam_step(model, params, opt, doms, case, state, step):
+    """davda54/sam's first_step/second_step (with ASAM's eta), around the base optimizer."""
+    cfg = {"rho": 0.05, "adaptive": False, "eta": 0.01, **case.get("sam", {})}
+    x = torch.cat([d[0] for d in doms])
+    y = torch.cat([d[1] for d in doms])
+    loss = F.cross_entropy(model(x), y)
+    grads = torch.autograd.grad(loss, params)
+    with torch.no_grad():
+        scales = [(p.abs() + cfg["eta"]) if cfg["adaptive"] else torch.ones_like(p) for p in params]
+        grad_norm = torch.norm(torch.stack([(t * g).norm(p=2) for t, g in zip(scales, grads)]), p=2)
+        factor = cfg["rho"] / (grad_norm + 1e-12)
+        old = [p.detach().clone() for p in params]
+        for p, t, g in zip(params, scales, grads):
+            p.add_(t * t * g * factor)
+    loss2 = F.cross_entropy(model(x), y)
+    grads2 = torch.autograd.grad(loss2, params)
+    with torch.no_grad():
+        for p, o in zip(params, old):
+            p.copy_(o)
+    for p, g in zip(params, grads2):
+        p.grad = g
+    opt.step()
+    return loss.item(), {"sam_grad_norm": grad_norm.item()}
+
+
+DSP_DEFAULTS = {
+    "mode": "anchor", "beta": 0.95, "lambda": 0.1, "gamma": 0.5, "score": "ratio", "weight": "linear",
+    "tau": 0.5, "temperature": 0.1, "epsilon": 1e-20, "variance_denominator": "k_minus_1",
+    "warmup_frac": 0.1, "ramp_frac": 0.1, "exclude_norm": True, "exclude_bias": True, "exclude": [],
+}
+
+
+def dsp_included(name, cfg):
+    is_norm = name.startswith("gn")
+    is_bias = name.endswith(".bias") and not is_norm
+    if cfg["exclude_norm"] and is_norm:
+        return False
+    if cfg["exclude_bias"] and is_bias:
+        return False
+    return not any(name.startswith(prefix) for prefix in cfg["exclude"])
+
+
+def dsp_fraction(cfg, step, total):
+    warmup = math.floor(cfg["warmup_frac"] * total + 0.5)
+    ramp = math.floor(cfg["ramp_frac"] * total + 0.5)
+    if step < warmup:
+        return 0.0
+    if ramp == 0:
+        return 1.0
+    return min(1.0, (step - warmup + 1) / ramp)
+
+
+def dsp_step(model, params, opt, doms, case, state, step):
+    cfg = {**DSP_DEFAULTS, **case.get("dsp_reg", {})}
+    names = [n for n, _ in model.named_parameters()]
+    K = len(doms)
+    if "theta0" not in state:
+        state["theta0"] = [p.detach().clone() for p in params]
+        state["V"] = [torch.zeros_like(p) for p in params]
+        state["M"] = [torch.zeros_like(p) for p in params]
+        state["t"] = 0
+    # One autograd.grad per domain: g_e = grad of the mean loss L_e.
+    losses, per_domain = [], []
+    for x, y in doms:
+        # sum / B (= the mean), the form Rust differentiates, so rank scores see identical gradients.
+        loss_e = F.cross_entropy(model(x), y, reduction="sum") / y.numel()
+        losses.append(loss_e.item())
+        per_domain.append(torch.autograd.grad(loss_e, params))
+    beta = cfg["beta"]
+    state["t"] += 1
+    t = state["t"]
+    denominator = K - 1 if cfg["variance_denominator"] == "k_minus_1" else K
+    strength = (cfg["lambda"] if cfg["mode"] in ("anchor", "shrink") else cfg["gamma"]) * dsp_fraction(
+        cfg, step, case["total_steps"])
+    sensitivities, included_sum, included_count = [], 0.0, 0
+    with torch.no_grad():
+        for i, (name, p) in enumerate(zip(names, params)):
+            G = torch.stack([g[i] for g in per_domain])
+            m = G.mean(0)
+            v = ((G - m) ** 2).sum(0) / denominator
+            state["V"][i] = beta * state["V"][i] + (1 - beta) * v
+            state["M"][i] = beta * state["M"][i] + (1 - beta) * m * m
+            Vh = state["V"][i] / (1 - beta ** t)
+            Mh = state["M"][i] / (1 - beta ** t)
+            ratio = Vh / (Vh + Mh + cfg["epsilon"])
+            if cfg["score"] == "ratio":
+                s = ratio
+            elif cfg["score"] == "layer_norm":
+                s = Vh / (Vh.mean() + cfg["epsilon"])
+            elif cfg["score"] == "rank":
+                flat = ratio.reshape(-1)
+                smaller = (flat[None, :] < flat[:, None]).sum(1).to(torch.float32)
+                s = (smaller / max(flat.numel() - 1, 1)).reshape(ratio.shape)
+            else:
+                raise ValueError(cfg["score"])
+            if cfg["weight"] == "linear":
+                w = s
+            else:
+                w = torch.sigmoid((s - cfg["tau"]) / cfg["temperature"])
+            if not dsp_included(name, cfg):
+                w = torch.zeros_like(w)
+            else:
+                included_sum += s.double().sum().item()
+                included_count += s.numel()
+            sensitivities.append(s)
+            if cfg["mode"] == "anchor":
+                g = m + 2 * strength * w * (p - state["theta0"][i])
+            elif cfg["mode"] == "shrink":
+                g = m + 2 * strength * w * p
+            else:
+                g = (1 - strength * w) * m
+            p.grad = g.clone()
+    opt.step()
+    extra = {"dsp_lambda": strength, "dsp_mean_sensitivity": included_sum / max(included_count, 1)}
+    return sum(losses) / K, extra
+
+
+STEPS = {"erm": erm_step, "sam": sam_step, "dsp_reg": dsp_step}
+
+
+def main():
+    inputs_path, config_path, output_path = sys.argv[1:4]
+    torch.use_deterministic_algorithms(True)
+    inputs = load_file(inputs_path)
+    with open(config_path) as f:
+        cfg = json.load(f)
+    out = {}
+    for case in cfg["cases"]:
+        model = make_model(cfg, inputs)
+        params = list(model.parameters())
+        opt = make_adam(params, case.get("adam", {}))
+        state, losses, extras = {}, [], {}
+        for step in range(cfg["steps"]):
+            doms = batches(inputs, step, cfg["num_domains"])
+            loss, extra = STEPS[case["method"]](model, params, opt, doms, case, state, step)
+            losses.append(loss)
+            for k, v in extra.items():
+                extras.setdefault(k, []).append(v)
+        name = case["name"]
+        out[f"{name}.loss"] = torch.tensor(losses, dtype=torch.float64)
+        for k, v in extras.items():
+            out[f"{name}.extra.{k}"] = torch.tensor(v, dtype=torch.float64)
+        for pname, p in model.named_parameters():
+            out[f"{name}.param.{pname}"] = p.detach().clone().contiguous()
+    save_file(out, output_path)
+
+
+if __name__ == "__main__":
+    main()
