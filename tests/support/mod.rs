@@ -1,1 +1,101 @@
-//! Helpers for the workspace-level tests.
+//! Helpers for the workspace-level tests: locating the `mgrun` binary and the reference Python,
+//! running jobs, and reading their outputs.
+
+use anyhow::{anyhow, Context, Result};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The release `mgrun` binary (`make test` builds it before running the tests).
+pub fn mgrun_bin() -> PathBuf {
+    let target =
+        std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("target"));
+    let bin = target.join("release").join("mgrun");
+    assert!(bin.exists(), "{} is missing: run `cargo build --release` (make test does)", bin.display());
+    bin
+}
+
+pub fn python() -> PathBuf {
+    std::env::var_os("MGRUN_PYTHON").map(PathBuf::from).unwrap_or_else(|| workspace_root().join(".venv/bin/python"))
+}
+
+/// Runs `mgrun` with `args` in `cwd` and returns its output.
+pub fn run_mgrun(args: &[&str], cwd: &Path) -> Output {
+    Command::new(mgrun_bin()).args(args).current_dir(cwd).output().expect("starting mgrun")
+}
+
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Generates a small synthetic dataset under `dir` and returns its root.
+pub fn synthetic_dataset(dir: &Path, images_per_class: usize, image_size: u32) -> PathBuf {
+    let root = dir.join("synthetic");
+    let out = run_mgrun(
+        &[
+            "datagen",
+            "synthetic",
+            "--out",
+            root.to_str().expect("utf-8 path"),
+            "--images-per-class",
+            &images_per_class.to_string(),
+            "--image-size",
+            &image_size.to_string(),
+        ],
+        dir,
+    );
+    assert!(out.status.success(), "datagen failed: {}{}", text(&out.stdout), text(&out.stderr));
+    root
+}
+
+pub fn read_jsonl(path: &Path) -> Result<Vec<serde_json::Value>> {
+    let s = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    s.lines().filter(|l| !l.trim().is_empty()).map(|l| Ok(serde_json::from_str(l)?)).collect()
+}
+
+/// Every tensor of a safetensors file as f64 values, by name.
+pub fn read_tensors(path: &Path) -> Result<BTreeMap<String, Vec<f64>>> {
+    let tensors = tch::Tensor::read_safetensors(path).with_context(|| format!("reading {}", path.display()))?;
+    tensors
+        .into_iter()
+        .map(|(name, t)| {
+            let v: Vec<f64> =
+                Vec::<f64>::try_from(t.to_kind(tch::Kind::Double).reshape([-1])).map_err(|e| anyhow!("{name}: {e}"))?;
+            Ok((name, v))
+        })
+        .collect()
+}
+
+/// Norm-wise relative difference ||a - b|| / max(||b||, 1e-12).
+pub fn rel_diff(a: &[f64], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let num: f64 = a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum::<f64>().sqrt();
+    let den: f64 = b.iter().map(|y| y * y).sum::<f64>().sqrt();
+    num / den.max(1e-12)
+}
+
+/// Pids of the direct children of `pid` (from /proc).
+pub fn child_pids(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for t in tasks.flatten() {
+            if let Ok(s) = std::fs::read_to_string(t.path().join("children")) {
+                out.extend(s.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
+            }
+        }
+    }
+    out
+}
+
+/// The value of `name` in the environment of process `pid`.
+pub fn process_env(pid: u32, name: &str) -> Option<String> {
+    let raw = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+    raw.split(|&b| b == 0).find_map(|kv| {
+        let kv = String::from_utf8_lossy(kv);
+        kv.strip_prefix(&format!("{name}=")).map(str::to_string)
+    })
+}

@@ -1,5 +1,16 @@
 //! The mgrun trainer: typed job config, domain sharding, the training loop and evaluation.
 
+pub mod config;
+pub mod env;
+pub mod eval;
+pub mod progress;
+pub mod records;
+pub mod topology;
+mod worker;
+
+pub use config::JobConfig;
+pub use worker::run_worker;
+
 use std::path::PathBuf;
 
 /// What a worker process (one rank) is started with; the rank itself comes from the environment
@@ -10,9 +21,4 @@ pub struct WorkerArgs {
     /// `--set a.b=value` overrides, in order.
     pub overrides: Vec<String>,
     pub out_dir: PathBuf,
-}
-
-/// Runs one rank of a training job to completion.
-pub fn run_worker(args: &WorkerArgs) -> anyhow::Result<()> {
-    anyhow::bail!("trainer not implemented yet: {:?}", args.config)
 }

@@ -1,0 +1,250 @@
+//! The typed job configuration: one TOML file, `--set a.b=value` overrides, and errors that name
+//! the file, the key and the expected type.
+
+use anyhow::{anyhow, bail, Context, Result};
+use mgrun_data::DataConfig;
+use mgrun_methods::MethodConfig;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct JobConfig {
+    pub data: DataConfig,
+    #[serde(default)]
+    pub model: ModelConfig,
+    #[serde(default)]
+    pub train: TrainConfig,
+    #[serde(default)]
+    pub method: MethodConfig,
+    #[serde(default)]
+    pub eval: EvalConfig,
+    #[serde(default)]
+    pub comm: CommConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    /// `resnet18`, `resnet50` or `small_cnn`.
+    pub arch: String,
+    /// BatchNorm always in eval mode (DomainBed's published protocol).
+    pub freeze_bn: bool,
+    /// Dropout before the linear head.
+    pub dropout: f64,
+    /// Channel width of `small_cnn`.
+    pub width: i64,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self { arch: "resnet50".into(), freeze_bn: true, dropout: 0.0, width: 64 }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    pub steps: u64,
+    /// Adam learning rate (DomainBed's default 5e-5).
+    pub lr: f64,
+    /// Adam's coupled L2 weight decay, as torch.optim.Adam.
+    pub weight_decay: f64,
+    pub seed: u64,
+    /// Reproducible mode: fixed algorithms, results independent of the number of ranks.
+    pub deterministic: bool,
+    /// Intra-op threads per CPU rank; 0 = cores / ranks on this node.
+    pub threads: usize,
+    /// Seconds between progress lines on rank 0.
+    pub progress_every_s: f64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            steps: 5001,
+            lr: 5e-5,
+            weight_decay: 0.0,
+            seed: 0,
+            deterministic: false,
+            threads: 0,
+            progress_every_s: 5.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvalConfig {
+    /// Evaluate after step 0, every `every_steps` steps and after the last step (DomainBed's
+    /// checkpoint_freq).
+    pub every_steps: u64,
+    /// Images per forward pass during evaluation.
+    pub batch_size: usize,
+}
+
+impl Default for EvalConfig {
+    fn default() -> Self {
+        Self { every_steps: 300, batch_size: 128 }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CommConfig {
+    /// A collective that makes no progress for this long fails the rank (and the job).
+    pub timeout_s: f64,
+    /// Largest gradient bucket reduced by one collective.
+    pub bucket_mb: f64,
+    /// `auto` (NCCL on CUDA, TCP on CPU) or `tcp`.
+    pub backend: String,
+}
+
+impl Default for CommConfig {
+    fn default() -> Self {
+        Self { timeout_s: 300.0, bucket_mb: 25.0, backend: "auto".into() }
+    }
+}
+
+impl JobConfig {
+    /// Reads `path`, applies `overrides` (`a.b=value`, value in TOML syntax or a bare string) and
+    /// checks the result.
+    pub fn load(path: &Path, overrides: &[String]) -> Result<JobConfig> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
+        let mut table: toml::Table =
+            toml::from_str(&text).map_err(|e| anyhow!("config {}: {}", path.display(), e.message()))?;
+        for ov in overrides {
+            apply_override(&mut table, ov).with_context(|| format!("--set {ov}"))?;
+        }
+        let config: JobConfig = serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+            let key = e.path().to_string();
+            anyhow!("config {}: key `{}`: {}", path.display(), key, e.into_inner())
+        })?;
+        config.validate().with_context(|| format!("config {}", path.display()))?;
+        Ok(config)
+    }
+
+    /// Resolves relative paths in the config against `base` (the directory of the config file's
+    /// caller, normally the current directory).
+    pub fn resolve_paths(&mut self, base: &Path) {
+        if self.data.root.is_relative() {
+            self.data.root = base.join(&self.data.root);
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.train.steps == 0 {
+            bail!("key `train.steps`: must be at least 1");
+        }
+        if self.train.lr.is_nan() || self.train.lr <= 0.0 {
+            bail!("key `train.lr`: must be positive, got {}", self.train.lr);
+        }
+        if self.data.batch_per_domain == 0 {
+            bail!("key `data.batch_per_domain`: must be at least 1");
+        }
+        if self.eval.every_steps == 0 {
+            bail!("key `eval.every_steps`: must be at least 1");
+        }
+        if self.comm.timeout_s.is_nan() || self.comm.timeout_s <= 0.0 {
+            bail!("key `comm.timeout_s`: must be positive");
+        }
+        if self.comm.bucket_mb.is_nan() || self.comm.bucket_mb <= 0.0 {
+            bail!("key `comm.bucket_mb`: must be positive");
+        }
+        if !matches!(self.comm.backend.as_str(), "auto" | "tcp" | "nccl") {
+            bail!("key `comm.backend`: expected \"auto\", \"tcp\" or \"nccl\", got {:?}", self.comm.backend);
+        }
+        if !(0.0..1.0).contains(&self.model.dropout) {
+            bail!("key `model.dropout`: expected a probability in [0, 1), got {}", self.model.dropout);
+        }
+        Ok(())
+    }
+
+    pub fn out_relative_root(&self) -> PathBuf {
+        self.data.root.clone()
+    }
+}
+
+/// Sets `a.b.c = value` in `table`, creating intermediate tables. The value is parsed as TOML
+/// (`3`, `1e-4`, `true`, `"x"`, `["a", "b"]`); anything that is not valid TOML is taken as a string.
+fn apply_override(table: &mut toml::Table, assignment: &str) -> Result<()> {
+    let (key, raw) = assignment.split_once('=').ok_or_else(|| anyhow!("expected key=value, e.g. train.steps=100"))?;
+    let key = key.trim();
+    if key.is_empty() || key.split('.').any(|p| p.is_empty()) {
+        bail!("invalid key {key:?}");
+    }
+    let raw = raw.trim();
+    let value = match toml::from_str::<toml::Table>(&format!("v = {raw}")) {
+        Ok(mut t) => t.remove("v").unwrap_or_else(|| toml::Value::String(raw.to_string())),
+        Err(_) => toml::Value::String(raw.to_string()),
+    };
+    let parts: Vec<&str> = key.split('.').collect();
+    let (last, parents) = parts.split_last().ok_or_else(|| anyhow!("invalid key {key:?}"))?;
+    let mut node = table;
+    for (i, part) in parents.iter().enumerate() {
+        let entry = node.entry(part.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        node = entry
+            .as_table_mut()
+            .ok_or_else(|| anyhow!("`{}` is not a table, cannot set {key}", parts[..=i].join(".")))?;
+    }
+    node.insert(last.to_string(), value);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn write(text: &str) -> tempfile::NamedTempFile {
+        let mut f = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+        f.write_all(text.as_bytes()).unwrap();
+        f
+    }
+
+    const BASE: &str = "[data]\nroot = \"d\"\n[train]\nsteps = 10\n";
+
+    #[test]
+    fn overrides_set_nested_keys_with_types() {
+        let f = write(BASE);
+        let c = JobConfig::load(
+            f.path(),
+            &["train.lr=1e-3".into(), "method.name=sam".into(), "data.test_domains=[\"a\"]".into()],
+        )
+        .unwrap();
+        assert_eq!(c.train.lr, 1e-3);
+        assert_eq!(c.train.steps, 10);
+        assert_eq!(c.method.name, "sam");
+        assert_eq!(c.data.test_domains, vec!["a".to_string()]);
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_the_file() {
+        let f = write(&format!("{BASE}stepz = 3\n"));
+        let err = format!("{:#}", JobConfig::load(f.path(), &[]).unwrap_err());
+        assert!(err.contains("stepz"), "{err}");
+        assert!(err.contains(&f.path().display().to_string()), "{err}");
+    }
+
+    #[test]
+    fn wrong_type_names_key_and_expected_type() {
+        let f = write(BASE);
+        let err = format!("{:#}", JobConfig::load(f.path(), &["train.steps=many".into()]).unwrap_err());
+        assert!(err.contains("train.steps"), "{err}");
+        assert!(err.contains("u64") || err.contains("integer"), "{err}");
+    }
+
+    #[test]
+    fn unknown_override_key_is_rejected() {
+        let f = write(BASE);
+        let err = format!("{:#}", JobConfig::load(f.path(), &["model.depth=3".into()]).unwrap_err());
+        assert!(err.contains("model") && err.contains("depth"), "{err}");
+    }
+
+    #[test]
+    fn invalid_values_are_rejected() {
+        let f = write(BASE);
+        let err = format!("{:#}", JobConfig::load(f.path(), &["comm.backend=mpi".into()]).unwrap_err());
+        assert!(err.contains("comm.backend"), "{err}");
+    }
+}

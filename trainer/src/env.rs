@@ -1,0 +1,51 @@
+//! A rank's identity, from torchrun's environment contract.
+
+use anyhow::{anyhow, bail, Context, Result};
+use tch::Device;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RankEnv {
+    pub rank: usize,
+    pub local_rank: usize,
+    pub world_size: usize,
+    pub local_world_size: usize,
+    /// `cuda` or `cpu` (MGRUN_DEVICE, set by the launcher).
+    pub device_kind: String,
+}
+
+fn var_usize(name: &str, default: usize) -> Result<usize> {
+    match std::env::var(name) {
+        Ok(v) => v.trim().parse().with_context(|| format!("environment variable {name}={v:?} is not an integer")),
+        Err(std::env::VarError::NotPresent) => Ok(default),
+        Err(e) => Err(anyhow!("environment variable {name}: {e}")),
+    }
+}
+
+impl RankEnv {
+    /// Reads RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE and MGRUN_DEVICE; a process started
+    /// without them is the single rank of a one-process job.
+    pub fn from_env() -> Result<RankEnv> {
+        let rank = var_usize("RANK", 0)?;
+        let world_size = var_usize("WORLD_SIZE", 1)?;
+        let local_rank = var_usize("LOCAL_RANK", rank)?;
+        let local_world_size = var_usize("LOCAL_WORLD_SIZE", world_size)?;
+        if world_size == 0 || rank >= world_size {
+            bail!("RANK={rank} is not below WORLD_SIZE={world_size}");
+        }
+        let device_kind = std::env::var("MGRUN_DEVICE").unwrap_or_else(|_| "cpu".to_string());
+        Ok(RankEnv { rank, local_rank, world_size, local_world_size, device_kind })
+    }
+
+    pub fn device(&self) -> Result<Device> {
+        match self.device_kind.as_str() {
+            "cpu" => Ok(Device::Cpu),
+            "cuda" => {
+                if !tch::Cuda::is_available() {
+                    bail!("rank {}: MGRUN_DEVICE=cuda but CUDA is not available to this process", self.rank);
+                }
+                Ok(Device::Cuda(self.local_rank))
+            }
+            other => bail!("MGRUN_DEVICE={other:?}: expected cpu or cuda"),
+        }
+    }
+}
