@@ -72,6 +72,8 @@ enum Command {
         #[command(subcommand)]
         which: DatagenCommand,
     },
+    /// List the training methods, their hyperparameters and defaults (`[method.<name>]` keys).
+    Methods,
     /// Launch diagnostic ranks that exercise the launcher (tests).
     #[command(hide = true)]
     Selftest(SelftestArgs),
@@ -145,6 +147,8 @@ fn run(cli: Cli, cuda_load_error: Option<&str>) -> anyhow::Result<i32> {
         None => {
             let config = cli.config.context("no CONFIG given")?;
             anyhow::ensure!(config.is_file(), "config file {} does not exist", config.display());
+            // A typo in the config fails here, once and at once, instead of in every rank.
+            mgrun_trainer::JobConfig::load(&config, &cli.overrides)?;
             let stem = config.file_stem().map(|stem| stem.to_string_lossy().into_owned()).unwrap_or("job".into());
             let out_dir = cli.launch.out.clone().unwrap_or_else(|| launch::default_out_dir(&stem));
             let mut worker_args: Vec<OsString> = vec!["worker".into(), "--out".into(), out_dir.clone().into()];
@@ -187,6 +191,15 @@ fn run_command(command: Command, top_launch: &LaunchArgs, cuda_load_error: Optio
             let summary = mgrun_data::synthetic::generate(&options)
                 .with_context(|| format!("generating the synthetic dataset in {}", out.display()))?;
             println!("{summary}");
+            Ok(0)
+        }
+        Command::Methods => {
+            for info in mgrun_methods::registry::describe() {
+                println!("{}: {}", info.name, info.summary);
+                for (key, default, doc) in &info.hyperparameters {
+                    println!("    {key} = {default}    # {doc}");
+                }
+            }
             Ok(0)
         }
         Command::Selftest(args) => {

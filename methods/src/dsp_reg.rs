@@ -514,6 +514,14 @@ impl Method for DspReg {
         Ok(StepStats { loss, extra })
     }
 
+    fn evaluation_dump(&self, model: &dyn Model) -> Result<Option<Vec<(String, Tensor)>>> {
+        if self.cfg.dump_sensitivity {
+            Ok(Some(self.sensitivity_tensors(model)?))
+        } else {
+            Ok(None)
+        }
+    }
+
     fn summaries(&self, _model: &dyn Model) -> Map<String, Value> {
         let mut out = Map::new();
         if self.t == 0 {

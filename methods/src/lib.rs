@@ -100,6 +100,11 @@ pub trait Method: Send {
     fn summaries(&self, _model: &dyn Model) -> serde_json::Map<String, serde_json::Value> {
         serde_json::Map::new()
     }
+    /// Optional per-parameter tensors to save at each evaluation (e.g. DSP-Reg's sensitivity with
+    /// `dump_sensitivity`), with the parameters' names and shapes.
+    fn evaluation_dump(&self, _model: &dyn Model) -> Result<Option<Vec<(String, Tensor)>>> {
+        Ok(None)
+    }
     /// Method state to checkpoint (moving averages, anchors), as named tensors.
     fn state(&self) -> Vec<(String, Tensor)> {
         Vec::new()

@@ -143,6 +143,16 @@ pub fn run_worker(args: &WorkerArgs) -> Result<()> {
                     record.insert(format!("env{}_out_acc", a.domain), json!(a.out_acc));
                 }
                 record.extend(method.summaries(model.as_ref()));
+                if let Some(tensors) = method.evaluation_dump(model.as_ref())? {
+                    let dir = args.out_dir.join("sensitivity");
+                    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+                    let path = dir.join(format!("step{step:06}.safetensors"));
+                    let named: Vec<(String, tch::Tensor)> =
+                        tensors.into_iter().map(|(n, t)| (n, t.to_device(tch::Device::Cpu))).collect();
+                    tch::Tensor::write_safetensors(&named, &path)
+                        .with_context(|| format!("writing {}", path.display()))?;
+                    record.insert("sensitivity_dump".into(), json!(path));
+                }
                 record.insert("hparams".into(), serde_json::to_value(&config.method)?);
                 record.insert("args".into(), run_args(&config, &env, &dataset));
                 out.write(&Value::Object(record))?;
