@@ -1,12 +1,13 @@
 //! Collective communication for mgrun ranks.
 //!
 //! A [`Communicator`] reduces, broadcasts and gathers tch tensors across the ranks of a job. Backends
-//! are chosen at run time: [`tcp::TcpCommunicator`] (CPU, TCP ring, bootstrapped through the
-//! rendezvous [`store`]) and, on GPUs, NCCL. [`SingleRank`] is the trivial world of one.
+//! are chosen at run time ([`Backend::select`]): [`tcp::TcpCommunicator`] (CPU, TCP ring, bootstrapped through the
+//! rendezvous [`store`]) and, on GPUs, [`nccl::NcclCommunicator`]. [`SingleRank`] is the trivial world of one.
 
 pub mod bench;
 pub mod bucket;
 pub mod error;
+pub mod nccl;
 pub mod single;
 pub mod store;
 pub mod tcp;
@@ -15,7 +16,9 @@ pub use bucket::all_reduce_flat;
 pub use error::CommError;
 pub use single::SingleRank;
 
-use tch::Tensor;
+use std::time::Duration;
+use store::StoreClient;
+use tch::{Device, Tensor};
 
 /// Reduction applied element-wise by [`Communicator::all_reduce`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,4 +52,57 @@ pub trait Communicator: Send {
     /// A communicator over the ranks that pass the same `color`, ordered by their rank here
     /// (MPI_Comm_split / ncclCommSplit). Every rank of this group must call it.
     fn split(&self, color: usize) -> Result<Box<dyn Communicator>>;
+}
+
+/// Which [`Communicator`] implementation connects the ranks of a job (`comm.backend`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Tcp,
+    Nccl,
+}
+
+impl Backend {
+    /// Resolves `comm.backend` ("auto", "tcp" or "nccl") for ranks computing on `device`: "auto" is NCCL
+    /// on CUDA devices and TCP on the CPU; NCCL on the CPU is refused with a message saying what to do.
+    pub fn select(requested: &str, device: Device) -> Result<Backend> {
+        let on_cuda = matches!(device, Device::Cuda(_));
+        match requested {
+            "auto" if on_cuda => Ok(Backend::Nccl),
+            "auto" | "tcp" => Ok(Backend::Tcp),
+            "nccl" if on_cuda => Ok(Backend::Nccl),
+            "nccl" => Err(CommError::Invalid {
+                op: "comm.backend",
+                message: format!(
+                    "\"nccl\" needs CUDA devices, but this rank computes on {device:?}; launch with --gpus N, \
+                     or use comm.backend = \"auto\" or \"tcp\""
+                ),
+            }),
+            other => Err(CommError::Invalid {
+                op: "comm.backend",
+                message: format!("expected \"auto\", \"tcp\" or \"nccl\", got {other:?}"),
+            }),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Tcp => "tcp",
+            Backend::Nccl => "nccl",
+        }
+    }
+}
+
+/// Connects this rank to the world of `world_size` ranks with `backend`, bootstrapped through `store`.
+pub fn connect(
+    backend: Backend,
+    store: &StoreClient,
+    rank: usize,
+    world_size: usize,
+    device: Device,
+    timeout: Duration,
+) -> Result<Box<dyn Communicator>> {
+    Ok(match backend {
+        Backend::Tcp => Box::new(tcp::TcpCommunicator::connect(store, rank, world_size, timeout)?),
+        Backend::Nccl => Box::new(nccl::NcclCommunicator::connect(store, rank, world_size, device, timeout)?),
+    })
 }

@@ -1,0 +1,248 @@
+//! The NCCL backend and backend selection.
+//!
+//! Selection tests run everywhere. The NCCL tests need a CUDA device (they print "skipped: no CUDA" and
+//! pass elsewhere) and run at world size 1, since NCCL refuses two ranks on one GPU and the GPU machines
+//! have one: results are checked against values computed on the CPU, including on views with a storage
+//! offset, after GPU work queued just before the collective (stream ordering), and a two-rank world whose
+//! second rank never joins must time out and abort instead of hanging. They need `libnccl.so` on
+//! LD_LIBRARY_PATH (shared/device/gpu-env.sh makes it; `mgrun` does it for its ranks).
+
+use mgrun_collectives::nccl::{nccl_library_status, nccl_version, NcclCommunicator};
+use mgrun_collectives::store::{StoreClient, StoreServer};
+use mgrun_collectives::{all_reduce_flat, Backend, CommError, Communicator, ReduceOp};
+use std::cell::Cell;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+use tch::{Device, Kind, Tensor};
+
+const TOKEN: &str = "nccl-test-token";
+/// NCCL communicators of one process share the GPU: the CUDA tests run one at a time.
+static GPU: Mutex<()> = Mutex::new(());
+
+fn store() -> (StoreServer, StoreClient) {
+    let server = StoreServer::start("127.0.0.1:0".parse().unwrap(), TOKEN.to_string()).unwrap();
+    let client = StoreClient::connect(&server.addr().to_string(), TOKEN, Duration::from_secs(10)).unwrap();
+    (server, client)
+}
+
+/// Loads libtorch's CUDA backend (the linker drops it, see launcher/src/cuda.rs) and says whether a GPU
+/// is usable; prints the skip note when not.
+fn cuda_device() -> Option<Device> {
+    let lib = match option_env!("MGRUN_LIBTORCH_LIB") {
+        Some(dir) => format!("{dir}/libtorch_cuda.so"),
+        None => "libtorch_cuda.so".to_string(),
+    };
+    for candidate in [lib.as_str(), "libtorch_cuda.so"] {
+        let path = std::ffi::CString::new(candidate).unwrap();
+        // SAFETY: a valid C string; the handle is leaked on purpose (the library stays loaded).
+        if !unsafe { libc::dlopen(path.as_ptr(), libc::RTLD_NOW | libc::RTLD_GLOBAL) }.is_null() {
+            break;
+        }
+    }
+    if !tch::Cuda::is_available() {
+        println!("skipped: no CUDA");
+        return None;
+    }
+    if let Err(why) = nccl_library_status() {
+        panic!("CUDA is available but NCCL is not: {why}");
+    }
+    Some(Device::Cuda(0))
+}
+
+fn connect_one(store: &StoreClient, device: Device) -> NcclCommunicator {
+    NcclCommunicator::connect(store, 0, 1, device, Duration::from_secs(60)).expect("NCCL world of one")
+}
+
+#[test]
+fn auto_picks_nccl_on_cuda_and_tcp_on_cpu() {
+    assert_eq!(Backend::select("auto", Device::Cpu).unwrap(), Backend::Tcp);
+    assert_eq!(Backend::select("auto", Device::Cuda(0)).unwrap(), Backend::Nccl);
+    assert_eq!(Backend::select("auto", Device::Cuda(3)).unwrap(), Backend::Nccl);
+    assert_eq!(Backend::select("tcp", Device::Cuda(0)).unwrap(), Backend::Tcp);
+    assert_eq!(Backend::select("nccl", Device::Cuda(1)).unwrap(), Backend::Nccl);
+    let unknown = Backend::select("mpi", Device::Cpu).unwrap_err().to_string();
+    assert!(unknown.contains("\"mpi\""), "{unknown}");
+}
+
+#[test]
+fn nccl_on_cpu_is_refused_clearly() {
+    let message = Backend::select("nccl", Device::Cpu).unwrap_err().to_string();
+    assert!(message.contains("comm.backend") && message.contains("CUDA"), "{message}");
+    assert!(message.contains("--gpus") && message.contains("\"tcp\""), "{message}");
+
+    // The communicator itself refuses CPU devices before touching any CUDA or NCCL library, so this
+    // cannot panic on a machine without them.
+    let (_server, client) = store();
+    let error = NcclCommunicator::connect(&client, 0, 1, Device::Cpu, Duration::from_secs(5)).unwrap_err();
+    assert!(matches!(error, CommError::Invalid { .. }), "{error}");
+    assert!(error.to_string().contains("needs a CUDA device"), "{error}");
+    let error = NcclCommunicator::connect(&client, 2, 2, Device::Cuda(0), Duration::from_secs(5)).unwrap_err();
+    assert!(error.to_string().contains("rank 2 is not in a world of 2"), "{error}");
+}
+
+#[test]
+fn library_probe_never_panics() {
+    // On a CPU machine this reports what is missing; on a GPU machine with gpu-env.sh it succeeds.
+    match nccl_library_status() {
+        Ok(()) => println!("NCCL {}", nccl_version().expect("version of a loadable NCCL")),
+        Err(why) => {
+            assert!(why.contains("libcuda") || why.contains("libnccl.so"), "{why}");
+            assert!(nccl_version().is_err());
+        }
+    }
+}
+
+/// Kinds NCCL reduces, with a tolerance for comparing against the CPU reference.
+const KINDS: [Kind; 5] = [Kind::Float, Kind::Double, Kind::BFloat16, Kind::Half, Kind::Int64];
+
+#[test]
+fn collectives_on_cuda_tensors() {
+    let _gpu = GPU.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let Some(device) = cuda_device() else { return };
+    println!("NCCL {}", nccl_version().unwrap());
+    let (_server, client) = store();
+    let comm = connect_one(&client, device);
+    assert_eq!((comm.rank(), comm.world_size(), comm.backend()), (0, 1, "nccl"));
+
+    for kind in KINDS {
+        // Reference on the CPU; on the GPU the input comes out of a kernel queued just before the
+        // collective, and the result feeds one queued just after, so stream ordering is exercised.
+        let base = Tensor::arange(1000, (Kind::Int64, Device::Cpu)).remainder(97).to_kind(kind);
+        let expected = (&base * 3 + 1).to_kind(Kind::Double);
+        for op in [ReduceOp::Sum, ReduceOp::Avg, ReduceOp::Max] {
+            let mut tensor = base.to_device(device) * 3;
+            comm.all_reduce(&mut tensor, op).unwrap_or_else(|e| panic!("{kind:?} {op:?}: {e}"));
+            let after = (tensor + 1).to_device(Device::Cpu).to_kind(Kind::Double);
+            assert!(after.equal(&expected), "all_reduce {op:?} on {kind:?}");
+        }
+        let mut tensor = base.to_device(device) * 3;
+        comm.broadcast(&mut tensor, 0).unwrap();
+        assert!((tensor + 1).to_device(Device::Cpu).to_kind(Kind::Double).equal(&expected), "broadcast {kind:?}");
+        let gathered = comm.all_gather(&(base.to_device(device) * 3).view([10, 100])).unwrap();
+        assert_eq!(gathered.size(), [1, 10, 100]);
+        assert!(
+            (gathered + 1).to_device(Device::Cpu).to_kind(Kind::Double).view([-1]).equal(&expected),
+            "all_gather {kind:?}"
+        );
+    }
+    comm.barrier().unwrap();
+
+    // Views: a storage offset (as in bucketed reduction) and a non-contiguous tensor.
+    let flat = Tensor::arange(4096, (Kind::Float, device));
+    let window = flat.narrow(0, 1000, 512);
+    let gathered = comm.all_gather(&window).unwrap();
+    assert!(gathered.view([-1]).equal(&Tensor::arange_start(1000, 1512, (Kind::Float, device))), "offset view");
+    let mut transposed = Tensor::arange(12, (Kind::Float, device)).view([3, 4]).transpose(0, 1);
+    comm.all_reduce(&mut transposed, ReduceOp::Sum).unwrap();
+    assert!(transposed.equal(&Tensor::arange(12, (Kind::Float, device)).view([3, 4]).transpose(0, 1)));
+
+    // Misuse is an error, not a crash.
+    let error = comm.all_reduce(&mut Tensor::ones([4], (Kind::Float, Device::Cpu)), ReduceOp::Sum).unwrap_err();
+    assert!(error.to_string().contains("Cpu"), "{error}");
+    let error = comm.all_reduce(&mut Tensor::ones([4], (Kind::Bool, device)), ReduceOp::Sum).unwrap_err();
+    assert!(error.to_string().contains("Bool"), "{error}");
+    assert!(comm.broadcast(&mut Tensor::ones([4], (Kind::Float, device)), 1).is_err());
+
+    // A split gives a working communicator of its own (fresh unique id through the store).
+    let group = comm.split(7).unwrap();
+    assert_eq!((group.rank(), group.world_size(), group.backend()), (0, 1, "nccl"));
+    let mut tensor = Tensor::full([8], 2.5, (Kind::Float, device));
+    group.all_reduce(&mut tensor, ReduceOp::Max).unwrap();
+    assert!(tensor.equal(&Tensor::full([8], 2.5, (Kind::Float, device))));
+    group.barrier().unwrap();
+    comm.barrier().unwrap();
+}
+
+/// Pretends to be a larger world so that [`all_reduce_flat`] does not skip the work, and counts the
+/// collectives it issues on the real (one-rank) NCCL communicator.
+struct Counting<'a> {
+    inner: &'a NcclCommunicator,
+    calls: Cell<usize>,
+}
+
+// SAFETY (of the test): used from one thread only.
+unsafe impl Send for Counting<'_> {}
+
+impl Communicator for Counting<'_> {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn world_size(&self) -> usize {
+        2
+    }
+    fn backend(&self) -> &'static str {
+        "nccl"
+    }
+    fn all_reduce(&self, tensor: &mut Tensor, op: ReduceOp) -> mgrun_collectives::Result<()> {
+        self.calls.set(self.calls.get() + 1);
+        self.inner.all_reduce(tensor, op)
+    }
+    fn broadcast(&self, tensor: &mut Tensor, root: usize) -> mgrun_collectives::Result<()> {
+        self.inner.broadcast(tensor, root)
+    }
+    fn all_gather(&self, tensor: &Tensor) -> mgrun_collectives::Result<Tensor> {
+        self.inner.all_gather(tensor)
+    }
+    fn barrier(&self) -> mgrun_collectives::Result<()> {
+        self.inner.barrier()
+    }
+    fn split(&self, color: usize) -> mgrun_collectives::Result<Box<dyn Communicator>> {
+        self.inner.split(color)
+    }
+}
+
+#[test]
+fn bucketed_flat_all_reduce_on_cuda() {
+    let _gpu = GPU.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let Some(device) = cuda_device() else { return };
+    let (_server, client) = store();
+    let comm = connect_one(&client, device);
+    // ResNet-50's gradient size: 25.6 M f32 parameters in one flat buffer, 25 MB buckets.
+    let numel: i64 = 25_557_032;
+    let bucket_bytes = 25 << 20;
+    let mut flat = Tensor::randn([numel], (Kind::Float, device));
+    let expected = flat.copy();
+    let counting = Counting { inner: &comm, calls: Cell::new(0) };
+    all_reduce_flat(&counting, &mut flat, ReduceOp::Avg, bucket_bytes).unwrap();
+    let buckets = (numel as usize * 4).div_ceil(bucket_bytes);
+    assert_eq!(counting.calls.get(), buckets, "one collective per bucket");
+    assert!(flat.equal(&expected));
+
+    // The call overhead of a one-rank NCCL all-reduce per bucket (no data moves between GPUs here).
+    let rounds = 20;
+    tch::Cuda::synchronize(0);
+    let started = Instant::now();
+    for _ in 0..rounds {
+        all_reduce_flat(&counting, &mut flat, ReduceOp::Sum, bucket_bytes).unwrap();
+    }
+    let per_call = started.elapsed().as_secs_f64() / rounds as f64;
+    println!(
+        "all_reduce_flat of {:.1} MB in {buckets} buckets on one GPU: {:.3} ms per call",
+        numel as f64 * 4.0 / 1e6,
+        per_call * 1e3
+    );
+}
+
+#[test]
+fn a_rank_that_never_joins_times_out_and_aborts() {
+    let _gpu = GPU.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let Some(device) = cuda_device() else { return };
+    let (_server, client) = store();
+    let timeout = Duration::from_secs(3);
+    let started = Instant::now();
+    // Rank 0 of two: publishes the id, starts NCCL's init and waits for rank 1, which never comes.
+    let error = NcclCommunicator::connect(&client, 0, 2, device, timeout).unwrap_err();
+    let elapsed = started.elapsed();
+    println!("rank 0 of 2 alone: {error} after {:.2} s", elapsed.as_secs_f64());
+    assert!(matches!(error, CommError::Timeout { peer: 1, .. }), "{error}");
+    assert!(elapsed >= timeout && elapsed < timeout + Duration::from_secs(15), "{elapsed:?}");
+    // Rank 1 of two waits for rank 0's id in a fresh store and gives up naming rank 0.
+    let (_other_server, other_client) = store();
+    let error = NcclCommunicator::connect(&other_client, 1, 2, device, timeout).unwrap_err();
+    assert!(matches!(error, CommError::Timeout { peer: 0, .. }), "{error}");
+    // The process is still healthy: a new communicator works.
+    let comm = connect_one(&client, device);
+    let mut tensor = Tensor::ones([16], (Kind::Float, device));
+    comm.all_reduce(&mut tensor, ReduceOp::Sum).unwrap();
+    assert!(tensor.equal(&Tensor::ones([16], (Kind::Float, device))));
+}
