@@ -1,0 +1,182 @@
+//! Finding, verifying and loading checkpoints; tensors are re-assembled whole, whatever the number
+//! of ranks that wrote them.
+
+use crate::manifest::{Manifest, Meta};
+use crate::{parse_step_dir, MANIFEST_FILE};
+use anyhow::{anyhow, bail, Context, Result};
+use safetensors::SafeTensors;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use tch::{Kind, Tensor};
+
+/// A verified checkpoint, every tensor whole and on the CPU.
+pub struct LoadedCheckpoint {
+    pub dir: PathBuf,
+    pub meta: Meta,
+    pub tensors: Vec<(String, Tensor)>,
+}
+
+impl LoadedCheckpoint {
+    pub fn get(&self, name: &str) -> Result<&Tensor> {
+        self.tensors
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, t)| t)
+            .ok_or_else(|| anyhow!("checkpoint {}: no tensor {name:?}", self.dir.display()))
+    }
+
+    /// The tensors whose names start with `prefix`, with the prefix removed.
+    pub fn with_prefix(&self, prefix: &str) -> Vec<(String, Tensor)> {
+        self.tensors
+            .iter()
+            .filter_map(|(n, t)| n.strip_prefix(prefix).map(|rest| (rest.to_string(), t.shallow_clone())))
+            .collect()
+    }
+}
+
+/// Committed checkpoints (`step<N>` directories) under `root`, newest first.
+pub fn committed_steps(root: &Path) -> Result<Vec<(u64, PathBuf)>> {
+    let entries = match std::fs::read_dir(root) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e).with_context(|| format!("listing checkpoints in {}", root.display())),
+    };
+    let mut steps: Vec<(u64, PathBuf)> = entries
+        .flatten()
+        .filter(|e| e.path().is_dir())
+        .filter_map(|e| parse_step_dir(&e.file_name().to_string_lossy()).map(|s| (s, e.path())))
+        .collect();
+    steps.sort_by_key(|(step, _)| std::cmp::Reverse(*step));
+    Ok(steps)
+}
+
+/// Reads the manifest of `dir`, verifies every file's size and CRC-32, and re-assembles every
+/// tensor from its chunks.
+pub fn load(dir: &Path) -> Result<LoadedCheckpoint> {
+    let manifest_path = dir.join(MANIFEST_FILE);
+    let bytes = std::fs::read(&manifest_path).with_context(|| format!("reading {}", manifest_path.display()))?;
+    let manifest = Manifest::decode(&bytes, &manifest_path)?;
+
+    let mut contents: HashMap<String, Vec<u8>> = HashMap::new();
+    for record in &manifest.files {
+        let path = dir.join(&record.name);
+        let data = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        if data.len() as u64 != record.size {
+            bail!("{}: {} bytes, the manifest says {} (torn or truncated)", path.display(), data.len(), record.size);
+        }
+        let crc = crc32fast::hash(&data);
+        if crc != record.crc32 {
+            bail!("{}: checksum mismatch (crc32 {crc:08x}, manifest {:08x}): corrupt", path.display(), record.crc32);
+        }
+        contents.insert(record.name.clone(), data);
+    }
+    let mut parsed: HashMap<&str, SafeTensors> = HashMap::new();
+    for (name, data) in &contents {
+        let st = SafeTensors::deserialize(data).map_err(|e| anyhow!("{}: {e:?}", dir.join(name).display()))?;
+        parsed.insert(name.as_str(), st);
+    }
+
+    let mut tensors = Vec::with_capacity(manifest.tensors.len());
+    for record in &manifest.tensors {
+        let what = || format!("checkpoint {}: tensor {:?}", dir.display(), record.name);
+        let kind = kind_of(&record.dtype).with_context(what)?;
+        let elt = kind.elt_size_in_bytes();
+        let numel: u64 = record.shape.iter().map(|&d| d.max(0) as u64).product();
+        let mut data = vec![0u8; numel as usize * elt];
+        let mut chunks = record.chunks.clone();
+        chunks.sort_by_key(|c| c.offset);
+        let mut covered = 0u64;
+        for chunk in &chunks {
+            if chunk.offset != covered || chunk.offset + chunk.len > numel {
+                bail!("{}: chunks do not tile the tensor (gap or overlap at element {covered})", what());
+            }
+            let file =
+                parsed.get(chunk.file.as_str()).ok_or_else(|| anyhow!("{}: no file {:?}", what(), chunk.file))?;
+            let view = file.tensor(&chunk.key).map_err(|e| anyhow!("{}: {}: {e:?}", what(), chunk.file))?;
+            let bytes = view.data();
+            if bytes.len() as u64 != chunk.len * elt as u64 {
+                bail!(
+                    "{}: chunk in {} has {} bytes, expected {}",
+                    what(),
+                    chunk.file,
+                    bytes.len(),
+                    chunk.len * elt as u64
+                );
+            }
+            let start = (chunk.offset as usize) * elt;
+            data[start..start + bytes.len()].copy_from_slice(bytes);
+            covered += chunk.len;
+        }
+        if covered != numel {
+            bail!("{}: chunks cover {covered} of {numel} elements", what());
+        }
+        tensors.push((record.name.clone(), Tensor::from_data_size(&data, &record.shape, kind)));
+    }
+    Ok(LoadedCheckpoint { dir: dir.to_path_buf(), meta: manifest.meta, tensors })
+}
+
+fn kind_of(dtype: &str) -> Result<Kind> {
+    Ok(match dtype {
+        "F32" => Kind::Float,
+        "F64" => Kind::Double,
+        "F16" => Kind::Half,
+        "BF16" => Kind::BFloat16,
+        "I64" => Kind::Int64,
+        "I32" => Kind::Int,
+        "I16" => Kind::Int16,
+        "I8" => Kind::Int8,
+        "U8" => Kind::Uint8,
+        "BOOL" => Kind::Bool,
+        other => bail!("unsupported dtype {other:?}"),
+    })
+}
+
+/// What `checkpoint.resume` resolved to.
+pub struct ResumeChoice {
+    pub checkpoint: Option<LoadedCheckpoint>,
+    /// Checkpoints that were newer but failed verification: `path: reason`.
+    pub skipped: Vec<String>,
+}
+
+/// Resolves `spec`: `none`; `auto` (the newest checkpoint under `root` that verifies, skipping
+/// and naming torn or corrupt ones; none at all starts from scratch); or a path, either one
+/// checkpoint directory or a checkpoint root (then its newest valid one, which must exist).
+pub fn resolve_resume(root: &Path, spec: &str) -> Result<ResumeChoice> {
+    match spec {
+        "none" | "" => Ok(ResumeChoice { checkpoint: None, skipped: Vec::new() }),
+        "auto" => newest_valid(root),
+        path => {
+            let path = PathBuf::from(path);
+            if path.join(MANIFEST_FILE).exists() {
+                let checkpoint = load(&path).with_context(|| format!("checkpoint.resume = {}", path.display()))?;
+                return Ok(ResumeChoice { checkpoint: Some(checkpoint), skipped: Vec::new() });
+            }
+            if !path.is_dir() {
+                bail!(
+                    "checkpoint.resume = {}: no such checkpoint (expected a step<N> directory or a checkpoint root)",
+                    path.display()
+                );
+            }
+            let choice = newest_valid(&path)?;
+            if choice.checkpoint.is_none() {
+                bail!(
+                    "checkpoint.resume = {}: no valid checkpoint there{}",
+                    path.display(),
+                    if choice.skipped.is_empty() { String::new() } else { format!(" ({})", choice.skipped.join("; ")) }
+                );
+            }
+            Ok(choice)
+        }
+    }
+}
+
+fn newest_valid(root: &Path) -> Result<ResumeChoice> {
+    let mut skipped = Vec::new();
+    for (_, dir) in committed_steps(root)? {
+        match load(&dir) {
+            Ok(checkpoint) => return Ok(ResumeChoice { checkpoint: Some(checkpoint), skipped }),
+            Err(e) => skipped.push(format!("{}: {e:#}", dir.display())),
+        }
+    }
+    Ok(ResumeChoice { checkpoint: None, skipped })
+}
