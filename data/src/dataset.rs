@@ -1,10 +1,11 @@
 //! Scanning a DomainBed-layout dataset tree: domains, one global class list, labels, in/out splits.
 
-use crate::config::DataConfig;
+use crate::config::{DataConfig, OnCorrupt, SplitKind};
 use crate::image_io::{load_rgb_resized, IMAGE_EXTENSIONS};
+use crate::registry::{self, relative_slash_path, DatasetSpec};
 use crate::split::split_in_out;
 use anyhow::{bail, Context, Result};
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::ffi::OsString;
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -19,7 +20,8 @@ pub struct Domain {
     pub files: Vec<PathBuf>,
     /// Index into [`Dataset::classes`] of each file.
     pub labels: Vec<i64>,
-    /// Indices into `files` of the training ("in") and held-out ("out") split, in shuffled order.
+    /// Indices into `files` of the training ("in") and held-out ("out") split, in DomainBed's index order
+    /// (the shuffled order; for DomainNet's official split, the order of the list files).
     pub in_split: Vec<usize>,
     pub out_split: Vec<usize>,
 }
@@ -42,6 +44,8 @@ pub struct Dataset {
     train_domains: Vec<usize>,
     test_domains: Vec<usize>,
     cache: Option<ImageCache>,
+    spec: Option<&'static DatasetSpec>,
+    skipped: Vec<PathBuf>,
 }
 
 /// Decoded and resized RGB bytes of every image at one size, filled on first use.
@@ -51,73 +55,177 @@ struct ImageCache {
     slots: Vec<Vec<OnceLock<Arc<[u8]>>>>,
 }
 
-impl Dataset {
-    /// Scans `cfg.root`. Domains are the sorted non-hidden subdirectories of the root, classes the union
-    /// of the non-hidden subdirectories of the domains (sorted), images every non-hidden
-    /// `.jpg`/`.jpeg`/`.png` file (any case) below a class directory; other files are ignored.
-    pub fn open(cfg: &DataConfig) -> Result<Dataset> {
-        cfg.validate()?;
-        if !cfg.root.exists() {
-            bail!("data.root: directory {} does not exist", cfg.root.display());
-        }
-        if !cfg.root.is_dir() {
-            bail!("data.root: {} is not a directory", cfg.root.display());
-        }
-        let root = cfg
-            .root
-            .canonicalize()
-            .with_context(|| format!("data.root: cannot resolve directory {}", cfg.root.display()))?;
+/// A dataset tree as found on disk, problems included: what `Dataset::open` refuses and `mgrun data inspect`
+/// reports.
+#[derive(Debug, Clone)]
+pub(crate) struct TreeScan {
+    /// The canonical root.
+    pub root: PathBuf,
+    pub spec: Option<&'static DatasetSpec>,
+    /// The domains found, in environment order (a known dataset's list, else sorted directory names).
+    pub domains: Vec<ScannedDomain>,
+    /// Domain directories a known dataset needs that are not there.
+    pub missing_domains: Vec<String>,
+    /// Directories under the root that are not domains of a known dataset (DomainBed would make them
+    /// environments and shift the indices of the others).
+    pub extra_dirs: Vec<String>,
+    /// The sorted union of every domain's class directories.
+    pub classes: Vec<String>,
+}
 
-        let domain_names = visible_subdirectories(&root)?;
-        if domain_names.is_empty() {
+#[derive(Debug, Clone)]
+pub(crate) struct ScannedDomain {
+    pub name: String,
+    /// Each class directory with its image files in `ImageFolder` order.
+    pub classes: Vec<(String, Vec<PathBuf>)>,
+}
+
+impl ScannedDomain {
+    pub fn images(&self) -> usize {
+        self.classes.iter().map(|(_, files)| files.len()).sum()
+    }
+}
+
+/// Scans `cfg.root` without judging it; fails only when the root itself cannot be read.
+pub(crate) fn scan_tree(cfg: &DataConfig) -> Result<TreeScan> {
+    if !cfg.root.exists() {
+        bail!("data.root: directory {} does not exist", cfg.root.display());
+    }
+    if !cfg.root.is_dir() {
+        bail!("data.root: {} is not a directory", cfg.root.display());
+    }
+    let root = cfg
+        .root
+        .canonicalize()
+        .with_context(|| format!("data.root: cannot resolve directory {}", cfg.root.display()))?;
+    let spec = registry::spec(&cfg.dataset);
+    let found = visible_subdirectories(&root)?;
+    let (domain_names, missing_domains, extra_dirs) = match spec {
+        Some(spec) => {
+            let wanted = spec.domain_dirs();
+            let present: Vec<String> =
+                wanted.iter().filter(|d| found.iter().any(|f| f == *d)).map(|d| d.to_string()).collect();
+            let missing = wanted.iter().filter(|d| !found.iter().any(|f| f == *d)).map(|d| d.to_string()).collect();
+            let extra = found.iter().filter(|f| !wanted.contains(&f.as_str())).cloned().collect();
+            (present, missing, extra)
+        }
+        None => (found, Vec::new(), Vec::new()),
+    };
+    let mut domains = Vec::with_capacity(domain_names.len());
+    let mut all_classes = BTreeSet::new();
+    for name in domain_names {
+        let domain_dir = root.join(&name);
+        let mut classes = Vec::new();
+        for class in visible_subdirectories(&domain_dir)? {
+            let files = image_files_below(&domain_dir.join(&class))?;
+            all_classes.insert(class.clone());
+            classes.push((class, files));
+        }
+        domains.push(ScannedDomain { name, classes });
+    }
+    Ok(TreeScan { root, spec, domains, missing_domains, extra_dirs, classes: all_classes.into_iter().collect() })
+}
+
+impl Dataset {
+    /// Scans `cfg.root`. Domains are a known dataset's domain directories in DomainBed's environment order
+    /// (other directories are ignored), or for `synthetic`/`folder` the sorted non-hidden subdirectories of
+    /// the root. Classes are the union of the non-hidden subdirectories of the domains (sorted), images every
+    /// non-hidden `.jpg`/`.jpeg`/`.png` file (any case) below a class directory; other files are ignored.
+    /// With `data.on_corrupt = "skip"` every image is decoded here and the unreadable ones are left out.
+    pub fn open(cfg: &DataConfig) -> Result<Dataset> {
+        Self::open_checked(cfg, None)
+    }
+
+    /// [`Dataset::open`] with `unreadable` already known (from `mgrun data inspect`): with
+    /// `data.on_corrupt = "skip"` those files are left out without decoding the tree again.
+    pub fn open_excluding(cfg: &DataConfig, unreadable: &[PathBuf]) -> Result<Dataset> {
+        Self::open_checked(cfg, Some(unreadable))
+    }
+
+    fn open_checked(cfg: &DataConfig, known_unreadable: Option<&[PathBuf]>) -> Result<Dataset> {
+        cfg.validate()?;
+        let scan = scan_tree(cfg)?;
+        let root = scan.root.clone();
+        if !scan.missing_domains.is_empty() {
+            let spec_name = scan.spec.map_or("", |s| s.name);
+            bail!(
+                "data.root: {} is missing the {spec_name} domain director{} {} (expected {}; found: {})",
+                root.display(),
+                if scan.missing_domains.len() == 1 { "y" } else { "ies" },
+                scan.missing_domains.iter().map(|d| format!("'{d}'")).collect::<Vec<_>>().join(", "),
+                scan.spec.map(|s| s.domain_dirs().join(", ")).unwrap_or_default(),
+                visible_subdirectories(&root)?.join(", ")
+            );
+        }
+        if scan.domains.is_empty() {
             bail!(
                 "data.root: no domain directories in {} (expected {}/<domain>/<class>/<image>.jpg)",
                 root.display(),
                 root.display()
             );
         }
-        let mut class_dirs_per_domain = Vec::with_capacity(domain_names.len());
-        let mut all_classes = BTreeSet::new();
-        for name in &domain_names {
-            let classes = visible_subdirectories(&root.join(name))?;
-            all_classes.extend(classes.iter().cloned());
-            class_dirs_per_domain.push(classes);
-        }
-        let classes: Vec<String> = all_classes.into_iter().collect();
+        let classes = scan.classes.clone();
+        let domain_names: Vec<String> = scan.domains.iter().map(|d| d.name.clone()).collect();
 
-        let mut domains = Vec::with_capacity(domain_names.len());
-        for (index, (name, class_dirs)) in domain_names.iter().zip(&class_dirs_per_domain).enumerate() {
-            let domain_dir = root.join(name);
+        let mut skipped = Vec::new();
+        let mut domains = Vec::with_capacity(scan.domains.len());
+        for (env_index, scanned) in scan.domains.iter().enumerate() {
+            let domain_dir = root.join(&scanned.name);
             let mut files = Vec::new();
             let mut labels = Vec::new();
-            for class in class_dirs {
+            for (class, images) in &scanned.classes {
                 // `classes` is the sorted union of every domain's class directories, so the search succeeds.
                 let label = classes.binary_search(class).unwrap_or_default() as i64;
-                let images = image_files_below(&domain_dir.join(class))?;
                 labels.extend(std::iter::repeat_n(label, images.len()));
-                files.extend(images);
+                files.extend(images.iter().cloned());
             }
             if files.is_empty() {
                 bail!(
-                    "domain '{name}' ({}) has no images: expected {}/<class>/<image>.{{{}}}",
+                    "domain '{}' ({}) has no images: expected {}/<class>/<image>.{{{}}}",
+                    scanned.name,
                     domain_dir.display(),
                     domain_dir.display(),
                     IMAGE_EXTENSIONS.join(",")
                 );
             }
-            let (in_split, out_split) = split_in_out(files.len(), cfg.holdout_fraction, cfg.split_seed, index);
-            domains.push(Domain { name: name.clone(), files, labels, in_split, out_split });
+            if cfg.on_corrupt == OnCorrupt::Skip {
+                let bad: HashSet<PathBuf> = match known_unreadable {
+                    Some(known) => known.iter().cloned().collect(),
+                    None => crate::inspect::unreadable_images(&files, crate::inspect::default_threads())
+                        .into_iter()
+                        .map(|b| b.path)
+                        .collect(),
+                };
+                let keep: Vec<bool> = files.iter().map(|f| !bad.contains(f)).collect();
+                skipped.extend(files.iter().zip(&keep).filter(|(_, k)| !**k).map(|(f, _)| f.clone()));
+                files = files.into_iter().zip(&keep).filter(|(_, k)| **k).map(|(f, _)| f).collect();
+                labels = labels.into_iter().zip(&keep).filter(|(_, k)| **k).map(|(l, _)| l).collect();
+                if files.is_empty() {
+                    bail!("domain '{}' ({}): every image is unreadable", scanned.name, domain_dir.display());
+                }
+            }
+            let (in_split, out_split) = match cfg.split {
+                SplitKind::Random => split_in_out(files.len(), cfg.holdout_fraction, cfg.split_seed, env_index),
+                SplitKind::Official => official_split(&root, &scanned.name, &files)?,
+            };
+            domains.push(Domain { name: scanned.name.clone(), files, labels, in_split, out_split });
         }
 
         let mut test_domains = Vec::new();
         for wanted in &cfg.test_domains {
-            match domains.iter().position(|d| &d.name == wanted) {
+            match resolve_domain(wanted, &domain_names, scan.spec) {
                 Some(i) if !test_domains.contains(&i) => test_domains.push(i),
                 Some(_) => {}
                 None => bail!(
-                    "data.test_domains: '{wanted}' is not a domain of {} (available: {})",
+                    "data.test_domains: '{wanted}' is not a domain of {} (available: {}{})",
                     root.display(),
-                    domain_names.join(", ")
+                    domain_names.join(", "),
+                    scan.spec
+                        .map(|s| format!(
+                            "; short names {}",
+                            s.domains.iter().map(|d| d.short).collect::<Vec<_>>().join(", ")
+                        ))
+                        .unwrap_or_default()
                 ),
             }
         }
@@ -132,7 +240,17 @@ impl Dataset {
         }
 
         let cache = ImageCache::if_fits(&domains, cfg.image_size, cfg.cache_mb);
-        Ok(Dataset { root, classes, domains, train_domains, test_domains, cache })
+        Ok(Dataset { root, spec: scan.spec, classes, domains, train_domains, test_domains, cache, skipped })
+    }
+
+    /// The known dataset this is (`None` for `synthetic` and `folder`).
+    pub fn spec(&self) -> Option<&'static DatasetSpec> {
+        self.spec
+    }
+
+    /// Images left out because they could not be decoded (`data.on_corrupt = "skip"`).
+    pub fn skipped(&self) -> &[PathBuf] {
+        &self.skipped
     }
 
     /// One global, sorted class list (the union over domains); labels index into it.
@@ -144,7 +262,7 @@ impl Dataset {
         self.classes.len()
     }
 
-    /// Every domain, sorted by name.
+    /// Every domain, in DomainBed's environment order (sorted by directory name).
     pub fn domains(&self) -> &[Domain] {
         &self.domains
     }
@@ -259,4 +377,51 @@ fn image_files_below(class_dir: &Path) -> Result<Vec<PathBuf>> {
     }
     by_directory.sort_by(|a, b| a.0.as_os_str().cmp(b.0.as_os_str()));
     Ok(by_directory.into_iter().flat_map(|(_, files)| files).collect())
+}
+
+/// `data.test_domains` entry -> domain index: a directory name, a DomainBed short name (any case) or an index.
+fn resolve_domain(wanted: &str, names: &[String], spec: Option<&DatasetSpec>) -> Option<usize> {
+    if let Some(i) = names.iter().position(|n| n == wanted) {
+        return Some(i);
+    }
+    if let Some(spec) = spec {
+        if let Some(i) = spec.domains.iter().position(|d| d.short.eq_ignore_ascii_case(wanted)) {
+            return names.iter().position(|n| n == spec.domains[i].dir);
+        }
+    }
+    wanted.parse::<usize>().ok().filter(|&i| i < names.len())
+}
+
+/// DomainNet's official split of `domain`: `<root>/<domain>_train.txt` is "in", `<domain>_test.txt` "out",
+/// each line `<domain>/<class>/<file> <label>` relative to the root, kept in list order. Labels come from the
+/// class directories (the same sorted class map as the random split), so the list's label column is not used.
+fn official_split(root: &Path, domain: &str, files: &[PathBuf]) -> Result<(Vec<usize>, Vec<usize>)> {
+    let index: HashMap<String, usize> =
+        files.iter().enumerate().map(|(i, f)| (relative_slash_path(root, f), i)).collect();
+    let read = |suffix: &str| -> Result<Vec<usize>> {
+        let list = root.join(format!("{domain}_{suffix}.txt"));
+        let text = fs::read_to_string(&list).with_context(|| {
+            format!("data.split = \"official\": cannot read DomainNet split file {}", list.display())
+        })?;
+        let mut picked = Vec::new();
+        for (line_number, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() {
+                continue;
+            }
+            // Paths may contain spaces; the label is the last field.
+            let path = line.rsplit_once(' ').map_or(line, |(path, _label)| path);
+            match index.get(path) {
+                Some(&i) => picked.push(i),
+                None => bail!(
+                    "{}:{}: {path} is not an image of domain '{domain}' under {} (missing, unreadable or skipped)",
+                    list.display(),
+                    line_number + 1,
+                    root.display()
+                ),
+            }
+        }
+        Ok(picked)
+    };
+    Ok((read("train")?, read("test")?))
 }
