@@ -9,10 +9,12 @@ use std::path::PathBuf;
 pub struct DataConfig {
     /// Dataset root: `root/<domain>/<class>/<image>.{jpg,jpeg,png}`.
     pub root: PathBuf,
-    /// `"synthetic"` (the tree written by `mgrun datagen synthetic`) or `"folder"` (any DomainBed layout).
+    /// `"synthetic"` (the tree written by `mgrun datagen synthetic`), `"folder"` (any DomainBed layout) or a
+    /// DomainBed dataset: `"pacs"`, `"vlcs"`, `"office_home"`, `"terra_incognita"`, `"domain_net"`.
     #[serde(default = "default_dataset")]
     pub dataset: String,
-    /// Names of the domains held out from training (leave-one-domain-out).
+    /// Domains held out from training (leave-one-domain-out): directory names, DomainBed short names
+    /// (`"A"`, `"L100"`, `"clip"`) or environment indices (`"0"`).
     #[serde(default)]
     pub test_domains: Vec<String>,
     /// Images each training domain contributes to one step, over all ranks together.
@@ -33,13 +35,43 @@ pub struct DataConfig {
     /// Prepared steps the loader may hold ahead of the trainer (0 is treated as 1).
     #[serde(default = "default_prefetch")]
     pub prefetch: usize,
-    /// Training-time horizontal flip, seeded per image.
+    /// DomainBed's training augmentation (RandomResizedCrop 0.7-1.0, flip, ColorJitter 0.3, RandomGrayscale
+    /// 0.1), seeded per image; `false` gives training images the evaluation transform.
     #[serde(default = "default_augment")]
     pub augment: bool,
     /// Decoded and resized images are kept in memory when the whole dataset fits in this many MiB
     /// (3 bytes per pixel at `image_size`); 0 turns the cache off.
     #[serde(default = "default_cache_mb")]
     pub cache_mb: usize,
+    /// How domains are split into in/out: DomainBed's seeded random split or DomainNet's official lists.
+    #[serde(default)]
+    pub split: SplitKind,
+    /// What to do with images that cannot be decoded.
+    #[serde(default)]
+    pub on_corrupt: OnCorrupt,
+}
+
+/// `data.split`.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum SplitKind {
+    /// DomainBed's split: numpy shuffle seeded by `seed_hash(split_seed, env_index)`, first
+    /// `int(n * holdout_fraction)` out, the rest in.
+    #[default]
+    Random,
+    /// DomainNet's `<domain>_train.txt` (in) and `<domain>_test.txt` (out) in the dataset root.
+    Official,
+}
+
+/// `data.on_corrupt`.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum OnCorrupt {
+    /// Fail (listing the first unreadable files) when an image cannot be decoded.
+    #[default]
+    Error,
+    /// Decode every image when the dataset is opened and leave the unreadable ones out of it.
+    Skip,
 }
 
 fn default_dataset() -> String {
@@ -81,18 +113,24 @@ impl Default for DataConfig {
             prefetch: default_prefetch(),
             augment: default_augment(),
             cache_mb: default_cache_mb(),
+            split: SplitKind::default(),
+            on_corrupt: OnCorrupt::default(),
         }
     }
 }
 
 /// Dataset kinds [`crate::Dataset::open`] understands; all of them use the DomainBed folder layout.
-pub const KNOWN_DATASETS: &[&str] = &["synthetic", "folder"];
+pub const KNOWN_DATASETS: &[&str] =
+    &["synthetic", "folder", "pacs", "vlcs", "office_home", "terra_incognita", "domain_net"];
 
 impl DataConfig {
     /// Checks the values that do not need the file system.
     pub fn validate(&self) -> anyhow::Result<()> {
         if !KNOWN_DATASETS.contains(&self.dataset.as_str()) {
             anyhow::bail!("data.dataset: unknown dataset '{}' (known: {})", self.dataset, KNOWN_DATASETS.join(", "));
+        }
+        if self.split == SplitKind::Official && self.dataset != "domain_net" {
+            anyhow::bail!("data.split: \"official\" split files exist only for dataset \"domain_net\"");
         }
         if self.batch_per_domain == 0 {
             anyhow::bail!("data.batch_per_domain: must be at least 1");

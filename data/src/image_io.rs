@@ -1,9 +1,13 @@
 //! Decoding, resizing and normalising one image.
 
+use crate::transforms::eval_transform;
 use anyhow::{Context, Result};
-use image::imageops::FilterType;
-use image::ImageReader;
+use image::RgbImage;
 use std::path::Path;
+use zune_core::bytestream::ZCursor;
+use zune_core::colorspace::ColorSpace;
+use zune_core::options::DecoderOptions;
+use zune_jpeg::JpegDecoder;
 
 /// ImageNet normalisation, as torchvision's `Normalize` in DomainBed.
 pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
@@ -12,23 +16,33 @@ pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
 /// File extensions (lower-cased) that [`crate::Dataset::open`] treats as images.
 pub const IMAGE_EXTENSIONS: &[&str] = &["jpg", "jpeg", "png"];
 
-/// Reads `path` (JPEG or PNG, recognised by content) as RGB (grayscale and alpha are converted) and resizes
-/// it to `size x size` with a bilinear (triangle) filter whose support widens when downscaling, like PIL's
-/// `BILINEAR` used by torchvision's `Resize` (close, not bit-identical). Returns HWC bytes.
+/// Reads `path` as 8-bit RGB (grayscale, CMYK and alpha are converted like PIL's `convert("RGB")`). JPEGs are
+/// decoded by zune-jpeg directly (faster than going through `image`), anything else by the `image` crate.
+pub fn decode_rgb(path: &Path) -> Result<RgbImage> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read image {}", path.display()))?;
+    decode_rgb_bytes(&bytes).with_context(|| format!("cannot decode image {} (corrupt or unsupported)", path.display()))
+}
+
+/// [`decode_rgb`] of an in-memory file.
+pub fn decode_rgb_bytes(bytes: &[u8]) -> Result<RgbImage> {
+    if bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
+        let options = DecoderOptions::default().jpeg_set_out_colorspace(ColorSpace::RGB);
+        let mut decoder = JpegDecoder::new_with_options(ZCursor::new(bytes), options);
+        let pixels = decoder.decode().map_err(|e| anyhow::anyhow!("JPEG: {e:?}"))?;
+        let (width, height) = decoder.dimensions().context("JPEG without dimensions")?;
+        if decoder.output_colorspace() == Some(ColorSpace::RGB) {
+            let (w, h) = (u32::try_from(width)?, u32::try_from(height)?);
+            return RgbImage::from_raw(w, h, pixels).context("JPEG decoder returned a short buffer");
+        }
+    }
+    Ok(image::load_from_memory(bytes)?.into_rgb8())
+}
+
+/// Reads `path` and applies the evaluation transform's `Resize((size, size))` (PIL's antialiased bilinear,
+/// bit for bit). Returns HWC bytes.
 pub fn load_rgb_resized(path: &Path, size: u32) -> Result<Vec<u8>> {
-    let decoded = ImageReader::open(path)
-        .with_context(|| format!("cannot open image {}", path.display()))?
-        .with_guessed_format()
-        .with_context(|| format!("cannot read image {}", path.display()))?
-        .decode()
-        .with_context(|| format!("cannot decode image {} (corrupt or not a JPEG/PNG file)", path.display()))?;
-    let rgb = decoded.into_rgb8();
-    let resized = if rgb.width() == size && rgb.height() == size {
-        rgb
-    } else {
-        image::imageops::resize(&rgb, size, size, FilterType::Triangle)
-    };
-    Ok(resized.into_raw())
+    let source = decode_rgb(path)?;
+    Ok(eval_transform(&source, size).into_raw())
 }
 
 /// Writes HWC RGB bytes of a `size x size` image into `out` (CHW, length `3 * size * size`) as

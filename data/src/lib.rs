@@ -9,13 +9,16 @@
 pub mod config;
 pub mod dataset;
 pub mod image_io;
+pub mod inspect;
 pub mod loader;
+pub mod registry;
 pub mod sampler;
 pub mod split;
 pub mod synthetic;
+pub mod transforms;
 
-pub use config::DataConfig;
+pub use config::{DataConfig, OnCorrupt, SplitKind};
 pub use dataset::{Dataset, Domain};
-pub use loader::{load_eval_batch, Loader, ShardSpec, StepBatch};
+pub use loader::{bench_loader, load_eval_batch, Loader, LoaderBench, ShardSpec, StepBatch};
 pub use sampler::step_sample;
-pub use split::split_in_out;
+pub use split::{split_in_out, split_seed_hash};

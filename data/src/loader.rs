@@ -2,13 +2,16 @@
 
 use crate::config::DataConfig;
 use crate::dataset::Dataset;
-use crate::image_io::normalize_into;
-use crate::sampler::{flip_decision, step_sample};
+use crate::image_io::{decode_rgb, normalize_into as normalize_rgb_into};
+use crate::sampler::step_sample;
+use crate::transforms::{normalize_into, train_transform, AugmentParams};
 use anyhow::{bail, Context, Result};
+use image::RgbImage;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
-use tch::Tensor;
+use tch::{Device, Kind, Tensor};
 
 /// The part of one training domain's per-step batch that this rank loads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,7 +34,7 @@ pub struct StepBatch {
 }
 
 /// The settings of step loading, fixed for a loader's life.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct StepRecipe {
     dataset: Arc<Dataset>,
     shards: Vec<ShardSpec>,
@@ -39,6 +42,50 @@ struct StepRecipe {
     batch_per_domain: usize,
     image_size: u32,
     augment: bool,
+    /// Decoded full-size source images for the random crops; `None` when `data.cache_mb` is 0.
+    sources: Option<SourceCache>,
+    /// Where the batches go: on CUDA the workers put them in pinned host memory for an asynchronous copy.
+    device: Device,
+}
+
+/// Decoded source images (before any crop), filled on first use while their total stays within a byte budget:
+/// the training transform crops the original image, so the evaluation cache of resized images cannot serve it.
+#[derive(Debug)]
+struct SourceCache {
+    slots: Vec<Vec<OnceLock<Arc<RgbImage>>>>,
+    budget_bytes: usize,
+    used_bytes: AtomicUsize,
+}
+
+impl SourceCache {
+    fn new(dataset: &Dataset, budget_mb: usize) -> Option<SourceCache> {
+        if budget_mb == 0 {
+            return None;
+        }
+        let slots = dataset.domains().iter().map(|d| (0..d.len()).map(|_| OnceLock::new()).collect()).collect();
+        Some(SourceCache { slots, budget_bytes: budget_mb << 20, used_bytes: AtomicUsize::new(0) })
+    }
+
+    fn get_or_decode(&self, dataset: &Dataset, domain: usize, file: usize) -> Result<Arc<RgbImage>> {
+        let slot = &self.slots[domain][file];
+        if let Some(image) = slot.get() {
+            return Ok(image.clone());
+        }
+        let image = Arc::new(decode_rgb(&dataset.domains()[domain].files[file])?);
+        let bytes = image.as_raw().len();
+        // Reserve before storing, so that concurrent workers never overshoot the budget.
+        let reserved = self
+            .used_bytes
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| {
+                (used + bytes <= self.budget_bytes).then_some(used + bytes)
+            })
+            .is_ok();
+        if reserved && slot.set(image.clone()).is_err() {
+            // Another worker stored the same image first.
+            self.used_bytes.fetch_sub(bytes, Ordering::Relaxed);
+        }
+        Ok(image)
+    }
 }
 
 /// Prepares steps `start_step, start_step + 1, ...` on background threads. Worker `w` of `W` builds the steps
@@ -49,16 +96,32 @@ pub struct Loader {
     workers: Vec<JoinHandle<()>>,
     start_step: u64,
     next_step: u64,
+    device: Device,
 }
 
 impl Loader {
-    /// Starts the workers. `seed` is the run seed: it drives which images each step samples and their flips.
+    /// Starts the workers, producing CPU tensors. `seed` is the run seed: it drives which images each step
+    /// samples and their augmentation.
     pub fn new(
         dataset: Arc<Dataset>,
         shards: Vec<ShardSpec>,
         cfg: &DataConfig,
         seed: u64,
         start_step: u64,
+    ) -> Result<Loader> {
+        Loader::new_on(dataset, shards, cfg, seed, start_step, Device::Cpu)
+    }
+
+    /// [`Loader::new`] for batches on `device`. On CUDA the workers copy each batch into pinned (page-locked)
+    /// host memory and [`Loader::next`] starts an asynchronous host-to-device copy on the current stream, so the
+    /// copy overlaps with whatever the GPU is still doing.
+    pub fn new_on(
+        dataset: Arc<Dataset>,
+        shards: Vec<ShardSpec>,
+        cfg: &DataConfig,
+        seed: u64,
+        start_step: u64,
+        device: Device,
     ) -> Result<Loader> {
         cfg.validate()?;
         for (i, spec) in shards.iter().enumerate() {
@@ -78,7 +141,10 @@ impl Loader {
                 bail!("shard {i}: domain '{}' has no images in its training (in) split", domain.name);
             }
         }
+        let sources = if cfg.augment { SourceCache::new(&dataset, cfg.cache_mb) } else { None };
         let recipe = Arc::new(StepRecipe {
+            sources,
+            device,
             dataset,
             shards,
             seed,
@@ -101,7 +167,7 @@ impl Loader {
             queues.push(receiver);
             workers.push(handle);
         }
-        Ok(Loader { queues, workers, start_step, next_step: start_step })
+        Ok(Loader { queues, workers, start_step, next_step: start_step, device })
     }
 
     /// The next step's batch (steps count up from `start_step`). An unreadable image fails the step with an
@@ -117,7 +183,18 @@ impl Loader {
         };
         debug_assert_eq!(batch.step, step);
         self.next_step += 1;
-        Ok(batch)
+        if !self.device.is_cuda() {
+            return Ok(batch);
+        }
+        let mut shards = Vec::with_capacity(batch.shards.len());
+        for (domain, x, y) in batch.shards {
+            let to_device = |t: &Tensor, kind: Kind| {
+                t.f_to_device_(self.device, kind, true, false)
+                    .with_context(|| format!("copying step {step}'s batch to {:?}", self.device))
+            };
+            shards.push((domain, to_device(&x, Kind::Float)?, to_device(&y, Kind::Int64)?));
+        }
+        Ok(StepBatch { step, shards })
     }
 }
 
@@ -148,17 +225,42 @@ fn build_step(recipe: &StepRecipe, step: u64) -> Result<StepBatch> {
     for spec in &recipe.shards {
         let domain = &recipe.dataset.domains()[spec.domain];
         let picks = step_sample(recipe.seed, spec.domain, step, recipe.batch_per_domain, domain.in_split.len());
-        let items: Vec<(usize, bool)> = (spec.lo..spec.hi)
-            .map(|position| {
-                let file = domain.in_split[picks[position]];
-                let flip = recipe.augment && flip_decision(recipe.seed, spec.domain, step, position);
-                (file, flip)
-            })
-            .collect();
-        let (x, y) = load_images(&recipe.dataset, spec.domain, &items, recipe.image_size, 1)?;
+        let files: Vec<usize> = (spec.lo..spec.hi).map(|position| domain.in_split[picks[position]]).collect();
+        let (x, y) = if recipe.augment {
+            load_augmented(recipe, spec, step, &files)?
+        } else {
+            load_images(&recipe.dataset, spec.domain, &files, recipe.image_size, 1)?
+        };
+        let (x, y) = if recipe.device.is_cuda() { (pin(x, recipe.device)?, pin(y, recipe.device)?) } else { (x, y) };
         shards.push((spec.train_domain, x, y));
     }
     Ok(StepBatch { step, shards })
+}
+
+fn pin(t: Tensor, device: Device) -> Result<Tensor> {
+    t.f_pin_memory(device).with_context(|| format!("pinning a batch in host memory for {device:?}"))
+}
+
+/// The training transform of `files` (positions `spec.lo..` of the domain's step batch).
+fn load_augmented(recipe: &StepRecipe, spec: &ShardSpec, step: u64, files: &[usize]) -> Result<(Tensor, Tensor)> {
+    let dataset = &recipe.dataset;
+    let domain = &dataset.domains()[spec.domain];
+    let size = recipe.image_size;
+    let per_image = 3 * size as usize * size as usize;
+    let mut pixels = vec![0f32; files.len() * per_image];
+    for ((offset, &file), dst) in files.iter().enumerate().zip(pixels.chunks_exact_mut(per_image)) {
+        let source = match &recipe.sources {
+            Some(cache) => cache.get_or_decode(dataset, spec.domain, file)?,
+            None => Arc::new(decode_rgb(&domain.files[file])?),
+        };
+        let params =
+            AugmentParams::sample(recipe.seed, spec.domain, step, spec.lo + offset, source.width(), source.height());
+        normalize_into(&train_transform(&source, &params, size), dst);
+    }
+    let s = i64::from(size);
+    let x = Tensor::from_slice(&pixels).view([files.len() as i64, 3, s, s]);
+    let labels: Vec<i64> = files.iter().map(|&f| domain.labels[f]).collect();
+    Ok((x, Tensor::from_slice(&labels)))
 }
 
 /// Evaluation batch: files `indices` (indices into `domain.files`, e.g. values of `in_split`) of dataset domain
@@ -170,23 +272,23 @@ pub fn load_eval_batch(
     image_size: i64,
 ) -> Result<(Tensor, Tensor)> {
     let size = u32::try_from(image_size).ok().filter(|&s| s > 0).with_context(|| format!("image size {image_size}"))?;
-    let items: Vec<(usize, bool)> = indices.iter().map(|&i| (i, false)).collect();
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(4);
-    load_images(dataset, domain, &items, size, threads)
+    load_images(dataset, domain, indices, size, threads)
 }
 
-/// Decodes `(file index, flip)` items of one domain into `x [n,3,S,S]`, `y [n]`, on up to `threads` threads.
+/// The evaluation transform of files `items` of one domain into `x [n,3,S,S]`, `y [n]`, on up to `threads`
+/// threads, through the dataset's cache of resized images.
 fn load_images(
     dataset: &Dataset,
     domain: usize,
-    items: &[(usize, bool)],
+    items: &[usize],
     size: u32,
     threads: usize,
 ) -> Result<(Tensor, Tensor)> {
     let Some(dom) = dataset.domains().get(domain) else {
         bail!("domain index {domain} out of range ({} domains)", dataset.domains().len());
     };
-    if let Some(&(bad, _)) = items.iter().find(|(i, _)| *i >= dom.len()) {
+    if let Some(&bad) = items.iter().find(|&&i| i >= dom.len()) {
         bail!("image index {bad} out of range for domain '{}' ({} images)", dom.name, dom.len());
     }
     let s = size as usize;
@@ -194,10 +296,10 @@ fn load_images(
     let mut pixels = vec![0f32; items.len() * per_image];
     // Small batches are not worth a thread each: at least 4 images per thread.
     let threads = threads.clamp(1, items.len().div_ceil(4).max(1));
-    let fill = |chunk_items: &[(usize, bool)], out: &mut [f32]| -> Result<()> {
-        for (&(file, flip), dst) in chunk_items.iter().zip(out.chunks_exact_mut(per_image)) {
+    let fill = |chunk_items: &[usize], out: &mut [f32]| -> Result<()> {
+        for (&file, dst) in chunk_items.iter().zip(out.chunks_exact_mut(per_image)) {
             let rgb = dataset.load_rgb(domain, file, size)?;
-            normalize_into(&rgb, s, flip, dst);
+            normalize_rgb_into(&rgb, s, false, dst);
         }
         Ok(())
     };
@@ -219,6 +321,52 @@ fn load_images(
     }
     let n = items.len() as i64;
     let x = Tensor::from_slice(&pixels).view([n, 3, i64::from(size), i64::from(size)]);
-    let labels: Vec<i64> = items.iter().map(|&(file, _)| dom.labels[file]).collect();
+    let labels: Vec<i64> = items.iter().map(|&file| dom.labels[file]).collect();
     Ok((x, Tensor::from_slice(&labels)))
+}
+
+/// What [`bench_loader`] measured.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoaderBench {
+    pub workers: usize,
+    pub images: usize,
+    pub seconds: f64,
+}
+
+impl LoaderBench {
+    pub fn images_per_second(&self) -> f64 {
+        self.images as f64 / self.seconds
+    }
+    pub fn images_per_second_per_worker(&self) -> f64 {
+        self.images_per_second() / self.workers as f64
+    }
+}
+
+/// Throughput of the training loader on `cfg`'s dataset: every domain is a training domain contributing
+/// `cfg.batch_per_domain` images a step, with `cfg.num_workers` threads, the image cache off (every image is
+/// decoded each time it is drawn, as torchvision's `ImageFolder` does) and the training transform at
+/// `cfg.image_size`. Times at least `images` images after one untimed warm-up step per worker.
+pub fn bench_loader(cfg: &DataConfig, images: usize) -> Result<LoaderBench> {
+    let cfg = DataConfig { test_domains: Vec::new(), cache_mb: 0, ..cfg.clone() };
+    let dataset = Arc::new(Dataset::open(&cfg)?);
+    let shards: Vec<ShardSpec> = (0..dataset.domains().len())
+        .filter(|&d| !dataset.domains()[d].in_split.is_empty())
+        .enumerate()
+        .map(|(k, d)| ShardSpec { train_domain: k, domain: d, lo: 0, hi: cfg.batch_per_domain })
+        .collect();
+    if shards.is_empty() {
+        bail!("dataset {} has no images to load", cfg.root.display());
+    }
+    let per_step = shards.len() * cfg.batch_per_domain;
+    let workers = cfg.num_workers.max(1);
+    let mut loader = Loader::new(dataset, shards, &cfg, 0, 0)?;
+    for _ in 0..workers {
+        loader.next()?;
+    }
+    let steps = images.div_ceil(per_step).max(1);
+    let start = std::time::Instant::now();
+    for _ in 0..steps {
+        loader.next()?;
+    }
+    Ok(LoaderBench { workers, images: steps * per_step, seconds: start.elapsed().as_secs_f64() })
 }

@@ -7,7 +7,7 @@ use rand_chacha::ChaCha8Rng;
 /// Stream tags keep the random streams of different purposes independent for equal integer arguments.
 pub(crate) const STREAM_SAMPLE: u64 = 0x5A4D_504C_0000_0001;
 pub(crate) const STREAM_FLIP: u64 = 0x464C_4950_0000_0002;
-pub(crate) const STREAM_SPLIT: u64 = 0x5350_4C54_0000_0003;
+// 0x5350_4C54_0000_0003 was the in/out split's stream; the split is now numpy's (split.rs).
 
 /// SplitMix64 finaliser: a bijective, well-mixing map of 64-bit integers.
 fn splitmix64(mut z: u64) -> u64 {

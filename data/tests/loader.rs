@@ -3,6 +3,8 @@
 mod common;
 
 use common::{config, small_synthetic, touch, write_png};
+use mgrun_data::image_io::decode_rgb;
+use mgrun_data::transforms::{normalize_into, train_transform, AugmentParams};
 use mgrun_data::{load_eval_batch, step_sample, DataConfig, Dataset, Loader, ShardSpec};
 use std::sync::Arc;
 use tch::Tensor;
@@ -40,7 +42,7 @@ fn sharded_slices_concatenate_to_the_whole_batch() {
     let low = load_steps(&ds, &cfg, vec![spec(0, 0, 16), spec(3, 0, 16)], 5, 3);
     // Another "rank", with other loader settings and no image cache.
     let uncached = Arc::new(Dataset::open(&DataConfig { cache_mb: 0, ..cfg.clone() }).unwrap());
-    let other = DataConfig { num_workers: 3, prefetch: 1, ..cfg.clone() };
+    let other = DataConfig { num_workers: 3, prefetch: 1, cache_mb: 0, ..cfg.clone() };
     let high = load_steps(&uncached, &other, vec![spec(0, 16, B), spec(3, 16, B)], 5, 3);
     for step in 0..3 {
         for shard in 0..2 {
@@ -82,7 +84,7 @@ fn steps_come_in_order_from_start_step_and_resume_identically() {
 }
 
 #[test]
-fn labels_follow_the_sampler_and_flips_mirror_the_eval_image() {
+fn labels_follow_the_sampler_and_pixels_are_the_seeded_domainbed_augmentation() {
     let dir = small_synthetic(6, 16);
     let cfg = DataConfig { batch_per_domain: B, ..config(dir.path(), 16) };
     let ds = Arc::new(Dataset::open(&cfg).unwrap());
@@ -94,18 +96,19 @@ fn labels_follow_the_sampler_and_flips_mirror_the_eval_image() {
     let expected_labels: Vec<i64> = files.iter().map(|&f| domain.labels[f]).collect();
     assert_eq!(Vec::<i64>::try_from(&batch.1).unwrap(), expected_labels);
 
+    // Each image is the training transform with the parameters of (seed 11, domain 2, step, position).
     let (plain, _) = load_eval_batch(&ds, 2, &files, 16).unwrap();
-    let (mut flipped, mut unflipped) = (0, 0);
-    for i in 0..B as i64 {
-        let (train_x, eval_x) = (batch.0.get(i), plain.get(i));
-        if train_x.equal(&eval_x) {
-            unflipped += 1;
-        } else {
-            assert!(train_x.equal(&eval_x.flip([-1])), "image {i} is neither the eval image nor its mirror");
-            flipped += 1;
-        }
+    let mut differs_from_eval = 0;
+    for (position, &file) in files.iter().enumerate() {
+        let source = decode_rgb(&domain.files[file]).unwrap();
+        let params = AugmentParams::sample(11, 2, step, position, source.width(), source.height());
+        let mut expected = vec![0f32; 3 * 16 * 16];
+        normalize_into(&train_transform(&source, &params, 16), &mut expected);
+        let got = Vec::<f32>::try_from(&batch.0.get(position as i64).flatten(0, -1)).unwrap();
+        assert_eq!(got, expected, "image {position}");
+        differs_from_eval += usize::from(!batch.0.get(position as i64).equal(&plain.get(position as i64)));
     }
-    assert!(flipped > 4 && unflipped > 4, "{flipped} flipped, {unflipped} not");
+    assert!(differs_from_eval >= B - 2, "only {differs_from_eval} of {B} images are augmented");
 
     // Without augmentation the training images are exactly the eval images.
     let no_aug = DataConfig { augment: false, ..cfg.clone() };
