@@ -10,7 +10,7 @@ export MGRUN_PYTHON ?= $(CURDIR)/$(VENV)/bin/python
 CARGO ?= cargo
 MGRUN := target/release/mgrun
 
-.PHONY: all venv build demo test lint fmt bench-comm clean
+.PHONY: all venv build demo test lint fmt bench-comm gpu-package gpu-check clean
 
 all: build
 
@@ -41,6 +41,14 @@ fmt:
 
 bench-comm: build
 	bash bench/comm_vs_gloo.sh
+
+# GPU check: `make gpu-package` here (builds mgrun and the CUDA test binaries into target-gpu/),
+# then `make gpu-check` on a one-GPU machine with PyTorch 2.11 (no Rust needed there).
+gpu-package: venv
+	bash scripts/gpu-check.sh --package
+
+gpu-check:
+	bash scripts/gpu-check.sh
 
 clean:
 	$(CARGO) clean

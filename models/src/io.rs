@@ -57,8 +57,9 @@ pub fn load_safetensors(store: &mut ParamStore, path: &Path, strict: bool) -> Re
                 source.kind()
             );
         }
-        // Write through the flat buffer (which does not require grad) rather than the leaf view.
-        let target = flat.narrow(0, param.offset as i64, param.numel as i64).view(param.shape.as_slice());
+        // Write through the flat buffer (which does not require grad) rather than the leaf view;
+        // `unflatten` presents a channels-last chunk with its logical NCHW shape.
+        let target = param.unflatten(flat);
         copies.push((target, source));
     }
     for (name, buffer) in store.buffers() {

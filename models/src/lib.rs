@@ -14,9 +14,9 @@ pub use io::{load_safetensors, save_safetensors};
 pub use params::{Param, ParamBuilder, ParamId, ParamKind, ParamStore};
 pub use resnet::ResNet;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
-use tch::{Device, Tensor};
+use tch::{Device, Kind, Tensor};
 
 /// Architecture and head of a classifier.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -31,6 +31,72 @@ pub struct ModelSpec {
     pub dropout: f64,
     /// Channel width of `small_cnn` (ignored by the ResNets).
     pub width: i64,
+}
+
+/// Arithmetic of the forward pass. Parameters, gradients, losses and optimizer state are always
+/// f32; `Bf16` runs the forward under bf16 autocast (convolutions and matmuls in bf16).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    Fp32,
+    Bf16,
+}
+
+/// How a model executes, beside what it is ([`ModelSpec`]): these choices change speed, not the
+/// function the model computes (up to bf16 rounding).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Execution {
+    pub precision: Precision,
+    /// Store 4-D conv weights channels-last and convert inputs to channels-last, so that cuDNN
+    /// runs NHWC kernels (faster on tensor cores).
+    pub channels_last: bool,
+}
+
+impl Execution {
+    /// The autocast region of one forward pass on `device` (`None` in fp32).
+    fn autocast(&self, device: Device) -> Option<mgrun_torch_shim::AutocastGuard> {
+        if self.precision != Precision::Bf16 {
+            return None;
+        }
+        match mgrun_torch_shim::autocast_bf16(device) {
+            Ok(guard) => Some(guard),
+            Err(error) => {
+                // Checked when the model is built (`check`), so this is not expected to happen.
+                eprintln!("mgrun: warning: running the forward pass in fp32: {error:#}");
+                None
+            }
+        }
+    }
+
+    /// `xs` in the memory format this execution uses.
+    fn input(&self, xs: &Tensor) -> Tensor {
+        if self.channels_last && xs.dim() == 4 {
+            xs.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2])
+        } else {
+            xs.shallow_clone()
+        }
+    }
+
+    /// Fails early when the device cannot run this execution.
+    fn check(&self, device: Device) -> Result<()> {
+        if self.precision == Precision::Bf16 {
+            drop(mgrun_torch_shim::autocast_bf16(device)?);
+        }
+        Ok(())
+    }
+
+    /// Runs one forward pass (`forward` gets the input in this execution's memory format) under
+    /// this execution's autocast; the result is f32 so that losses stay in f32.
+    pub(crate) fn run(&self, xs: &Tensor, forward: impl FnOnce(&Tensor) -> Tensor) -> Tensor {
+        let _autocast = self.autocast(xs.device());
+        let out = forward(&self.input(xs));
+        if out.kind() == Kind::Float {
+            out
+        } else {
+            out.to_kind(Kind::Float)
+        }
+    }
 }
 
 /// A classifier: a featurizer followed by dropout and a linear head.
@@ -48,13 +114,24 @@ pub trait Model: Send {
     fn store(&self) -> &ParamStore;
     fn store_mut(&mut self) -> &mut ParamStore;
     fn spec(&self) -> &ModelSpec;
+    /// Precision and memory format of the forward pass.
+    fn execution(&self) -> Execution {
+        Execution::default()
+    }
 }
 
-/// Builds `spec` on `device`, initialised deterministically from `seed`.
+/// Builds `spec` on `device`, initialised deterministically from `seed` (fp32, NCHW).
 pub fn build(spec: &ModelSpec, device: Device, seed: i64) -> Result<Box<dyn Model>> {
+    build_with(spec, Execution::default(), device, seed)
+}
+
+/// Builds `spec` on `device` to run with `execution`; the initial parameters are the same as
+/// [`build`]'s for the same `seed`.
+pub fn build_with(spec: &ModelSpec, execution: Execution, device: Device, seed: i64) -> Result<Box<dyn Model>> {
+    execution.check(device).context("model execution")?;
     match spec.arch.as_str() {
-        "resnet18" | "resnet50" => Ok(Box::new(resnet::ResNet::new(spec, device, seed)?)),
-        "small_cnn" => Ok(Box::new(small_cnn::SmallCnn::new(spec, device, seed)?)),
+        "resnet18" | "resnet50" => Ok(Box::new(resnet::ResNet::new_with(spec, execution, device, seed)?)),
+        "small_cnn" => Ok(Box::new(small_cnn::SmallCnn::new_with(spec, execution, device, seed)?)),
         other => bail!("model.arch: unknown architecture {other:?} (expected resnet18, resnet50 or small_cnn)"),
     }
 }

@@ -35,7 +35,40 @@ pub struct Param {
     /// Offset and length in the flat buffer, in elements.
     pub offset: usize,
     pub numel: usize,
+    /// A 4-D weight stored channels-last: its chunk of the flat buffer holds the elements in
+    /// `[O, H, W, I]` order and `tensor` is an NCHW-shaped view with NHWC strides, so cuDNN picks
+    /// its NHWC kernels while the parameter still aliases the flat buffer.
+    pub channels_last: bool,
     pub tensor: Tensor,
+}
+
+/// `[O, I, H, W]` -> `[O, H, W, I]`: the element order of a channels-last weight in its chunk.
+const NCHW_TO_NHWC: [i64; 4] = [0, 2, 3, 1];
+/// The inverse permutation.
+const NHWC_TO_NCHW: [i64; 4] = [0, 3, 1, 2];
+
+impl Param {
+    /// `flat_like`'s chunk of this parameter (any tensor in the layout of [`ParamStore::flat`]) as
+    /// a tensor of the parameter's logical NCHW shape, aliasing `flat_like`.
+    pub fn unflatten(&self, flat_like: &Tensor) -> Tensor {
+        let chunk = flat_like.narrow(0, self.offset as i64, self.numel as i64);
+        if self.channels_last {
+            let s = &self.shape;
+            chunk.view([s[0], s[2], s[3], s[1]]).permute(NHWC_TO_NCHW)
+        } else {
+            chunk.view(self.shape.as_slice())
+        }
+    }
+
+    /// `t` (of the parameter's logical shape, any strides) as 1-D, in the element order of the
+    /// parameter's chunk of the flat buffer.
+    fn flatten_like_chunk(&self, t: &Tensor) -> Tensor {
+        if self.channels_last {
+            t.permute(NCHW_TO_NHWC).reshape([-1])
+        } else {
+            t.reshape([-1])
+        }
+    }
 }
 
 struct Decl {
@@ -71,6 +104,12 @@ impl ParamBuilder {
     /// Allocates the flat buffer on `device` and initialises every parameter, deterministically
     /// for a given `seed` (initialisation runs on the CPU, then moves).
     pub fn build(self, device: Device, seed: i64) -> Result<ParamStore> {
+        self.build_with_layout(device, seed, false)
+    }
+
+    /// As [`ParamBuilder::build`]; with `channels_last`, every 4-D weight is stored channels-last
+    /// (see [`Param::channels_last`]). The logical values are the same for a given `seed`.
+    pub fn build_with_layout(self, device: Device, seed: i64, channels_last: bool) -> Result<ParamStore> {
         tch::manual_seed(seed);
         let _guard = tch::no_grad_guard();
         let mut chunks = Vec::with_capacity(self.params.len());
@@ -91,7 +130,8 @@ impl ParamBuilder {
                 }
                 Init::Const(v) => Tensor::full(d.shape.as_slice(), v, (Kind::Float, Device::Cpu)),
             };
-            chunks.push(t.reshape([-1]));
+            let stored_channels_last = channels_last && d.shape.len() == 4;
+            chunks.push(if stored_channels_last { t.permute(NCHW_TO_NHWC).reshape([-1]) } else { t.reshape([-1]) });
         }
         let flat = if chunks.is_empty() {
             Tensor::zeros([0], (Kind::Float, device))
@@ -102,8 +142,17 @@ impl ParamBuilder {
         let mut offset = 0usize;
         for d in self.params {
             let numel: usize = d.shape.iter().product::<i64>() as usize;
-            let tensor = flat.narrow(0, offset as i64, numel as i64).view(d.shape.as_slice()).set_requires_grad(true);
-            params.push(Param { name: d.name, shape: d.shape, kind: d.kind, offset, numel, tensor });
+            let mut param = Param {
+                name: d.name,
+                channels_last: channels_last && d.shape.len() == 4,
+                shape: d.shape,
+                kind: d.kind,
+                offset,
+                numel,
+                tensor: Tensor::new(),
+            };
+            param.tensor = param.unflatten(&flat).set_requires_grad(true);
+            params.push(param);
             offset += numel;
         }
         let buffers = self.buffers.into_iter().map(|(n, t)| (n, t.to_device(device))).collect();
@@ -145,7 +194,8 @@ impl ParamStore {
     }
 
     /// The current gradients as one flat tensor (zeros where a parameter has none), in the
-    /// layout of [`ParamStore::flat`].
+    /// layout of [`ParamStore::flat`] (channels-last weights' gradients are reordered to their
+    /// chunk's element order, whatever strides backward gave them).
     pub fn flat_grad(&self) -> Tensor {
         let grads: Vec<Tensor> = self
             .params
@@ -153,7 +203,7 @@ impl ParamStore {
             .map(|p| {
                 let g = p.tensor.grad();
                 if g.defined() {
-                    g.reshape([-1])
+                    p.flatten_like_chunk(&g)
                 } else {
                     Tensor::zeros([p.numel as i64], (Kind::Float, self.flat.device()))
                 }

@@ -4,7 +4,7 @@
 //! (torchvision's "ResNet v1.5").
 
 use crate::params::Init;
-use crate::{Model, ModelSpec, ParamBuilder, ParamId, ParamKind, ParamStore};
+use crate::{Execution, Model, ModelSpec, ParamBuilder, ParamId, ParamKind, ParamStore};
 use anyhow::{bail, Result};
 use tch::{Device, Kind, Tensor};
 
@@ -175,6 +175,7 @@ impl Block {
 /// A torchvision ResNet classifier whose parameters live in one flat buffer.
 pub struct ResNet {
     spec: ModelSpec,
+    execution: Execution,
     conv1: Conv,
     bn1: BatchNorm,
     blocks: Vec<Block>,
@@ -187,6 +188,11 @@ pub struct ResNet {
 impl ResNet {
     /// Builds `spec.arch` (`resnet18` or `resnet50`), initialised as torchvision does, from `seed`.
     pub fn new(spec: &ModelSpec, device: Device, seed: i64) -> Result<Self> {
+        Self::new_with(spec, Execution::default(), device, seed)
+    }
+
+    /// As [`ResNet::new`], to run with `execution` (same initial parameters).
+    pub fn new_with(spec: &ModelSpec, execution: Execution, device: Device, seed: i64) -> Result<Self> {
         let Some((kind, layers)) = arch_layout(&spec.arch) else {
             bail!("model.arch: {:?} is not a ResNet (expected resnet18 or resnet50)", spec.arch);
         };
@@ -216,8 +222,8 @@ impl ResNet {
         let fc_weight =
             b.param("fc.weight", &[classes, feature_dim], ParamKind::Weight, Init::UniformFanIn(feature_dim));
         let fc_bias = b.param("fc.bias", &[classes], ParamKind::Bias, Init::UniformFanIn(feature_dim));
-        let store = b.build(device, seed)?;
-        Ok(Self { spec: spec.clone(), conv1, bn1, blocks, feature_dim, fc_weight, fc_bias, store })
+        let store = b.build_with_layout(device, seed, execution.channels_last)?;
+        Ok(Self { spec: spec.clone(), execution, conv1, bn1, blocks, feature_dim, fc_weight, fc_bias, store })
     }
 
     /// Width of [`Model::features`]: 512 for ResNet-18, 2048 for ResNet-50.
@@ -226,8 +232,8 @@ impl ResNet {
     }
 }
 
-impl Model for ResNet {
-    fn features(&self, xs: &Tensor, train: bool) -> Tensor {
+impl ResNet {
+    fn features_here(&self, xs: &Tensor, train: bool) -> Tensor {
         let store = &self.store;
         // Frozen BN (DomainBed's protocol) always normalises with the running statistics.
         let batch_stats = train && !self.spec.freeze_bn;
@@ -241,12 +247,29 @@ impl Model for ResNet {
         for block in &self.blocks {
             h = block.forward(store, &h, batch_stats);
         }
-        h.adaptive_avg_pool2d([1, 1]).flatten(1, -1)
+        // Global average pooling as a mean: the same values as adaptive_avg_pool2d(1), and its
+        // CUDA backward is deterministic (adaptive_avg_pool2d_backward_cuda is not).
+        h.mean_dim(&[2i64, 3][..], false, None)
+    }
+
+    fn classify_here(&self, features: &Tensor, train: bool) -> Tensor {
+        let store = &self.store;
+        features.dropout(self.spec.dropout, train).linear(store.get(self.fc_weight), Some(store.get(self.fc_bias)))
+    }
+}
+
+impl Model for ResNet {
+    /// One autocast region for the whole forward pass.
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
+        self.execution.run(xs, |xs| self.classify_here(&self.features_here(xs, train), train))
+    }
+
+    fn features(&self, xs: &Tensor, train: bool) -> Tensor {
+        self.execution.run(xs, |xs| self.features_here(xs, train))
     }
 
     fn classify(&self, features: &Tensor, train: bool) -> Tensor {
-        let store = &self.store;
-        features.dropout(self.spec.dropout, train).linear(store.get(self.fc_weight), Some(store.get(self.fc_bias)))
+        self.execution.run(features, |f| self.classify_here(f, train))
     }
 
     fn store(&self) -> &ParamStore {
@@ -257,5 +280,8 @@ impl Model for ResNet {
     }
     fn spec(&self) -> &ModelSpec {
         &self.spec
+    }
+    fn execution(&self) -> Execution {
+        self.execution
     }
 }

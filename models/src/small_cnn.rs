@@ -3,7 +3,7 @@
 //! so the model's output does not depend on how a batch is split across ranks.
 
 use crate::params::Init;
-use crate::{Model, ModelSpec, ParamBuilder, ParamId, ParamKind, ParamStore};
+use crate::{Execution, Model, ModelSpec, ParamBuilder, ParamId, ParamKind, ParamStore};
 use anyhow::{bail, Result};
 use tch::{Device, Tensor};
 
@@ -19,6 +19,7 @@ struct ConvBlock {
 
 pub struct SmallCnn {
     spec: ModelSpec,
+    execution: Execution,
     blocks: Vec<ConvBlock>,
     fc_weight: ParamId,
     fc_bias: ParamId,
@@ -27,6 +28,10 @@ pub struct SmallCnn {
 
 impl SmallCnn {
     pub fn new(spec: &ModelSpec, device: Device, seed: i64) -> Result<Self> {
+        Self::new_with(spec, Execution::default(), device, seed)
+    }
+
+    pub fn new_with(spec: &ModelSpec, execution: Execution, device: Device, seed: i64) -> Result<Self> {
         let w = spec.width;
         if w < GROUPS || w % GROUPS != 0 {
             bail!("model.width: small_cnn needs a multiple of {GROUPS}, got {w}");
@@ -54,13 +59,13 @@ impl SmallCnn {
         let classes = spec.num_classes as i64;
         let fc_weight = b.param("fc.weight", &[classes, feat], ParamKind::Weight, Init::UniformFanIn(feat));
         let fc_bias = b.param("fc.bias", &[classes], ParamKind::Bias, Init::UniformFanIn(feat));
-        let store = b.build(device, seed)?;
-        Ok(Self { spec: spec.clone(), blocks, fc_weight, fc_bias, store })
+        let store = b.build_with_layout(device, seed, execution.channels_last)?;
+        Ok(Self { spec: spec.clone(), execution, blocks, fc_weight, fc_bias, store })
     }
 }
 
-impl Model for SmallCnn {
-    fn features(&self, xs: &Tensor, _train: bool) -> Tensor {
+impl SmallCnn {
+    fn features_here(&self, xs: &Tensor) -> Tensor {
         let p = &self.store;
         let mut h = xs.shallow_clone();
         for blk in &self.blocks {
@@ -72,9 +77,24 @@ impl Model for SmallCnn {
         h.mean_dim(&[2i64, 3][..], false, None)
     }
 
-    fn classify(&self, features: &Tensor, train: bool) -> Tensor {
+    fn classify_here(&self, features: &Tensor, train: bool) -> Tensor {
         let p = &self.store;
         features.dropout(self.spec.dropout, train).linear(p.get(self.fc_weight), Some(p.get(self.fc_bias)))
+    }
+}
+
+impl Model for SmallCnn {
+    /// One autocast region for the whole forward pass.
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
+        self.execution.run(xs, |xs| self.classify_here(&self.features_here(xs), train))
+    }
+
+    fn features(&self, xs: &Tensor, _train: bool) -> Tensor {
+        self.execution.run(xs, |xs| self.features_here(xs))
+    }
+
+    fn classify(&self, features: &Tensor, train: bool) -> Tensor {
+        self.execution.run(features, |f| self.classify_here(f, train))
     }
 
     fn store(&self) -> &ParamStore {
@@ -85,5 +105,8 @@ impl Model for SmallCnn {
     }
     fn spec(&self) -> &ModelSpec {
         &self.spec
+    }
+    fn execution(&self) -> Execution {
+        self.execution
     }
 }

@@ -1,0 +1,128 @@
+//! A few libtorch C++ calls that `tch` does not expose, compiled from `src/shim.cpp`:
+//!
+//! - bf16 autocast on CUDA (or CPU) through the non-deprecated `at::autocast` functions, so logs
+//!   get no per-call deprecation warnings (tch's own `autocast` prints one per call and only knows
+//!   CUDA's default float16);
+//! - deterministic algorithms (`at::globalContext().setDeterministicAlgorithms`, cuDNN);
+//! - the CUDA caching allocator's memory statistics (what `torch.cuda.max_memory_allocated` reads).
+//!
+//! Only libtorch_cpu/libc10 symbols are linked: the CUDA allocator is looked up in c10's registry
+//! at run time, so the same binary runs on machines without CUDA (the calls then return errors).
+
+use anyhow::{bail, Result};
+use std::ffi::CStr;
+use std::marker::PhantomData;
+use std::os::raw::{c_char, c_int};
+use tch::Device;
+
+// The Rust side links the static library that build.rs compiles.
+extern "C" {
+    fn mgrun_shim_last_error() -> *const c_char;
+    fn mgrun_autocast_enter_bf16(cuda: c_int, was_enabled: *mut c_int, previous_dtype: *mut c_int) -> c_int;
+    fn mgrun_autocast_exit(cuda: c_int, was_enabled: c_int, previous_dtype: c_int) -> c_int;
+    fn mgrun_autocast_enabled(cuda: c_int) -> c_int;
+    fn mgrun_set_deterministic(on: c_int) -> c_int;
+    fn mgrun_deterministic_enabled() -> c_int;
+    fn mgrun_cuda_memory_stats(device: c_int, out4: *mut i64) -> c_int;
+    fn mgrun_cuda_reset_peak_memory(device: c_int) -> c_int;
+}
+
+fn last_error(what: &str) -> anyhow::Error {
+    // SAFETY: the shim returns a pointer to its thread-local, NUL-terminated error string.
+    let message = unsafe { CStr::from_ptr(mgrun_shim_last_error()) }.to_string_lossy().into_owned();
+    anyhow::anyhow!("libtorch: {what}: {message}")
+}
+
+/// Which autocast key a device uses: `Some(true)` CUDA, `Some(false)` CPU, `None` no autocast.
+fn autocast_key(device: Device) -> Option<c_int> {
+    match device {
+        Device::Cuda(_) => Some(1),
+        Device::Cpu => Some(0),
+        _ => None,
+    }
+}
+
+/// An active bf16 autocast region on this thread; dropping it restores the previous state.
+/// Autocast state is thread-local in libtorch, hence not `Send`.
+#[must_use = "autocast ends when the guard is dropped"]
+pub struct AutocastGuard {
+    cuda: c_int,
+    was_enabled: c_int,
+    previous_dtype: c_int,
+    _not_send: PhantomData<*const ()>,
+}
+
+/// Runs the ops dispatched on this thread for `device` under bf16 autocast until the guard drops
+/// (matmuls and convolutions in bf16, reductions and losses in fp32, as `torch.autocast`).
+pub fn autocast_bf16(device: Device) -> Result<AutocastGuard> {
+    let Some(cuda) = autocast_key(device) else {
+        bail!("bf16 autocast: unsupported device {device:?} (CUDA or CPU only)");
+    };
+    let (mut was_enabled, mut previous_dtype) = (0, 0);
+    // SAFETY: both out-pointers are valid for the call.
+    if unsafe { mgrun_autocast_enter_bf16(cuda, &mut was_enabled, &mut previous_dtype) } != 0 {
+        return Err(last_error("entering bf16 autocast"));
+    }
+    Ok(AutocastGuard { cuda, was_enabled, previous_dtype, _not_send: PhantomData })
+}
+
+impl Drop for AutocastGuard {
+    fn drop(&mut self) {
+        // SAFETY: plain values restored from the matching enter call.
+        if unsafe { mgrun_autocast_exit(self.cuda, self.was_enabled, self.previous_dtype) } != 0 {
+            eprintln!("mgrun: warning: {:#}", last_error("leaving bf16 autocast"));
+        }
+    }
+}
+
+/// Whether autocast is on for `device`'s autocast key on this thread.
+pub fn autocast_enabled(device: Device) -> bool {
+    // SAFETY: no pointers.
+    autocast_key(device).is_some_and(|key| unsafe { mgrun_autocast_enabled(key) } == 1)
+}
+
+/// Deterministic mode for reproducibility runs: `torch.use_deterministic_algorithms(on)`, cuDNN
+/// deterministic, and cuDNN benchmark off when `on`. CUDA's cuBLAS also needs
+/// `CUBLAS_WORKSPACE_CONFIG=:4096:8` in the environment before its first use.
+pub fn set_deterministic(on: bool) -> Result<()> {
+    // SAFETY: no pointers.
+    if unsafe { mgrun_set_deterministic(c_int::from(on)) } != 0 {
+        return Err(last_error("setting deterministic algorithms"));
+    }
+    Ok(())
+}
+
+/// Whether deterministic algorithms are on (`torch.are_deterministic_algorithms_enabled()`).
+pub fn deterministic_enabled() -> bool {
+    // SAFETY: no pointers.
+    unsafe { mgrun_deterministic_enabled() == 1 }
+}
+
+/// The CUDA caching allocator's byte counts for one device (all pools).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CudaMemoryStats {
+    pub allocated: u64,
+    pub peak_allocated: u64,
+    pub reserved: u64,
+    pub peak_reserved: u64,
+}
+
+/// Memory statistics of CUDA device `index` (an error where CUDA is not loaded).
+pub fn cuda_memory_stats(index: usize) -> Result<CudaMemoryStats> {
+    let mut out = [0i64; 4];
+    // SAFETY: `out` holds the 4 values the shim writes.
+    if unsafe { mgrun_cuda_memory_stats(index as c_int, out.as_mut_ptr()) } != 0 {
+        return Err(last_error(&format!("CUDA memory statistics of device {index}")));
+    }
+    let [allocated, peak_allocated, reserved, peak_reserved] = out.map(|v| v.max(0) as u64);
+    Ok(CudaMemoryStats { allocated, peak_allocated, reserved, peak_reserved })
+}
+
+/// Starts a new peak of [`cuda_memory_stats`] for device `index`.
+pub fn reset_cuda_peak_memory(index: usize) -> Result<()> {
+    // SAFETY: no pointers.
+    if unsafe { mgrun_cuda_reset_peak_memory(index as c_int) } != 0 {
+        return Err(last_error(&format!("resetting the CUDA peak memory of device {index}")));
+    }
+    Ok(())
+}

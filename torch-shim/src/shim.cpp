@@ -1,0 +1,114 @@
+// The few libtorch calls mgrun needs that tch does not expose. Every entry point is extern "C",
+// catches C++ exceptions and reports them through mgrun_shim_last_error(). Only symbols of
+// libtorch_cpu / libc10 are referenced, so a binary using this runs where the CUDA libraries are
+// absent; the CUDA allocator is reached through c10's allocator registry at run time.
+#include <ATen/Context.h>
+#include <ATen/autocast_mode.h>
+#include <c10/core/CachingDeviceAllocator.h>
+#include <c10/core/DeviceType.h>
+
+#include <cstdint>
+#include <exception>
+#include <string>
+
+namespace {
+thread_local std::string last_error;
+
+int fail(const char* what) {
+  last_error = what;
+  return -1;
+}
+
+c10::DeviceType device_type(int cuda) {
+  return cuda ? c10::DeviceType::CUDA : c10::DeviceType::CPU;
+}
+}  // namespace
+
+extern "C" {
+
+const char* mgrun_shim_last_error() { return last_error.c_str(); }
+
+// Enters a bf16 autocast region on the CUDA (cuda != 0) or CPU autocast key; stores what to
+// restore on exit. The non-deprecated functions: no warnings.
+int mgrun_autocast_enter_bf16(int cuda, int* was_enabled, int* previous_dtype) {
+  try {
+    const auto type = device_type(cuda);
+    *was_enabled = at::autocast::is_autocast_enabled(type) ? 1 : 0;
+    *previous_dtype = static_cast<int>(at::autocast::get_autocast_dtype(type));
+    at::autocast::set_autocast_dtype(type, at::kBFloat16);
+    at::autocast::set_autocast_enabled(type, true);
+    at::autocast::increment_nesting();
+    return 0;
+  } catch (const std::exception& e) {
+    return fail(e.what());
+  }
+}
+
+// Leaves the region entered by mgrun_autocast_enter_bf16; the outermost exit drops the cache of
+// casted weights, as torch.autocast's __exit__ does.
+int mgrun_autocast_exit(int cuda, int was_enabled, int previous_dtype) {
+  try {
+    const auto type = device_type(cuda);
+    if (at::autocast::decrement_nesting() == 0) {
+      at::autocast::clear_cache();
+    }
+    at::autocast::set_autocast_enabled(type, was_enabled != 0);
+    at::autocast::set_autocast_dtype(type, static_cast<at::ScalarType>(previous_dtype));
+    return 0;
+  } catch (const std::exception& e) {
+    return fail(e.what());
+  }
+}
+
+// 1 when autocast is on for the device type on this thread, 0 when off, -1 on error.
+int mgrun_autocast_enabled(int cuda) {
+  try {
+    return at::autocast::is_autocast_enabled(device_type(cuda)) ? 1 : 0;
+  } catch (const std::exception& e) {
+    return fail(e.what());
+  }
+}
+
+// Deterministic algorithms (errors on ops that have none), cuDNN deterministic, no cuDNN benchmark.
+int mgrun_set_deterministic(int on) {
+  try {
+    auto& context = at::globalContext();
+    context.setDeterministicAlgorithms(on != 0, /*warn_only=*/false);
+    context.setDeterministicCuDNN(on != 0);
+    context.setBenchmarkCuDNN(on == 0 ? context.benchmarkCuDNN() : false);
+    return 0;
+  } catch (const std::exception& e) {
+    return fail(e.what());
+  }
+}
+
+// 1 when deterministic algorithms are on, 0 when off.
+int mgrun_deterministic_enabled() { return at::globalContext().deterministicAlgorithms() ? 1 : 0; }
+
+// Bytes currently allocated / peak allocated / reserved / peak reserved by the CUDA caching
+// allocator on `device` (aggregate over pools), as torch.cuda.max_memory_allocated reports.
+int mgrun_cuda_memory_stats(int device, int64_t* out4) {
+  try {
+    auto* allocator = c10::getDeviceAllocator(c10::DeviceType::CUDA);
+    const auto stats = allocator->getDeviceStats(static_cast<c10::DeviceIndex>(device));
+    const auto all = static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE);
+    out4[0] = stats.allocated_bytes[all].current;
+    out4[1] = stats.allocated_bytes[all].peak;
+    out4[2] = stats.reserved_bytes[all].current;
+    out4[3] = stats.reserved_bytes[all].peak;
+    return 0;
+  } catch (const std::exception& e) {
+    return fail(e.what());
+  }
+}
+
+int mgrun_cuda_reset_peak_memory(int device) {
+  try {
+    c10::getDeviceAllocator(c10::DeviceType::CUDA)->resetPeakStats(static_cast<c10::DeviceIndex>(device));
+    return 0;
+  } catch (const std::exception& e) {
+    return fail(e.what());
+  }
+}
+
+}  // extern "C"

@@ -1,0 +1,250 @@
+//! `mgrun bench step`: the time of one training step of the real model, method and optimizer on
+//! random inputs, for each (method, precision), with the device synchronized around the timed
+//! loop; plus a phase breakdown of the ERM step (forward, backward, flat gradient, optimizer).
+
+use anyhow::{bail, Context, Result};
+use mgrun_collectives::SingleRank;
+use mgrun_methods::{Adam, AdamConfig, DomainShard, MethodConfig, Topology, UpdateContext};
+pub use mgrun_models::Precision;
+use mgrun_models::{Execution, ModelSpec};
+use serde::Serialize;
+use std::fmt::Write as _;
+use std::time::Instant;
+use tch::{Device, Kind, Reduction, Tensor};
+
+/// What to measure.
+#[derive(Debug, Clone)]
+pub struct StepBenchConfig {
+    pub device: Device,
+    pub arch: String,
+    pub image_size: i64,
+    pub batch_per_domain: usize,
+    pub domains: usize,
+    pub classes: usize,
+    /// `small_cnn` width (ignored by the ResNets).
+    pub width: i64,
+    pub methods: Vec<String>,
+    pub precisions: Vec<Precision>,
+    /// Unset: channels-last on CUDA, not on CPU.
+    pub channels_last: Option<bool>,
+    pub steps: usize,
+    pub warmup: usize,
+    /// Also time the phases of the ERM step.
+    pub phases: bool,
+}
+
+/// One measured (method, precision).
+#[derive(Debug, Clone, Serialize)]
+pub struct StepBenchRow {
+    pub method: String,
+    pub precision: String,
+    pub channels_last: bool,
+    pub ms_per_step: f64,
+    pub images_per_s: f64,
+    /// Peak bytes held by the CUDA caching allocator during the timed steps (CUDA only).
+    pub peak_gpu_mem_gb: Option<f64>,
+    /// Milliseconds per phase of the ERM step, when measured.
+    pub phases_ms: Vec<(String, f64)>,
+}
+
+fn precision_name(p: Precision) -> &'static str {
+    match p {
+        Precision::Fp32 => "fp32",
+        Precision::Bf16 => "bf16",
+    }
+}
+
+/// Parses `fp32,bf16`.
+pub fn parse_precisions(list: &str) -> Result<Vec<Precision>> {
+    list.split(',')
+        .map(|p| match p.trim() {
+            "fp32" => Ok(Precision::Fp32),
+            "bf16" => Ok(Precision::Bf16),
+            "fp16" => bail!("--precision fp16: needs dynamic loss scaling, which mgrun does not implement; use bf16"),
+            other => bail!("--precision: expected fp32 or bf16, got {other:?}"),
+        })
+        .collect()
+}
+
+fn synchronize(device: Device) {
+    if let Device::Cuda(index) = device {
+        tch::Cuda::synchronize(index as i64);
+    }
+}
+
+/// Checks on `device` that bf16 autocast is active under the shim's guard: a matmul in it
+/// returns bf16. Returns a one-line report.
+pub fn check_bf16_autocast(device: Device) -> Result<String> {
+    let a = Tensor::ones([8, 8], (Kind::Float, device));
+    let inside = {
+        let _autocast = mgrun_torch_shim::autocast_bf16(device)?;
+        a.matmul(&a).kind()
+    };
+    let outside = a.matmul(&a).kind();
+    if inside != Kind::BFloat16 || outside != Kind::Float {
+        bail!("bf16 autocast on {device:?} is not active: matmul gave {inside:?} inside, {outside:?} outside");
+    }
+    Ok(format!("bf16 autocast active on {device:?}: matmul gives {inside:?} inside the region, {outside:?} after"))
+}
+
+/// Runs every (method, precision) of `cfg`.
+pub fn run_step_bench(cfg: &StepBenchConfig) -> Result<Vec<StepBenchRow>> {
+    if cfg.steps == 0 || cfg.domains == 0 || cfg.batch_per_domain == 0 || cfg.classes == 0 {
+        bail!("bench step: --steps, --domains, --batch-per-domain and --classes must be at least 1");
+    }
+    if cfg.device.is_cuda() {
+        // Fixed shapes: let cuDNN pick its fastest kernels, as a training run does.
+        tch::Cuda::cudnn_set_benchmark(true);
+    }
+    let mut rows = Vec::new();
+    for &precision in &cfg.precisions {
+        for method in &cfg.methods {
+            rows.push(
+                bench_one(cfg, method, precision)
+                    .with_context(|| format!("bench step: method {method}, precision {}", precision_name(precision)))?,
+            );
+        }
+    }
+    Ok(rows)
+}
+
+fn bench_one(cfg: &StepBenchConfig, method_name: &str, precision: Precision) -> Result<StepBenchRow> {
+    let device = cfg.device;
+    let channels_last = cfg.channels_last.unwrap_or(device.is_cuda());
+    // BN in training mode, as a torchvision model in .train() (the PyTorch reference script).
+    let spec = ModelSpec {
+        arch: cfg.arch.clone(),
+        num_classes: cfg.classes,
+        freeze_bn: false,
+        dropout: 0.0,
+        width: cfg.width,
+    };
+    let mut model = mgrun_models::build_with(&spec, Execution { precision, channels_last }, device, 0)?;
+    let mut optimizer = Adam::new(AdamConfig::default(), model.store().numel(), device);
+    let method_cfg = MethodConfig { name: method_name.to_string(), ..MethodConfig::default() };
+    let mut method = mgrun_methods::build(&method_cfg, model.as_ref(), cfg.domains)?;
+    let world = SingleRank;
+    let topology = Topology {
+        world: &world,
+        domain_group: None,
+        num_domains: cfg.domains,
+        batch_per_domain: cfg.batch_per_domain,
+        bucket_bytes: 25 << 20,
+    };
+    tch::manual_seed(1);
+    let b = cfg.batch_per_domain as i64;
+    let shards: Vec<DomainShard> = (0..cfg.domains)
+        .map(|domain| DomainShard {
+            domain,
+            x: Tensor::randn([b, 3, cfg.image_size, cfg.image_size], (Kind::Float, device)),
+            y: Tensor::randint(cfg.classes as i64, [b], (Kind::Int64, device)),
+        })
+        .collect();
+    let total_steps = (cfg.warmup + cfg.steps) as u64;
+    let mut run_steps = |first: usize, count: usize| -> Result<()> {
+        for step in first..first + count {
+            let mut ctx = UpdateContext {
+                model: model.as_mut(),
+                optimizer: &mut optimizer,
+                topology: &topology,
+                step: step as u64,
+                total_steps,
+            };
+            method.update(&mut ctx, &shards).with_context(|| format!("step {step}"))?;
+        }
+        Ok(())
+    };
+    run_steps(0, cfg.warmup)?;
+    synchronize(device);
+    let device_index = match device {
+        Device::Cuda(index) => Some(index),
+        _ => None,
+    };
+    if let Some(index) = device_index {
+        mgrun_torch_shim::reset_cuda_peak_memory(index)?;
+    }
+    let started = Instant::now();
+    run_steps(cfg.warmup, cfg.steps)?;
+    synchronize(device);
+    let seconds = started.elapsed().as_secs_f64() / cfg.steps as f64;
+    let peak_gpu_mem_gb = match device_index {
+        Some(index) => Some(mgrun_torch_shim::cuda_memory_stats(index)?.peak_allocated as f64 / (1u64 << 30) as f64),
+        None => None,
+    };
+    let phases_ms = if cfg.phases && method_name == "erm" {
+        erm_phases(model.as_mut(), &mut optimizer, &shards, cfg.steps.clamp(1, 10))?
+    } else {
+        Vec::new()
+    };
+    Ok(StepBenchRow {
+        method: method_name.to_string(),
+        precision: precision_name(precision).to_string(),
+        channels_last,
+        ms_per_step: seconds * 1e3,
+        images_per_s: (cfg.domains * cfg.batch_per_domain) as f64 / seconds,
+        peak_gpu_mem_gb,
+        phases_ms,
+    })
+}
+
+/// The ERM step cut into phases with a device synchronization after each (so the sum exceeds an
+/// unsynchronized step a little): mean milliseconds per phase over `steps` steps.
+fn erm_phases(
+    model: &mut dyn mgrun_models::Model,
+    optimizer: &mut Adam,
+    shards: &[DomainShard],
+    steps: usize,
+) -> Result<Vec<(String, f64)>> {
+    let device = model.store().device();
+    let xs: Vec<&Tensor> = shards.iter().map(|s| &s.x).collect();
+    let ys: Vec<&Tensor> = shards.iter().map(|s| &s.y).collect();
+    let (x, y) = (Tensor::cat(&xs, 0), Tensor::cat(&ys, 0));
+    let names = ["forward+loss", "backward", "flat gradient", "optimizer"];
+    let mut totals = [0.0f64; 4];
+    for _ in 0..steps {
+        let mut marks = Vec::with_capacity(5);
+        synchronize(device);
+        marks.push(Instant::now());
+        let loss = model.forward_t(&x, true).f_cross_entropy_loss::<Tensor>(&y, None, Reduction::Mean, -100, 0.0)?;
+        synchronize(device);
+        marks.push(Instant::now());
+        model.store_mut().zero_grad();
+        loss.f_backward().context("backward")?;
+        synchronize(device);
+        marks.push(Instant::now());
+        let grad = model.store().flat_grad();
+        synchronize(device);
+        marks.push(Instant::now());
+        optimizer.step(model.store().flat(), &grad)?;
+        synchronize(device);
+        marks.push(Instant::now());
+        for (i, total) in totals.iter_mut().enumerate() {
+            *total += (marks[i + 1] - marks[i]).as_secs_f64();
+        }
+    }
+    Ok(names.iter().zip(totals).map(|(n, t)| (n.to_string(), t * 1e3 / steps as f64)).collect())
+}
+
+/// The rows as a markdown table, with SAM and DSP-Reg step times relative to ERM's at the same
+/// precision.
+pub fn markdown_table(rows: &[StepBenchRow]) -> String {
+    let mut out = String::from(
+        "| method | precision | channels_last | ms/step | img/s | peak GPU mem (GiB) | step time / ERM |\n\
+         |---|---|---|---|---|---|---|\n",
+    );
+    for row in rows {
+        let erm = rows.iter().find(|r| r.method == "erm" && r.precision == row.precision);
+        let ratio = erm.map_or("-".to_string(), |e| format!("{:.2}x", row.ms_per_step / e.ms_per_step));
+        let mem = row.peak_gpu_mem_gb.map_or("-".to_string(), |g| format!("{g:.2}"));
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {:.1} | {:.0} | {} | {} |",
+            row.method, row.precision, row.channels_last, row.ms_per_step, row.images_per_s, mem, ratio
+        );
+    }
+    for row in rows.iter().filter(|r| !r.phases_ms.is_empty()) {
+        let phases: Vec<String> = row.phases_ms.iter().map(|(n, ms)| format!("{n} {ms:.1} ms")).collect();
+        let _ = writeln!(out, "\nERM {} phases (synchronized): {}", row.precision, phases.join(", "));
+    }
+    out
+}
