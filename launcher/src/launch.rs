@@ -293,6 +293,16 @@ fn spawn_rank(
         let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
         command.env("OMP_NUM_THREADS", (cores / plan.world_size).max(1).to_string());
     }
+    if plan.device == DeviceKind::Cuda {
+        // cudarc loads NCCL as `libnccl.so`; the ranks find mgrun's link to libtorch's libnccl.so.2.
+        match crate::cuda::worker_library_path() {
+            Ok(library_path) => {
+                command.env("LD_LIBRARY_PATH", library_path);
+            }
+            Err(why) if rank == 0 => eprintln!("mgrun: warning: NCCL: {why}; comm.backend = \"nccl\" will fail"),
+            Err(_) => {}
+        }
+    }
     let launcher_pid = std::process::id();
     // SAFETY: the closure runs between fork and exec and only calls async-signal-safe functions
     // (prctl, getppid, signal) without allocating.

@@ -5,6 +5,7 @@
 mod cuda;
 mod launch;
 mod selftest;
+mod sweep_cmd;
 
 use std::ffi::OsString;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -30,6 +31,10 @@ struct Cli {
     /// Config override `a.b=value`; repeatable, applied in order.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     overrides: Vec<String>,
+    /// Continue from a checkpoint: `auto` (the newest valid one in the run's checkpoint.dir,
+    /// default <out>/checkpoints; give the run's --out) or the PATH of a checkpoint or checkpoint root.
+    #[arg(long, value_name = "auto|PATH")]
+    resume: Option<String>,
     /// The job's TOML config.
     #[arg(required = true)]
     config: Option<PathBuf>,
@@ -67,6 +72,11 @@ enum Command {
         #[command(subcommand)]
         which: BenchCommand,
     },
+    /// Dataset checks: `mgrun data inspect CONFIG`.
+    Data {
+        #[command(subcommand)]
+        which: DataCommand,
+    },
     /// Dataset generation.
     Datagen {
         #[command(subcommand)]
@@ -74,6 +84,11 @@ enum Command {
     },
     /// List the training methods, their hyperparameters and defaults (`[method.<name>]` keys).
     Methods,
+    /// DomainBed's sweep: run directories for every test domain (and pair), hparams seed and trial;
+    /// then runs them here (--run) or writes a Slurm job array (--slurm FILE).
+    Sweep(sweep_cmd::SweepArgs),
+    /// DomainBed's result tables (training-domain, leave-one-domain-out and oracle selection) of a sweep.
+    Collect(sweep_cmd::CollectArgs),
     /// Launch diagnostic ranks that exercise the launcher (tests).
     #[command(hide = true)]
     Selftest(SelftestArgs),
@@ -112,6 +127,101 @@ enum BenchCommand {
         #[arg(long, value_name = "FILE")]
         json: Option<PathBuf>,
     },
+    /// Time of one training step (model, method, Adam) on random inputs, in this process, on
+    /// GPU 0 (`--gpus 1`) or the CPU (`--cpus 1`); prints a markdown table.
+    Step {
+        #[command(flatten)]
+        launch: LaunchArgs,
+        #[command(flatten)]
+        args: StepBenchArgs,
+    },
+    /// Images/s of the training data loader (decode + DomainBed's training transform), in total and per
+    /// worker thread, on a config's dataset or a directory of `<domain>/<class>/<image>` files.
+    Data(DataBenchArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct DataBenchArgs {
+    /// The job's TOML config (its `[data]` section is used); or give --root.
+    #[arg(required_unless_present = "root", conflicts_with = "root")]
+    config: Option<PathBuf>,
+    /// Dataset root in the DomainBed layout, instead of a config.
+    #[arg(long, value_name = "DIR")]
+    root: Option<PathBuf>,
+    /// Loader worker threads [default: the config's data.num_workers, or 1 with --root].
+    #[arg(long, value_name = "N")]
+    workers: Option<usize>,
+    /// Images to time.
+    #[arg(long, value_name = "N", default_value_t = 2000)]
+    images: usize,
+    /// Output size of the training transform [default: the config's, or 224].
+    #[arg(long, value_name = "PX")]
+    image_size: Option<i64>,
+    /// Also write the result as JSON to FILE.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+enum DataCommand {
+    /// Check a dataset tree before training: domains, per-domain image and class counts against the published
+    /// ones, empty domains/classes, and every image decoded (unreadable or truncated files).
+    Inspect {
+        /// The job's TOML config (its `[data]` section is used).
+        config: PathBuf,
+        /// Config override `a.b=value`; repeatable.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+        /// Also write DomainBed's splits `{"<domain>": {"in": [...], "out": [...]}}` (paths relative to the
+        /// dataset root) to FILE.
+        #[arg(long, value_name = "FILE")]
+        splits: Option<PathBuf>,
+        /// Trial seed of the splits (default: the config's `data.split_seed`).
+        #[arg(long, value_name = "N")]
+        trial_seed: Option<u64>,
+        /// Decoding threads (default: all cores).
+        #[arg(long, value_name = "N")]
+        threads: Option<usize>,
+    },
+}
+
+/// `mgrun bench step` options (defaults: the DomainBed ResNet-50 step of the GPU benchmark).
+#[derive(Debug, Args)]
+struct StepBenchArgs {
+    #[arg(long, default_value = "resnet50")]
+    arch: String,
+    #[arg(long, value_name = "PX", default_value_t = 224)]
+    image_size: i64,
+    #[arg(long, value_name = "N", default_value_t = 32)]
+    batch_per_domain: usize,
+    #[arg(long, value_name = "K", default_value_t = 3)]
+    domains: usize,
+    #[arg(long, value_name = "N", default_value_t = 345)]
+    classes: usize,
+    /// Channel width of small_cnn.
+    #[arg(long, value_name = "N", default_value_t = 64)]
+    width: i64,
+    /// Comma-separated methods.
+    #[arg(long, default_value = "erm,dsp_reg,sam")]
+    methods: String,
+    /// Comma-separated precisions (fp32, bf16).
+    #[arg(long, default_value = "fp32,bf16")]
+    precision: String,
+    /// Channels-last convolutions [default: on GPU, off on CPU].
+    #[arg(long, value_name = "BOOL")]
+    channels_last: Option<bool>,
+    /// Timed steps per (method, precision).
+    #[arg(long, value_name = "N", default_value_t = 20)]
+    steps: usize,
+    /// Untimed steps first (cuDNN autotuning, allocator warm-up).
+    #[arg(long, value_name = "N", default_value_t = 5)]
+    warmup: usize,
+    /// Also time the phases of the ERM step.
+    #[arg(long)]
+    phases: bool,
+    /// Also write the rows as JSON to FILE.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -126,6 +236,21 @@ enum DatagenCommand {
         images_per_class: Option<usize>,
         #[arg(long, value_name = "PX")]
         image_size: Option<u32>,
+    },
+    /// A small tree in the layout of a DomainBed dataset (pacs, vlcs, office_home, terra_incognita,
+    /// domain_net; DomainNet with official split lists), for tests and trying configs without the download.
+    Layout {
+        /// The `data.dataset` name whose layout to write.
+        dataset: String,
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// Classes per domain (the first ones of the dataset's class list).
+        #[arg(long, value_name = "N", default_value_t = 3)]
+        classes: usize,
+        #[arg(long, value_name = "N", default_value_t = 5)]
+        images_per_class: usize,
+        #[arg(long, value_name = "PX", default_value_t = 24)]
+        image_size: u32,
     },
 }
 
@@ -147,12 +272,26 @@ fn run(cli: Cli, cuda_load_error: Option<&str>) -> anyhow::Result<i32> {
         None => {
             let config = cli.config.context("no CONFIG given")?;
             anyhow::ensure!(config.is_file(), "config file {} does not exist", config.display());
+            let mut overrides = cli.overrides.clone();
+            if let Some(resume) = &cli.resume {
+                let value = match resume.as_str() {
+                    "auto" | "none" => resume.clone(),
+                    path => absolute(Path::new(path))?.to_string_lossy().into_owned(),
+                };
+                // TOML string syntax, so that any path survives the override parser.
+                overrides.push(format!("checkpoint.resume={}", toml_string(&value)));
+            }
             // A typo in the config fails here, once and at once, instead of in every rank.
-            mgrun_trainer::JobConfig::load(&config, &cli.overrides)?;
+            let job = mgrun_trainer::JobConfig::load(&config, &overrides)?;
+            anyhow::ensure!(
+                !(cli.resume.as_deref() == Some("auto") && cli.launch.out.is_none() && job.checkpoint.dir.is_none()),
+                "--resume auto looks for checkpoints in the run's output directory: give the run's --out DIR \
+                 (or set checkpoint.dir)"
+            );
             let stem = config.file_stem().map(|stem| stem.to_string_lossy().into_owned()).unwrap_or("job".into());
             let out_dir = cli.launch.out.clone().unwrap_or_else(|| launch::default_out_dir(&stem));
             let mut worker_args: Vec<OsString> = vec!["worker".into(), "--out".into(), out_dir.clone().into()];
-            for key_value in &cli.overrides {
+            for key_value in &overrides {
                 worker_args.extend(["--set".into(), key_value.into()]);
             }
             worker_args.push(config.into());
@@ -180,6 +319,25 @@ fn run_command(command: Command, top_launch: &LaunchArgs, cuda_load_error: Optio
             }
             launch_job(&launch, out_dir, worker_args, cuda_load_error)
         }
+        Command::Bench { which: BenchCommand::Data(args) } => {
+            bench_data(&args)?;
+            Ok(0)
+        }
+        Command::Bench { which: BenchCommand::Step { launch, args } } => {
+            let launch = launch.or(top_launch);
+            let device = match launch.gpus {
+                Some(1) => {
+                    cuda::check_gpus(1, cuda_load_error)?;
+                    tch::Device::Cuda(0)
+                }
+                Some(n) => anyhow::bail!("bench step: --gpus {n}: the step benchmark runs on one GPU (--gpus 1)"),
+                None => {
+                    anyhow::ensure!(launch.cpus.unwrap_or(1) == 1, "bench step: runs on one CPU process (--cpus 1)");
+                    tch::Device::Cpu
+                }
+            };
+            step_bench(device, args)
+        }
         Command::Datagen { which: DatagenCommand::Synthetic { out, seed, images_per_class, image_size } } => {
             let defaults = mgrun_data::synthetic::SyntheticOptions::default();
             let options = mgrun_data::synthetic::SyntheticOptions {
@@ -193,6 +351,22 @@ fn run_command(command: Command, top_launch: &LaunchArgs, cuda_load_error: Optio
             println!("{summary}");
             Ok(0)
         }
+        Command::Data { which: DataCommand::Inspect { config, overrides, splits, trial_seed, threads } } => {
+            data_inspect(&config, &overrides, splits.as_deref(), trial_seed, threads)
+        }
+        Command::Datagen { which: DatagenCommand::Layout { dataset, out, classes, images_per_class, image_size } } => {
+            let spec = mgrun_data::registry::spec(&dataset).with_context(|| {
+                let known: Vec<&str> = mgrun_data::registry::DATASETS.iter().map(|d| d.name).collect();
+                format!("unknown dataset '{dataset}' (known: {})", known.join(", "))
+            })?;
+            let options =
+                mgrun_data::registry::SampleTreeOptions { out: out.clone(), classes, images_per_class, image_size };
+            let written = mgrun_data::registry::write_sample_tree(spec, &options)?;
+            println!("wrote {written} images in the {dataset} layout to {}", out.display());
+            Ok(0)
+        }
+        Command::Sweep(args) => sweep_cmd::sweep(args),
+        Command::Collect(args) => sweep_cmd::collect(args),
         Command::Methods => {
             for info in mgrun_methods::registry::describe() {
                 println!("{}: {}", info.name, info.summary);
@@ -221,6 +395,119 @@ fn run_command(command: Command, top_launch: &LaunchArgs, cuda_load_error: Optio
             Ok(0)
         }
     }
+}
+
+/// `mgrun bench data`: the training loader's throughput, printed and optionally written as JSON.
+fn bench_data(args: &DataBenchArgs) -> anyhow::Result<()> {
+    let mut data = match (&args.config, &args.root) {
+        (Some(config), _) => {
+            let mut job = mgrun_trainer::JobConfig::load(config, &[])?;
+            job.resolve_paths(&std::env::current_dir().context("reading the current directory")?);
+            job.data
+        }
+        (None, Some(root)) => mgrun_data::DataConfig {
+            root: root.clone(),
+            dataset: "folder".into(),
+            num_workers: 1,
+            ..mgrun_data::DataConfig::default()
+        },
+        (None, None) => anyhow::bail!("give a CONFIG or --root DIR"),
+    };
+    data.num_workers = args.workers.unwrap_or(data.num_workers).max(1);
+    data.image_size = args.image_size.unwrap_or(data.image_size);
+    data.augment = true;
+    let result = mgrun_data::bench_loader(&data, args.images)?;
+    println!(
+        "mgrun loader: {} images in {:.2} s with {} worker thread(s): {:.1} img/s total, {:.1} img/s per thread \
+         (decode + DomainBed training transform at {} px, {})",
+        result.images,
+        result.seconds,
+        result.workers,
+        result.images_per_second(),
+        result.images_per_second_per_worker(),
+        data.image_size,
+        data.root.display()
+    );
+    if let Some(path) = &args.json {
+        let json = serde_json::json!({
+            "workers": result.workers, "images": result.images, "seconds": result.seconds,
+            "images_per_s": result.images_per_second(),
+            "images_per_s_per_worker": result.images_per_second_per_worker(),
+            "image_size": data.image_size,
+        });
+        std::fs::write(path, json.to_string()).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// `mgrun data inspect`: prints the report; exit status 1 when the tree has problems.
+fn data_inspect(
+    config: &Path,
+    overrides: &[String],
+    splits: Option<&Path>,
+    trial_seed: Option<u64>,
+    threads: Option<usize>,
+) -> anyhow::Result<i32> {
+    let mut job = mgrun_trainer::JobConfig::load(config, overrides)?;
+    job.resolve_paths(&std::env::current_dir().context("reading the current directory")?);
+    if let Some(seed) = trial_seed {
+        job.data.split_seed = seed;
+    }
+    let threads = threads.unwrap_or_else(mgrun_data::inspect::default_threads);
+    let report = mgrun_data::inspect::inspect(&job.data, threads)?;
+    print!("{report}");
+    if let Some(failure) = report.failure() {
+        eprintln!("{failure}");
+        return Ok(1);
+    }
+    if let Some(path) = splits {
+        let unreadable: Vec<PathBuf> = report.unreadable.iter().map(|b| b.path.clone()).collect();
+        let dataset = mgrun_data::Dataset::open_excluding(&job.data, &unreadable)?;
+        mgrun_data::inspect::write_splits(&dataset, path)?;
+        println!("wrote the in/out splits of trial seed {} to {}", job.data.split_seed, path.display());
+    }
+    Ok(0)
+}
+
+fn step_bench(device: tch::Device, args: StepBenchArgs) -> anyhow::Result<i32> {
+    use mgrun_trainer::bench_step;
+    let config = bench_step::StepBenchConfig {
+        device,
+        arch: args.arch,
+        image_size: args.image_size,
+        batch_per_domain: args.batch_per_domain,
+        domains: args.domains,
+        classes: args.classes,
+        width: args.width,
+        methods: args.methods.split(',').map(|m| m.trim().to_string()).filter(|m| !m.is_empty()).collect(),
+        precisions: bench_step::parse_precisions(&args.precision)?,
+        channels_last: args.channels_last,
+        steps: args.steps,
+        warmup: args.warmup,
+        phases: args.phases,
+    };
+    println!(
+        "bench step: {} {}x{}, {} domains x {} images, {} classes, Adam, on {:?} ({} timed steps after {} warm-up)",
+        config.arch,
+        config.image_size,
+        config.image_size,
+        config.domains,
+        config.batch_per_domain,
+        config.classes,
+        device,
+        config.steps,
+        config.warmup
+    );
+    if config.precisions.contains(&bench_step::Precision::Bf16) {
+        println!("{}", bench_step::check_bf16_autocast(device)?);
+    }
+    let rows = bench_step::run_step_bench(&config)?;
+    print!("{}", bench_step::markdown_table(&rows));
+    if let Some(path) = args.json {
+        let text = serde_json::to_string_pretty(&rows).context("serialising the step benchmark")?;
+        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(0)
 }
 
 impl LaunchArgs {
@@ -280,4 +567,9 @@ fn launch_job(
 /// Workers share the launcher's working directory, but an absolute path survives a worker that changes it.
 fn absolute(path: &Path) -> anyhow::Result<PathBuf> {
     std::path::absolute(path).with_context(|| format!("resolving {}", path.display()))
+}
+
+/// `value` as a TOML basic string.
+fn toml_string(value: &str) -> String {
+    format!("\"{}\"", value.replace('\\', "\\\\").replace('"', "\\\""))
 }

@@ -21,6 +21,8 @@ pub struct JobConfig {
     pub eval: EvalConfig,
     #[serde(default)]
     pub comm: CommConfig,
+    #[serde(default)]
+    pub checkpoint: CheckpointConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -34,11 +36,15 @@ pub struct ModelConfig {
     pub dropout: f64,
     /// Channel width of `small_cnn`.
     pub width: i64,
+    /// A torchvision ResNet state dict (safetensors) to start from; the `fc.*` head is skipped
+    /// when its class count differs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pretrained: Option<PathBuf>,
 }
 
 impl Default for ModelConfig {
     fn default() -> Self {
-        Self { arch: "resnet50".into(), freeze_bn: true, dropout: 0.0, width: 64 }
+        Self { arch: "resnet50".into(), freeze_bn: true, dropout: 0.0, width: 64, pretrained: None }
     }
 }
 
@@ -51,12 +57,21 @@ pub struct TrainConfig {
     /// Adam's coupled L2 weight decay, as torch.optim.Adam.
     pub weight_decay: f64,
     pub seed: u64,
+    /// DomainBed's `hparams_seed` of this run (0 = default hyperparameters); recorded in
+    /// results.jsonl `args`, set by `mgrun sweep`.
+    pub hparams_seed: u64,
     /// Reproducible mode: fixed algorithms, results independent of the number of ranks.
     pub deterministic: bool,
     /// Intra-op threads per CPU rank; 0 = cores / ranks on this node.
     pub threads: usize,
     /// Seconds between progress lines on rank 0.
     pub progress_every_s: f64,
+    /// Forward-pass arithmetic: `fp32` or `bf16` (autocast; parameters, gradients, losses and
+    /// optimizer stay f32).
+    pub precision: String,
+    /// Channels-last convolutions; unset = on for GPU ranks, off for CPU ranks.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub channels_last: Option<bool>,
 }
 
 impl Default for TrainConfig {
@@ -66,10 +81,33 @@ impl Default for TrainConfig {
             lr: 5e-5,
             weight_decay: 0.0,
             seed: 0,
+            hparams_seed: 0,
             deterministic: false,
             threads: 0,
             progress_every_s: 5.0,
+            precision: "fp32".into(),
+            channels_last: None,
         }
+    }
+}
+
+impl TrainConfig {
+    /// `train.precision` as the models' [`mgrun_models::Precision`].
+    pub fn precision(&self) -> Result<mgrun_models::Precision> {
+        match self.precision.as_str() {
+            "fp32" => Ok(mgrun_models::Precision::Fp32),
+            "bf16" => Ok(mgrun_models::Precision::Bf16),
+            "fp16" => bail!(
+                "key `train.precision`: \"fp16\" needs dynamic loss scaling, which mgrun does not implement; \
+                 use \"bf16\" (same tensor-core speed, no loss scaling) or \"fp32\""
+            ),
+            other => bail!("key `train.precision`: expected \"fp32\" or \"bf16\", got {other:?}"),
+        }
+    }
+
+    /// `train.channels_last` resolved for a rank on `device`.
+    pub fn channels_last_on(&self, device: tch::Device) -> bool {
+        self.channels_last.unwrap_or(device.is_cuda())
     }
 }
 
@@ -106,6 +144,26 @@ impl Default for CommConfig {
     }
 }
 
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CheckpointConfig {
+    /// Save the state every this many steps (0 = never).
+    pub every_steps: u64,
+    /// How many committed checkpoints to keep (0 = all).
+    pub keep_last: usize,
+    /// Where checkpoints go; unset = `<out>/checkpoints`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dir: Option<PathBuf>,
+    /// `none`, `auto` (the newest valid checkpoint in `dir`, if any) or the path of a checkpoint.
+    pub resume: String,
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        Self { every_steps: 0, keep_last: 3, dir: None, resume: "none".into() }
+    }
+}
+
 impl JobConfig {
     /// Reads `path`, applies `overrides` (`a.b=value`, value in TOML syntax or a bare string) and
     /// checks the result.
@@ -129,6 +187,16 @@ impl JobConfig {
     pub fn resolve_paths(&mut self, base: &Path) {
         if self.data.root.is_relative() {
             self.data.root = base.join(&self.data.root);
+        }
+        for path in [self.checkpoint.dir.as_mut(), self.model.pretrained.as_mut()].into_iter().flatten() {
+            if path.is_relative() {
+                *path = base.join(&*path);
+            }
+        }
+        if !matches!(self.checkpoint.resume.as_str(), "none" | "auto")
+            && Path::new(&self.checkpoint.resume).is_relative()
+        {
+            self.checkpoint.resume = base.join(&self.checkpoint.resume).to_string_lossy().into_owned();
         }
     }
 
@@ -154,6 +222,7 @@ impl JobConfig {
         if !matches!(self.comm.backend.as_str(), "auto" | "tcp" | "nccl") {
             bail!("key `comm.backend`: expected \"auto\", \"tcp\" or \"nccl\", got {:?}", self.comm.backend);
         }
+        self.train.precision()?;
         if !(0.0..1.0).contains(&self.model.dropout) {
             bail!("key `model.dropout`: expected a probability in [0, 1), got {}", self.model.dropout);
         }
@@ -246,5 +315,20 @@ mod tests {
         let f = write(BASE);
         let err = format!("{:#}", JobConfig::load(f.path(), &["comm.backend=mpi".into()]).unwrap_err());
         assert!(err.contains("comm.backend"), "{err}");
+    }
+
+    #[test]
+    fn precision_and_channels_last() {
+        let f = write(BASE);
+        let c = JobConfig::load(f.path(), &["train.precision=bf16".into()]).unwrap();
+        assert_eq!(c.train.precision().unwrap(), mgrun_models::Precision::Bf16);
+        assert!(c.train.channels_last_on(tch::Device::Cuda(0)));
+        assert!(!c.train.channels_last_on(tch::Device::Cpu));
+        let c = JobConfig::load(f.path(), &["train.channels_last=true".into()]).unwrap();
+        assert!(c.train.channels_last_on(tch::Device::Cpu));
+        let err = format!("{:#}", JobConfig::load(f.path(), &["train.precision=fp16".into()]).unwrap_err());
+        assert!(err.contains("train.precision") && err.contains("loss scaling"), "{err}");
+        let err = format!("{:#}", JobConfig::load(f.path(), &["train.precision=fp8".into()]).unwrap_err());
+        assert!(err.contains("fp8"), "{err}");
     }
 }
