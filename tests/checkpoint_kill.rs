@@ -63,6 +63,17 @@ impl Instants {
     }
 }
 
+/// The highest step recorded in the run's steps.jsonl so far (-1 before any).
+fn last_step(run: &Path) -> i64 {
+    std::fs::read_to_string(run.join("steps.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|r| r["step"].as_i64())
+        .max()
+        .unwrap_or(-1)
+}
+
 fn kill(pid: u32) {
     unsafe {
         libc::kill(pid as i32, libc::SIGKILL);
@@ -95,14 +106,23 @@ fn sigkill_at_random_instants_then_resume_equals_the_uninterrupted_run() {
             .spawn()
             .unwrap();
         let finished = if kills < KILLS {
-            let deadline = Instant::now() + Duration::from_millis(instants.next_ms(300, 2200));
+            // Kill after a pseudo-random amount of *progress* (not time, which depends on the
+            // machine), then a pseudo-random few milliseconds so that kills land in every phase of a
+            // step, checkpoint writes included.
+            let target = last_step(&run) + instants.next_ms(2, 12) as i64;
+            let deadline = Instant::now() + Duration::from_secs(120);
             let mut status = None;
-            while Instant::now() < deadline {
+            while last_step(&run) < target {
                 if let Some(s) = child.try_wait().unwrap() {
                     status = Some(s);
                     break;
                 }
-                std::thread::sleep(Duration::from_millis(5));
+                assert!(Instant::now() < deadline, "attempt {attempt} made no progress");
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            if status.is_none() {
+                std::thread::sleep(Duration::from_millis(instants.next_ms(0, 15)));
+                status = child.try_wait().unwrap();
             }
             match status {
                 Some(s) => Some(s),

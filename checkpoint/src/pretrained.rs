@@ -39,7 +39,8 @@ pub fn load_pretrained(store: &mut ParamStore, path: &Path) -> Result<Pretrained
     let mut model: Vec<(String, Vec<i64>, Tensor)> = Vec::new();
     let flat = store.flat();
     for p in store.params() {
-        let view = flat.narrow(0, p.offset as i64, p.numel as i64).view(p.shape.as_slice());
+        // The logical NCHW view of the chunk (channels_last weights are stored NHWC in the flat buffer).
+        let view = p.unflatten(flat);
         model.push((p.name.clone(), p.shape.clone(), view));
     }
     for (name, buffer) in store.buffers() {

@@ -11,18 +11,23 @@ use tch::{Kind, Tensor};
 
 const TOKEN: &str = "test-token";
 
+/// Deterministic pseudo-random values without torch's global generator (tests run in parallel threads).
+fn values(n: i64, salt: f64, kind: Kind) -> Tensor {
+    (Tensor::arange(n, (Kind::Double, tch::Device::Cpu)) * (0.7311 + salt)).sin().to_kind(kind)
+}
+
 fn state(step: u64) -> Vec<StateTensor> {
-    tch::manual_seed(step as i64);
+    let s = step as f64;
     let entry = |name: &str, tensor: Tensor, sharded: bool| StateTensor { name: name.into(), tensor, sharded };
     vec![
         // 1003 elements: not a multiple of any world size used here.
-        entry("model.flat", Tensor::randn([1003], (Kind::Float, tch::Device::Cpu)), true),
-        entry("optimizer.adam.exp_avg", Tensor::randn([1003], (Kind::Float, tch::Device::Cpu)), true),
-        entry("method.tiny", Tensor::randn([2], (Kind::Float, tch::Device::Cpu)), true),
-        entry("model.buffer.bn.running_var", Tensor::rand([3, 4], (Kind::Float, tch::Device::Cpu)), false),
+        entry("model.flat", values(1003, s, Kind::Float), true),
+        entry("optimizer.adam.exp_avg", values(1003, s + 0.5, Kind::Float), true),
+        entry("method.tiny", values(2, s + 0.25, Kind::Float), true),
+        entry("model.buffer.bn.running_var", values(12, s + 0.125, Kind::Float).abs().reshape([3, 4]), false),
         entry("model.buffer.bn.num_batches_tracked", Tensor::from_slice(&[17i64]), false),
         entry("optimizer.adam.step", Tensor::from_slice(&[step as i64]), false),
-        entry("method.ema", Tensor::randn([5], (Kind::Double, tch::Device::Cpu)), false),
+        entry("method.ema", values(5, s + 0.75, Kind::Double), false),
     ]
 }
 

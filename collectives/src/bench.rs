@@ -2,7 +2,6 @@
 //! busbw = algbw * 2(n-1)/n (the all-reduce bus factor), for message sizes 1 KiB .. `max_bytes`.
 
 use crate::store::StoreClient;
-use crate::tcp::TcpCommunicator;
 use crate::{CommError, Communicator, ReduceOp};
 use anyhow::Context;
 use serde::Serialize;
@@ -22,6 +21,8 @@ pub struct CommBenchOptions {
     pub min_iterations: usize,
     pub max_iterations: usize,
     pub warmup_iterations: usize,
+    /// Where the messages live: CPU for the TCP backend, a CUDA device for NCCL.
+    pub device: Device,
 }
 
 impl Default for CommBenchOptions {
@@ -34,6 +35,7 @@ impl Default for CommBenchOptions {
             min_iterations: 3,
             max_iterations: 50,
             warmup_iterations: 2,
+            device: Device::Cpu,
         }
     }
 }
@@ -81,7 +83,7 @@ pub fn run_comm_bench(comm: &dyn Communicator, opts: &CommBenchOptions) -> Resul
     let mut rows = Vec::new();
     for bytes in opts.sizes() {
         let elements = bytes / 4;
-        let mut tensor = Tensor::ones([elements as i64], (Kind::Float, Device::Cpu));
+        let mut tensor = Tensor::ones([elements as i64], (Kind::Float, opts.device));
         for _ in 0..opts.warmup_iterations {
             comm.all_reduce(&mut tensor, ReduceOp::Sum)?;
         }
@@ -93,7 +95,7 @@ pub fn run_comm_bench(comm: &dyn Communicator, opts: &CommBenchOptions) -> Resul
         }
         let mean_s = start.elapsed().as_secs_f64() / iterations as f64;
         // Report the slowest rank, as the collective is only done when every rank is.
-        let mut slowest = Tensor::from_slice(&[mean_s]);
+        let mut slowest = Tensor::from_slice(&[mean_s]).to_device(opts.device);
         comm.all_reduce(&mut slowest, ReduceOp::Max)?;
         let time_s = slowest.double_value(&[0]);
         let algbw_gbps = bytes as f64 / time_s / 1e9;
@@ -167,10 +169,17 @@ pub fn bench_worker_main(max_bytes: usize, json_out: Option<&Path>) -> anyhow::R
     };
     let timeout = Duration::from_secs_f64(timeout_s);
     let store = StoreClient::from_env(timeout).context("connecting to the rendezvous store")?;
-    let comm = TcpCommunicator::connect(&store, rank, world_size, timeout)
-        .with_context(|| format!("rank {rank} joining the TCP world of {world_size}"))?;
-    let options = CommBenchOptions { max_bytes, ..CommBenchOptions::default() };
-    let rows = run_comm_bench(&comm, &options).with_context(|| format!("benchmark on rank {rank}"))?;
+    // CUDA ranks (MGRUN_DEVICE=cuda) measure NCCL on device memory; CPU ranks the TCP backend.
+    let device = match std::env::var("MGRUN_DEVICE").as_deref() {
+        Ok("cuda") => Device::Cuda(env_usize("LOCAL_RANK")?),
+        _ => Device::Cpu,
+    };
+    let backend = crate::Backend::select("auto", device)?;
+    let comm = crate::connect(backend, &store, rank, world_size, device, timeout)
+        .with_context(|| format!("rank {rank} joining the world of {world_size}"))?;
+    let comm = comm.as_ref();
+    let options = CommBenchOptions { max_bytes, device, ..CommBenchOptions::default() };
+    let rows = run_comm_bench(comm, &options).with_context(|| format!("benchmark on rank {rank}"))?;
     if rank == 0 {
         print!("{}", format_table(&rows, world_size, comm.backend()));
         if let Some(path) = json_out {

@@ -382,12 +382,7 @@ impl DspReg {
         if model.store().numel() as i64 != score.numel() as i64 {
             bail!("DSP-Reg: model has {} parameters, statistics have {}", model.store().numel(), score.numel());
         }
-        Ok(model
-            .store()
-            .params()
-            .iter()
-            .map(|p| (p.name.clone(), score.narrow(0, p.offset as i64, p.numel as i64).view(p.shape.as_slice()).copy()))
-            .collect())
+        Ok(model.store().params().iter().map(|p| (p.name.clone(), p.unflatten(&score).contiguous())).collect())
     }
 
     fn check_state_tensor(name: &str, t: &Tensor, numel: i64) -> Result<()> {
@@ -443,7 +438,8 @@ impl Method for DspReg {
         }
 
         // Per-domain gradients; [S1; S2] gathers sum g_e and sum g_e^2 over the domains this rank leads.
-        let mut moments = Tensor::zeros([2 * numel], (Kind::Float, device));
+        let stat_kind = if topology.deterministic { Kind::Double } else { Kind::Float };
+        let mut moments = Tensor::zeros([2 * numel], (stat_kind, device));
         let mut local_loss = 0.0;
         let leader = topology.is_domain_leader();
         for shard in shards {
@@ -465,6 +461,7 @@ impl Method for DspReg {
             }
             if leader {
                 let _guard = tch::no_grad_guard();
+                let grad = grad.to_kind(stat_kind);
                 let _ = moments.narrow(0, 0, numel).f_add_(&grad)?;
                 let _ = moments.narrow(0, numel, numel).f_add_(&(&grad * &grad))?;
             }
@@ -479,7 +476,9 @@ impl Method for DspReg {
             VarianceDenominator::K => k,
         };
         let mean_sq = &mean * &mean;
-        let variance = ((moments.narrow(0, numel, numel) - &mean_sq * k) / denominator).clamp_min(0.0);
+        let variance =
+            ((moments.narrow(0, numel, numel) - &mean_sq * k) / denominator).clamp_min(0.0).to_kind(Kind::Float);
+        let (mean, mean_sq) = (mean.to_kind(Kind::Float), mean_sq.to_kind(Kind::Float));
         let beta = self.cfg.beta;
         self.t += 1;
         let _ = self.ema_variance.f_mul_scalar_(beta)?.f_add_(&(variance * (1.0 - beta)))?;

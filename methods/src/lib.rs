@@ -47,6 +47,10 @@ pub struct Topology<'a> {
     pub batch_per_domain: usize,
     /// Largest gradient bucket for one collective, bytes (`comm.bucket_mb`).
     pub bucket_bytes: usize,
+    /// Reproducible mode (`train.deterministic`): cross-domain statistics are summed in f64, where
+    /// the sum of a few f32 values is exact, so they do not depend on how domains are laid out
+    /// over ranks (the order of the reduction).
+    pub deterministic: bool,
 }
 
 impl Topology<'_> {

@@ -212,6 +212,7 @@ fn run_rust(case: &Case, inputs: &HashMap<String, Tensor>) -> RustRun {
         num_domains: NUM_DOMAINS,
         batch_per_domain: BATCH as usize,
         bucket_bytes: 4096,
+        deterministic: false,
     };
     let mut losses = Vec::new();
     let mut extras = Vec::new();

@@ -104,8 +104,14 @@ fn run_rank(
     model.store().set_flat(&Tensor::from_slice(weights)).unwrap();
     let mut method = build(cfg, &*model, 3).unwrap();
     let mut adam = Adam::new(AdamConfig { lr: 1e-2, ..AdamConfig::default() }, model.store().numel(), Device::Cpu);
-    let topology =
-        Topology { world, domain_group, num_domains: 3, batch_per_domain: BATCH as usize, bucket_bytes: 4096 };
+    let topology = Topology {
+        world,
+        domain_group,
+        num_domains: 3,
+        batch_per_domain: BATCH as usize,
+        bucket_bytes: 4096,
+        deterministic: false,
+    };
     let mut losses = Vec::new();
     for step in 0..STEPS {
         let shards: Vec<DomainShard> = parts

@@ -185,8 +185,14 @@ fn run_steps(
     shards: &[Vec<DomainShard>],
 ) -> Vec<mgrun_methods::StepStats> {
     let world = SingleRank;
-    let topology =
-        Topology { world: &world, domain_group: None, num_domains: 3, batch_per_domain: 2, bucket_bytes: 1024 };
+    let topology = Topology {
+        world: &world,
+        domain_group: None,
+        num_domains: 3,
+        batch_per_domain: 2,
+        bucket_bytes: 1024,
+        deterministic: false,
+    };
     steps
         .map(|step| {
             let mut ctx = UpdateContext {

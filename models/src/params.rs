@@ -1,6 +1,9 @@
 use anyhow::{bail, Result};
 use tch::{Device, Kind, Tensor};
 
+/// Serialises uses of torch's global random generator within this process.
+pub static GLOBAL_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// What a parameter is, for methods that treat kinds differently (DSP-Reg excludes norm affine
 /// parameters and, optionally, biases).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -110,6 +113,9 @@ impl ParamBuilder {
     /// As [`ParamBuilder::build`]; with `channels_last`, every 4-D weight is stored channels-last
     /// (see [`Param::channels_last`]). The logical values are the same for a given `seed`.
     pub fn build_with_layout(self, device: Device, seed: i64, channels_last: bool) -> Result<ParamStore> {
+        // Initialisation draws from torch's global generator: hold a process-wide lock so that
+        // models built concurrently (threads, tests) each get the values of their own seed.
+        let _rng = GLOBAL_RNG.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         tch::manual_seed(seed);
         let _guard = tch::no_grad_guard();
         let mut chunks = Vec::with_capacity(self.params.len());

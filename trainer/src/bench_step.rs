@@ -130,6 +130,7 @@ fn bench_one(cfg: &StepBenchConfig, method_name: &str, precision: Precision) -> 
         num_domains: cfg.domains,
         batch_per_domain: cfg.batch_per_domain,
         bucket_bytes: 25 << 20,
+        deterministic: false,
     };
     tch::manual_seed(1);
     let b = cfg.batch_per_domain as i64;

@@ -97,6 +97,7 @@ pub fn run_worker(args: &WorkerArgs) -> Result<()> {
         num_domains: train_domains.len(),
         batch_per_domain: batch,
         bucket_bytes: (config.comm.bucket_mb * 1024.0 * 1024.0) as usize,
+        deterministic: config.train.deterministic,
     };
 
     // --- Outputs (rank 0).
