@@ -162,7 +162,16 @@ impl ParamBuilder {
             offset += numel;
         }
         let buffers = self.buffers.into_iter().map(|(n, t)| (n, t.to_device(device))).collect();
-        Ok(ParamStore { flat, params, buffers })
+        // Every parameter's .grad is a view of one flat gradient buffer (in the flat buffer's
+        // layout), so backward accumulates straight into it: zeroing is one kernel and the flat
+        // gradient is one copy, instead of one kernel per parameter and a concatenation.
+        let grad = Tensor::zeros_like(&flat);
+        for p in &mut params {
+            let mut view = p.unflatten(&grad);
+            mgrun_torch_shim::set_grad(&mut p.tensor, &mut view)
+                .map_err(|e| anyhow::anyhow!("parameter {}: {e:#}", p.name))?;
+        }
+        Ok(ParamStore { flat, params, buffers, grad })
     }
 }
 
@@ -172,6 +181,8 @@ pub struct ParamStore {
     flat: Tensor,
     params: Vec<Param>,
     buffers: Vec<(String, Tensor)>,
+    /// Flat gradient buffer, same layout as `flat`; each parameter's .grad is a view of it.
+    grad: Tensor,
 }
 
 impl ParamStore {
@@ -203,6 +214,10 @@ impl ParamStore {
     /// layout of [`ParamStore::flat`] (channels-last weights' gradients are reordered to their
     /// chunk's element order, whatever strides backward gave them).
     pub fn flat_grad(&self) -> Tensor {
+        if self.grads_are_flat_views() {
+            return self.grad.copy();
+        }
+        // Something replaced a .grad (e.g. a double-backward): gather them one by one.
         let grads: Vec<Tensor> = self
             .params
             .iter()
@@ -221,8 +236,12 @@ impl ParamStore {
         Tensor::cat(&grads, 0)
     }
 
-    /// Drops the gradients so that the next backward starts from zero.
+    /// Zeroes the gradients so that the next backward starts from zero.
     pub fn zero_grad(&mut self) {
+        if self.grads_are_flat_views() {
+            let _ = self.grad.zero_();
+            return;
+        }
         for p in &mut self.params {
             let mut g = p.tensor.grad();
             if g.defined() {
@@ -230,6 +249,16 @@ impl ParamStore {
                 let _ = g.zero_();
             }
         }
+    }
+
+    /// True while every parameter's .grad still is its view of the flat gradient buffer.
+    pub fn grads_are_flat_views(&self) -> bool {
+        let base = self.grad.data_ptr() as usize;
+        let elt = self.grad.kind().elt_size_in_bytes();
+        self.params.iter().all(|p| {
+            let g = p.tensor.grad();
+            g.defined() && g.data_ptr() as usize == base + p.offset * elt && g.stride() == p.tensor.stride()
+        })
     }
 
     /// Copies `values` (same layout as [`ParamStore::flat`]) into the parameters.

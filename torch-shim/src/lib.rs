@@ -18,6 +18,7 @@ use tch::Device;
 // The Rust side links the static library that build.rs compiles.
 extern "C" {
     fn mgrun_shim_last_error() -> *const c_char;
+    fn mgrun_set_grad(param: *mut std::ffi::c_void, grad: *mut std::ffi::c_void) -> c_int;
     fn mgrun_autocast_enter_bf16(cuda: c_int, was_enabled: *mut c_int, previous_dtype: *mut c_int) -> c_int;
     fn mgrun_autocast_exit(cuda: c_int, was_enabled: c_int, previous_dtype: c_int) -> c_int;
     fn mgrun_autocast_enabled(cuda: c_int) -> c_int;
@@ -31,6 +32,19 @@ fn last_error(what: &str) -> anyhow::Error {
     // SAFETY: the shim returns a pointer to its thread-local, NUL-terminated error string.
     let message = unsafe { CStr::from_ptr(mgrun_shim_last_error()) }.to_string_lossy().into_owned();
     anyhow::anyhow!("libtorch: {what}: {message}")
+}
+
+/// Makes `grad` the gradient of `param` (same shape, dtype and device). Later backward passes
+/// accumulate into `grad`'s memory in place, so `grad` may be a view of a flat gradient buffer
+/// (PyTorch DDP's `gradient_as_bucket_view`).
+pub fn set_grad(param: &mut tch::Tensor, grad: &mut tch::Tensor) -> Result<()> {
+    // SAFETY: both pointers are live at::Tensor handles owned by the tch tensors, which outlive
+    // the call; the shim copies the handle (refcounted), it keeps no pointer.
+    let rc = unsafe { mgrun_set_grad(param.as_mut_ptr() as *mut _, grad.as_mut_ptr() as *mut _) };
+    if rc != 0 {
+        return Err(last_error("set_grad"));
+    }
+    Ok(())
 }
 
 /// Which autocast key a device uses: `Some(true)` CUDA, `Some(false)` CPU, `None` no autocast.

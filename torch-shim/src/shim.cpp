@@ -28,6 +28,23 @@ extern "C" {
 
 const char* mgrun_shim_last_error() { return last_error.c_str(); }
 
+// Makes `grad` the .grad of `param` (both at::Tensor*, as tch passes them). Backward then
+// accumulates into it in place (AccumulateGrad adds into an existing grad when not building a
+// graph), which lets gradients land directly in a flat buffer that `grad` is a view of.
+int mgrun_set_grad(void* param, void* grad) {
+  try {
+    auto& p = *static_cast<at::Tensor*>(param);
+    const auto& g = *static_cast<at::Tensor*>(grad);
+    if (!g.sizes().equals(p.sizes()) || g.scalar_type() != p.scalar_type() || g.device() != p.device()) {
+      return fail("set_grad: the gradient's shape, dtype or device differs from the parameter's");
+    }
+    p.mutable_grad() = g;
+    return 0;
+  } catch (const std::exception& e) {
+    return fail(e.what());
+  }
+}
+
 // Enters a bf16 autocast region on the CUDA (cuda != 0) or CPU autocast key; stores what to
 // restore on exit. The non-deprecated functions: no warnings.
 int mgrun_autocast_enter_bf16(int cuda, int* was_enabled, int* previous_dtype) {
