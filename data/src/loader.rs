@@ -238,7 +238,7 @@ fn build_step(recipe: &StepRecipe, step: u64) -> Result<StepBatch> {
 }
 
 fn pin(t: Tensor, device: Device) -> Result<Tensor> {
-    t.f_pin_memory(device).with_context(|| format!("pinning a batch in host memory for {device:?}"))
+    mgrun_torch_shim::pin_memory(&t).with_context(|| format!("pinning a batch in host memory for {device:?}"))
 }
 
 /// The training transform of `files` (positions `spec.lo..` of the domain's step batch).

@@ -19,6 +19,7 @@ use tch::Device;
 extern "C" {
     fn mgrun_shim_last_error() -> *const c_char;
     fn mgrun_set_grad(param: *mut std::ffi::c_void, grad: *mut std::ffi::c_void) -> c_int;
+    fn mgrun_pin_memory(src: *mut std::ffi::c_void, out: *mut *mut std::ffi::c_void) -> c_int;
     fn mgrun_autocast_enter_bf16(cuda: c_int, was_enabled: *mut c_int, previous_dtype: *mut c_int) -> c_int;
     fn mgrun_autocast_exit(cuda: c_int, was_enabled: c_int, previous_dtype: c_int) -> c_int;
     fn mgrun_autocast_enabled(cuda: c_int) -> c_int;
@@ -32,6 +33,21 @@ fn last_error(what: &str) -> anyhow::Error {
     // SAFETY: the shim returns a pointer to its thread-local, NUL-terminated error string.
     let message = unsafe { CStr::from_ptr(mgrun_shim_last_error()) }.to_string_lossy().into_owned();
     anyhow::anyhow!("libtorch: {what}: {message}")
+}
+
+/// A copy of the CPU tensor `t` in pinned (page-locked) host memory, for asynchronous copies to a
+/// GPU. tch's `pin_memory(device)` passes libtorch's deprecated device argument, which logs a
+/// warning at every call.
+pub fn pin_memory(t: &tch::Tensor) -> Result<tch::Tensor> {
+    let mut src = t.shallow_clone();
+    let mut out: *mut std::ffi::c_void = std::ptr::null_mut();
+    // SAFETY: `src` is a live at::Tensor handle; on success the shim stores a new heap-allocated
+    // at::Tensor in `out`, which tch's Tensor takes over and frees.
+    let rc = unsafe { mgrun_pin_memory(src.as_mut_ptr() as *mut _, &mut out) };
+    if rc != 0 || out.is_null() {
+        return Err(last_error("pin_memory"));
+    }
+    Ok(unsafe { tch::Tensor::from_ptr(out as *mut _) })
 }
 
 /// Makes `grad` the gradient of `param` (same shape, dtype and device). Later backward passes

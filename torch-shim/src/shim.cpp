@@ -28,6 +28,17 @@ extern "C" {
 
 const char* mgrun_shim_last_error() { return last_error.c_str(); }
 
+// A pinned (page-locked) host copy of `src`, as a new at::Tensor* that the caller owns (tch frees it
+// with delete). at::Tensor::pin_memory() without the deprecated device argument: no warning.
+int mgrun_pin_memory(void* src, void** out) {
+  try {
+    *out = new at::Tensor(static_cast<at::Tensor*>(src)->pin_memory());
+    return 0;
+  } catch (const std::exception& e) {
+    return fail(e.what());
+  }
+}
+
 // Makes `grad` the .grad of `param` (both at::Tensor*, as tch passes them). Backward then
 // accumulates into it in place (AccumulateGrad adds into an existing grad when not building a
 // graph), which lets gradients land directly in a flat buffer that `grad` is a view of.

@@ -41,3 +41,34 @@ fn cuda_memory_stats_fail_cleanly_without_cuda() {
         assert!(format!("{err:#}").contains("CUDA memory statistics"), "{err:#}");
     }
 }
+
+#[test]
+fn pinned_copy_has_the_same_values_or_fails_cleanly() {
+    let t = Tensor::arange(12, (Kind::Float, Device::Cpu)).reshape([3, 4]);
+    match mgrun_torch_shim::pin_memory(&t) {
+        Ok(pinned) => {
+            assert!(pinned.equal(&t));
+            assert_eq!(pinned.size(), [3, 4]);
+        }
+        // No CUDA driver: pinning needs one; the error is reported, not a crash.
+        Err(err) => {
+            assert!(!tch::Cuda::is_available(), "pinning failed with CUDA available: {err:#}");
+            assert!(format!("{err:#}").contains("pin_memory"), "{err:#}");
+        }
+    }
+}
+
+#[test]
+fn set_grad_makes_backward_accumulate_into_the_given_tensor() {
+    let mut param = Tensor::ones([4], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+    let buffer = Tensor::zeros([6], (Kind::Float, Device::Cpu));
+    let mut view = buffer.narrow(0, 1, 4);
+    mgrun_torch_shim::set_grad(&mut param, &mut view).unwrap();
+    (&param * 3.0).sum(Kind::Float).backward();
+    (&param * 2.0).sum(Kind::Float).backward();
+    let expected = Tensor::from_slice(&[0f32, 5.0, 5.0, 5.0, 5.0, 0.0]);
+    assert!(buffer.equal(&expected), "{buffer}");
+    let mut wrong = Tensor::zeros([3], (Kind::Float, Device::Cpu));
+    let err = mgrun_torch_shim::set_grad(&mut param, &mut wrong).unwrap_err();
+    assert!(format!("{err:#}").contains("shape"), "{err:#}");
+}
