@@ -116,7 +116,7 @@ enum Command {
 
 #[derive(Debug, Subcommand)]
 enum BenchCommand {
-    /// All-reduce bandwidth of the CPU backend across N ranks.
+    /// All-reduce time and bandwidth across N ranks: TCP backend for --cpus, NCCL for --gpus.
     Comm {
         #[command(flatten)]
         launch: LaunchArgs,
