@@ -347,20 +347,9 @@ fn steps_per_epoch(dataset: &Dataset, train_domains: &[usize], batch: usize) -> 
 /// (and `mgrun collect`) can read results.jsonl. Names follow `mgrun_sweep::registry`
 /// (`domainbed_dataset_name` / `domainbed_algorithm_name`), which derives the run seeds from them.
 fn run_args(config: &JobConfig, env: &RankEnv, dataset: &Dataset, out_dir: &std::path::Path) -> Value {
-    let dataset_name = match config.data.dataset.as_str() {
-        "pacs" => "PACS",
-        "vlcs" => "VLCS",
-        "office_home" => "OfficeHome",
-        "terra_incognita" => "TerraIncognita",
-        "domain_net" => "DomainNet",
-        other => other,
-    };
-    let algorithm = match config.method.name.as_str() {
-        "erm" => "ERM",
-        "sam" => "SAM",
-        "dsp_reg" => "DSPReg",
-        other => other,
-    };
+    // DomainBed's names, so that its collect_results (and `mgrun collect`) group runs as it does.
+    let dataset_name = mgrun_sweep::registry::domainbed_dataset_name(&config.data.dataset);
+    let algorithm = mgrun_sweep::registry::domainbed_algorithm_name(&config.method.name);
     json!({
         "dataset": dataset_name,
         "data_dir": config.data.root,
