@@ -13,29 +13,7 @@ const STEPS: u64 = 150;
 const KILLS: usize = 14;
 
 fn config(dir: &Path, data_root: &Path) -> PathBuf {
-    let path = dir.join("kill.toml");
-    let text = format!(
-        r#"
-[data]
-dataset = "synthetic"
-root = "{root}"
-test_domains = ["sketch"]
-batch_per_domain = 8
-image_size = 16
-num_workers = 1
-
-[model]
-arch = "small_cnn"
-width = 8
-
-[train]
-steps = {STEPS}
-lr = 1e-3
-seed = 11
-deterministic = true
-threads = 1
-progress_every_s = 1000.0
-
+    let rest = r#"
 [eval]
 every_steps = 1000
 
@@ -45,11 +23,8 @@ name = "dsp_reg"
 [checkpoint]
 every_steps = 1
 keep_last = 2
-"#,
-        root = data_root.display(),
-    );
-    std::fs::write(&path, text).unwrap();
-    path
+"#;
+    write_tiny_job(&dir.join("kill.toml"), data_root, STEPS as usize, 11, rest)
 }
 
 /// A small deterministic generator for the kill instants (xorshift64*).

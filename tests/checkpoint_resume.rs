@@ -11,30 +11,7 @@ use std::path::{Path, PathBuf};
 const STEPS: usize = 12;
 
 fn config(dir: &Path, data_root: &Path) -> PathBuf {
-    let path = dir.join("job.toml");
-    let text = format!(
-        r#"
-[data]
-dataset = "synthetic"
-root = "{root}"
-test_domains = ["sketch"]
-batch_per_domain = 8
-image_size = 16
-num_workers = 1
-
-[model]
-arch = "small_cnn"
-width = 8
-dropout = 0.0
-
-[train]
-steps = {STEPS}
-lr = 1e-3
-seed = 7
-deterministic = true
-threads = 1
-progress_every_s = 1000.0
-
+    let rest = r#"
 [eval]
 every_steps = 5
 
@@ -47,11 +24,8 @@ mode = "anchor"
 [checkpoint]
 every_steps = 3
 keep_last = 0
-"#,
-        root = data_root.display(),
-    );
-    std::fs::write(&path, text).unwrap();
-    path
+"#;
+    write_tiny_job(&dir.join("job.toml"), data_root, STEPS, 7, rest)
 }
 
 type Params = BTreeMap<String, Vec<f64>>;

@@ -7,54 +7,8 @@ use std::path::Path;
 const STEPS: usize = 20;
 
 fn config(dir: &Path, data_root: &Path, method: &str, extra: &str) -> std::path::PathBuf {
-    let path = dir.join(format!("{method}.toml"));
-    let text = format!(
-        r#"
-[data]
-dataset = "synthetic"
-root = "{root}"
-test_domains = ["{test}"]
-batch_per_domain = 8
-image_size = 16
-num_workers = 1
-
-[model]
-arch = "small_cnn"
-width = 8
-dropout = 0.0
-
-[train]
-steps = {STEPS}
-lr = 1e-3
-seed = 7
-deterministic = true
-threads = 1
-progress_every_s = 1000.0
-
-[eval]
-every_steps = 1000
-
-[method]
-name = "{method}"
-{extra}
-"#,
-        root = data_root.display(),
-        test = test_domain(data_root),
-    );
-    std::fs::write(&path, text).unwrap();
-    path
-}
-
-/// The last domain (sorted) of the generated dataset is held out.
-fn test_domain(root: &Path) -> String {
-    let mut names: Vec<String> = std::fs::read_dir(root)
-        .unwrap()
-        .flatten()
-        .filter(|e| e.path().is_dir())
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
-    names.sort();
-    names.pop().unwrap()
+    let rest = format!("\n[eval]\nevery_steps = 1000\n\n[method]\nname = \"{method}\"\n{extra}");
+    write_tiny_job(&dir.join(format!("{method}.toml")), data_root, STEPS, 7, &rest)
 }
 
 fn run(dir: &Path, cfg: &Path, world: usize) -> (Vec<f64>, std::collections::BTreeMap<String, Vec<f64>>) {

@@ -99,3 +99,37 @@ pub fn process_env(pid: u32, name: &str) -> Option<String> {
         kv.strip_prefix(&format!("{name}=")).map(str::to_string)
     })
 }
+
+/// Writes to `path` a deterministic job on a small synthetic dataset at `data_root` (small CNN of
+/// width 8, 8 images of 16 px per domain and step, `sketch` held out, one thread per rank) running
+/// `steps` steps from `seed`; `rest` adds the job's own tables ([eval], [method], [checkpoint]...).
+pub fn write_tiny_job(path: &Path, data_root: &Path, steps: usize, seed: u64, rest: &str) -> PathBuf {
+    let text = format!(
+        r#"
+[data]
+dataset = "synthetic"
+root = "{root}"
+test_domains = ["sketch"]
+batch_per_domain = 8
+image_size = 16
+num_workers = 1
+
+[model]
+arch = "small_cnn"
+width = 8
+dropout = 0.0
+
+[train]
+steps = {steps}
+lr = 1e-3
+seed = {seed}
+deterministic = true
+threads = 1
+progress_every_s = 1000.0
+{rest}
+"#,
+        root = data_root.display(),
+    );
+    std::fs::write(path, text).expect("writing the job config");
+    path.to_path_buf()
+}
