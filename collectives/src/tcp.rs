@@ -512,31 +512,25 @@ trait Reducible: Copy {
     fn divide(self, count: usize) -> Self;
 }
 
-impl Reducible for f32 {
-    #[inline]
-    fn combine(self, other: Self, op: ReduceOp) -> Self {
-        match op {
-            ReduceOp::Sum | ReduceOp::Avg => self + other,
-            ReduceOp::Max => self.max(other),
+/// Floating-point reductions: IEEE addition and max, division by the rank count for Avg.
+macro_rules! reducible_float {
+    ($t:ty) => {
+        impl Reducible for $t {
+            #[inline]
+            fn combine(self, other: Self, op: ReduceOp) -> Self {
+                match op {
+                    ReduceOp::Sum | ReduceOp::Avg => self + other,
+                    ReduceOp::Max => self.max(other),
+                }
+            }
+            fn divide(self, count: usize) -> Self {
+                self / count as $t
+            }
         }
-    }
-    fn divide(self, count: usize) -> Self {
-        self / count as f32
-    }
+    };
 }
-
-impl Reducible for f64 {
-    #[inline]
-    fn combine(self, other: Self, op: ReduceOp) -> Self {
-        match op {
-            ReduceOp::Sum | ReduceOp::Avg => self + other,
-            ReduceOp::Max => self.max(other),
-        }
-    }
-    fn divide(self, count: usize) -> Self {
-        self / count as f64
-    }
-}
+reducible_float!(f32);
+reducible_float!(f64);
 
 impl Reducible for i64 {
     #[inline]
