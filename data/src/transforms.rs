@@ -383,19 +383,11 @@ impl HsvTables {
             return [0, 0, maxc];
         }
         let cr_byte = maxc - minc;
-        let cr = f32::from(cr_byte);
-        let ratio = |c: u8| f32::from(maxc - c) / cr;
-        let h: f32 = if r == maxc {
-            ratio(b) - ratio(g)
-        } else if g == maxc {
-            (2.0 + f64::from(ratio(r)) - f64::from(ratio(b))) as f32
-        } else {
-            (4.0 + f64::from(ratio(g)) - f64::from(ratio(r))) as f32
-        };
-        let x = f64::from(h) / 6.0 + 1.0;
-        let h = (if x >= 1.0 { x - 1.0 } else { x }) as f32;
-        let uh = (f64::from(h) * 255.0) as i32;
-        [uh.clamp(0, 255) as u8, self.saturation[usize::from(maxc) * 256 + usize::from(cr_byte)], maxc]
+        [
+            pil_hue(r, g, b, maxc, f32::from(cr_byte)),
+            self.saturation[usize::from(maxc) * 256 + usize::from(cr_byte)],
+            maxc,
+        ]
     }
 
     #[inline]
@@ -449,6 +441,13 @@ pub fn rgb_to_hsv(r: u8, g: u8, b: u8) -> [u8; 3] {
     }
     let cr = f32::from(maxc - minc);
     let s = cr / f32::from(maxc);
+    [pil_hue(r, g, b, maxc, cr), (f64::from(s) * 255.0) as i32 as u8, maxc]
+}
+
+/// The hue byte of PIL's `rgb2hsv_row` for a pixel that is not gray (`cr = max - min > 0`),
+/// keeping its float/double mix.
+#[inline]
+fn pil_hue(r: u8, g: u8, b: u8, maxc: u8, cr: f32) -> u8 {
     // Only the two ratios the branch uses are computed; each is the same f32 division as PIL's.
     let ratio = |c: u8| f32::from(maxc - c) / cr;
     let h: f32 = if r == maxc {
@@ -461,8 +460,7 @@ pub fn rgb_to_hsv(r: u8, g: u8, b: u8) -> [u8; 3] {
     // C's fmod(x, 1.0) for x = h / 6 + 1 in [5/6, 11/6]: x - 1 is exact there (Sterbenz), and much cheaper.
     let x = f64::from(h) / 6.0 + 1.0;
     let h = (if x >= 1.0 { x - 1.0 } else { x }) as f32;
-    let clip = |x: f64| (x as i32).clamp(0, 255) as u8;
-    [clip(f64::from(h) * 255.0), clip(f64::from(s) * 255.0), maxc]
+    (f64::from(h) * 255.0).clamp(0.0, 255.0) as u8
 }
 
 /// PIL's `hsv2rgb` (libImaging/Convert.c).
