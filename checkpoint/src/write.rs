@@ -19,37 +19,76 @@ pub struct StateTensor {
     pub sharded: bool,
 }
 
-/// Host copies of the whole state at a step boundary, ready for the writer thread.
+/// What one rank writes of one state tensor, copied to host memory.
+struct HostPart {
+    name: String,
+    sharded: bool,
+    /// Shape and dtype of the whole tensor (for the manifest).
+    shape: Vec<i64>,
+    kind: Kind,
+    /// This rank's range of a sharded tensor, or the whole of a replicated one (rank 0 only).
+    data: Option<Tensor>,
+}
+
+/// Host copies of the part of the state this rank writes, at a step boundary, ready for the writer
+/// thread: its range of every sharded tensor, and (rank 0) the replicated tensors.
 pub struct Snapshot {
     pub meta: Meta,
-    pub tensors: Vec<StateTensor>,
+    rank: usize,
+    world_size: usize,
+    parts: Vec<HostPart>,
     /// Seconds the copy took (the training loop's stall, without waiting for an earlier write).
     pub copy_seconds: f64,
 }
 
 impl Snapshot {
-    /// Copies `tensors` to private, contiguous host memory (the only part that stalls training:
-    /// the device-to-host copy, or a memcpy on the CPU since training mutates the originals).
-    pub fn capture(meta: Meta, tensors: Vec<StateTensor>) -> Result<Snapshot> {
+    /// Copies what rank `rank` of `world_size` writes of `tensors` to private, contiguous host memory
+    /// (the only part that stalls training: the device-to-host copy, or a memcpy on the CPU since
+    /// training mutates the originals). Nothing else is copied, so the stall shrinks with the ranks.
+    pub fn capture(meta: Meta, tensors: Vec<StateTensor>, rank: usize, world_size: usize) -> Result<Snapshot> {
         let started = Instant::now();
+        if rank >= world_size {
+            bail!("checkpoint snapshot: rank {rank} is not below the world size {world_size}");
+        }
         let _no_grad = tch::no_grad_guard();
-        let mut host = Vec::with_capacity(tensors.len());
+        let mut parts = Vec::with_capacity(tensors.len());
         for t in tensors {
             if t.sharded && t.tensor.dim() != 1 {
                 bail!("checkpoint tensor {:?}: a sharded tensor must be 1-D, got shape {:?}", t.name, t.tensor.size());
             }
-            let copy = if t.tensor.device() == Device::Cpu {
-                t.tensor.detach().contiguous().copy()
+            let source = if t.sharded {
+                let (lo, hi) = shard_range(t.tensor.numel() as u64, rank, world_size);
+                Some(t.tensor.narrow(0, lo as i64, (hi - lo) as i64))
+            } else if rank == 0 {
+                Some(t.tensor.shallow_clone())
             } else {
-                t.tensor.detach().to_device(Device::Cpu).contiguous()
+                None
             };
-            host.push(StateTensor { name: t.name, tensor: copy, sharded: t.sharded });
+            let data = source.map(|source| {
+                if source.device() == Device::Cpu {
+                    source.detach().contiguous().copy()
+                } else {
+                    source.detach().to_device(Device::Cpu).contiguous()
+                }
+            });
+            parts.push(HostPart {
+                name: t.name,
+                sharded: t.sharded,
+                shape: t.tensor.size(),
+                kind: t.tensor.kind(),
+                data,
+            });
         }
-        Ok(Snapshot { meta, tensors: host, copy_seconds: started.elapsed().as_secs_f64() })
+        Ok(Snapshot { meta, rank, world_size, parts, copy_seconds: started.elapsed().as_secs_f64() })
     }
 
+    /// Bytes copied to host memory.
     pub fn nbytes(&self) -> u64 {
-        self.tensors.iter().map(|t| (t.tensor.numel() * t.tensor.kind().elt_size_in_bytes()) as u64).sum()
+        self.parts
+            .iter()
+            .filter_map(|p| p.data.as_ref())
+            .map(|t| (t.numel() * t.kind().elt_size_in_bytes()) as u64)
+            .sum()
     }
 }
 
@@ -179,26 +218,34 @@ impl WriteJob {
     fn run(self, snapshot: Snapshot) -> Result<WriteReport> {
         let started = Instant::now();
         let step = snapshot.meta.step;
+        if (snapshot.rank, snapshot.world_size) != (self.rank, self.world_size) {
+            bail!(
+                "checkpoint step {step}: a snapshot of rank {} of {} given to the writer of rank {} of {}",
+                snapshot.rank,
+                snapshot.world_size,
+                self.rank,
+                self.world_size
+            );
+        }
         let tmp = self.root.join(format!(".tmp-{}", step_dir_name(step)));
         std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
         let context = || format!("rank {}: writing checkpoint step {step} in {}", self.rank, tmp.display());
 
         // This rank's range of every sharded tensor.
-        let mut part: Vec<(String, Tensor)> = Vec::new();
-        for t in snapshot.tensors.iter().filter(|t| t.sharded) {
-            let (lo, hi) = shard_range(t.tensor.numel() as u64, self.rank, self.world_size);
-            if hi > lo {
-                part.push((t.name.clone(), t.tensor.narrow(0, lo as i64, (hi - lo) as i64)));
-            }
-        }
+        let part: Vec<(String, Tensor)> = snapshot
+            .parts
+            .iter()
+            .filter(|p| p.sharded)
+            .filter_map(|p| p.data.as_ref().filter(|d| d.numel() > 0).map(|d| (p.name.clone(), d.shallow_clone())))
+            .collect();
         let mut files =
             vec![write_safetensors_file(&tmp.join(part_file_name(self.rank)), &part).with_context(context)?];
         if self.rank == 0 {
             let replicated: Vec<(String, Tensor)> = snapshot
-                .tensors
+                .parts
                 .iter()
-                .filter(|t| !t.sharded)
-                .map(|t| (t.name.clone(), t.tensor.shallow_clone()))
+                .filter(|p| !p.sharded)
+                .filter_map(|p| p.data.as_ref().map(|d| (p.name.clone(), d.shallow_clone())))
                 .collect();
             files.push(write_safetensors_file(&tmp.join(REPLICATED_FILE), &replicated).with_context(context)?);
         }
@@ -267,10 +314,10 @@ impl WriteJob {
 
 fn build_manifest(snapshot: &Snapshot, world_size: usize, files: Vec<FileRecord>) -> Manifest {
     let tensors = snapshot
-        .tensors
+        .parts
         .iter()
         .map(|t| {
-            let numel = t.tensor.numel() as u64;
+            let numel = t.shape.iter().product::<i64>() as u64;
             let chunks = if t.sharded {
                 (0..world_size)
                     .filter_map(|r| {
@@ -288,8 +335,8 @@ fn build_manifest(snapshot: &Snapshot, world_size: usize, files: Vec<FileRecord>
             };
             TensorRecord {
                 name: t.name.clone(),
-                dtype: dtype_of(t.tensor.kind()).map(|d| format!("{d:?}")).unwrap_or_default(),
-                shape: t.tensor.size(),
+                dtype: dtype_of(t.kind).map(|d| format!("{d:?}")).unwrap_or_default(),
+                shape: t.shape.clone(),
                 sharded: t.sharded,
                 chunks,
             }

@@ -53,13 +53,33 @@ fn write_collectively(root: &Path, step: u64, world_size: usize, keep_last: usiz
                 let store =
                     (world_size > 1).then(|| StoreClient::connect(&addr, TOKEN, Duration::from_secs(30)).unwrap());
                 let mut writer = CheckpointWriter::new(root, rank, world_size, keep_last, store).unwrap();
-                let snapshot = Snapshot::capture(meta(step, world_size), state(step)).unwrap();
+                let snapshot = Snapshot::capture(meta(step, world_size), state(step), rank, world_size).unwrap();
+                assert_eq!(snapshot.nbytes(), copied_bytes(rank, world_size), "rank {rank} copies only its part");
                 writer.save(snapshot).unwrap();
                 let report = writer.wait().unwrap().unwrap();
                 assert_eq!(report.committed.is_some(), rank == 0);
             });
         }
     });
+}
+
+/// Bytes rank `rank` must copy: its range of the sharded tensors, plus the replicated ones on rank 0.
+fn copied_bytes(rank: usize, world_size: usize) -> u64 {
+    state(0)
+        .iter()
+        .map(|t| {
+            let elem = t.tensor.kind().elt_size_in_bytes() as u64;
+            let numel = t.tensor.numel() as u64;
+            if t.sharded {
+                let (lo, hi) = mgrun_checkpoint::shard_range(numel, rank, world_size);
+                (hi - lo) * elem
+            } else if rank == 0 {
+                numel * elem
+            } else {
+                0
+            }
+        })
+        .sum()
 }
 
 fn assert_same_state(loaded: &mgrun_checkpoint::LoadedCheckpoint, step: u64) {

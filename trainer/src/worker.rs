@@ -554,7 +554,7 @@ fn restore_model(model: &dyn Model, checkpoint: &mgrun_checkpoint::LoadedCheckpo
     Ok(())
 }
 
-/// Host copies of the whole training state after `steps_done` steps.
+/// Host copies of the part of the training state this rank writes, after `steps_done` steps.
 fn snapshot_state(
     steps_done: u64,
     config_keys: &std::collections::BTreeMap<String, String>,
@@ -587,7 +587,7 @@ fn snapshot_state(
             .map(|d| d.as_secs())
             .unwrap_or(0),
     };
-    mgrun_checkpoint::Snapshot::capture(meta, tensors)
+    mgrun_checkpoint::Snapshot::capture(meta, tensors, env.rank, env.world_size)
 }
 
 fn report_checkpoint(report: Option<&mgrun_checkpoint::WriteReport>) {
