@@ -2,7 +2,7 @@
 //! busbw = algbw * 2(n-1)/n (the all-reduce bus factor), for message sizes 1 KiB .. `max_bytes`.
 
 use crate::store::StoreClient;
-use crate::{CommError, Communicator, ReduceOp};
+use crate::{CommError, Communicator, RankDevice, ReduceOp};
 use anyhow::Context;
 use serde::Serialize;
 use std::path::Path;
@@ -95,9 +95,7 @@ pub fn run_comm_bench(comm: &dyn Communicator, opts: &CommBenchOptions) -> Resul
         }
         let mean_s = start.elapsed().as_secs_f64() / iterations as f64;
         // Report the slowest rank, as the collective is only done when every rank is.
-        let mut slowest = Tensor::from_slice(&[mean_s]).to_device(opts.device);
-        comm.all_reduce(&mut slowest, ReduceOp::Max)?;
-        let time_s = slowest.double_value(&[0]);
+        let time_s = crate::scalars::all_reduce_f64(comm, &[mean_s], ReduceOp::Max)?[0];
         let algbw_gbps = bytes as f64 / time_s / 1e9;
         rows.push(CommBenchRow {
             bytes,
@@ -169,12 +167,10 @@ pub fn bench_worker_main(max_bytes: usize, json_out: Option<&Path>) -> anyhow::R
     };
     let timeout = Duration::from_secs_f64(timeout_s);
     let store = StoreClient::from_env(timeout).context("connecting to the rendezvous store")?;
-    // CUDA ranks (MGRUN_DEVICE=cuda) measure NCCL on device memory; CPU ranks the TCP backend.
-    let device = match std::env::var("MGRUN_DEVICE").as_deref() {
-        Ok("cuda") => Device::Cuda(env_usize("LOCAL_RANK")?),
-        _ => Device::Cpu,
-    };
-    let backend = crate::Backend::select("auto", device)?;
+    // CUDA ranks (MGRUN_DEVICE=cuda) measure NCCL on device memory (the TCP backend through pinned
+    // host buffers when ranks share a GPU); CPU ranks the TCP backend.
+    let RankDevice { device, ranks_per_gpu } = RankDevice::from_env()?;
+    let backend = crate::Backend::select("auto", device, ranks_per_gpu)?;
     let comm = crate::connect(backend, &store, rank, world_size, device, timeout)
         .with_context(|| format!("rank {rank} joining the world of {world_size}"))?;
     let comm = comm.as_ref();
@@ -206,7 +202,7 @@ mod tests {
     #[test]
     fn single_rank_bench_and_table() {
         let options = CommBenchOptions { max_bytes: 4 << 10, ..CommBenchOptions::default() };
-        let rows = run_comm_bench(&crate::SingleRank, &options).unwrap();
+        let rows = run_comm_bench(&crate::SingleRank::default(), &options).unwrap();
         assert_eq!(rows.len(), 2);
         assert_eq!(rows[1].elements, 1024);
         assert_eq!(rows[0].busbw_gbps, 0.0);

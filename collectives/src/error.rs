@@ -9,6 +9,17 @@ pub enum CommError {
     PeerLost { op: &'static str, peer: usize, source: std::io::Error },
     #[error("rendezvous store at {addr}: {message}")]
     Store { addr: String, message: String },
+    #[error(
+        "{op}: rank {rank}: the tensor is on {tensor_device:?} but this {backend} communicator works on \
+         {comm_device:?}; every collective takes tensors on its communicator's device"
+    )]
+    WrongDevice {
+        op: &'static str,
+        rank: usize,
+        backend: &'static str,
+        tensor_device: tch::Device,
+        comm_device: tch::Device,
+    },
     #[error("{op}: {message}")]
     Invalid { op: &'static str, message: String },
     #[error("{op}: {source}")]

@@ -15,7 +15,7 @@
 //! `libnccl.so.2`, and the `mgrun` launcher puts a `libnccl.so` link to it on the ranks' LD_LIBRARY_PATH.
 
 use crate::store::StoreClient;
-use crate::{CommError, Communicator, ReduceOp, Result};
+use crate::{check_device, CommError, Communicator, ReduceOp, Result};
 use cudarc::driver::{CudaContext, CudaEvent, CudaStream, DriverError};
 use cudarc::nccl::sys as nccl;
 use std::cell::{Cell, RefCell};
@@ -285,12 +285,7 @@ impl NcclCommunicator {
 
     /// The NCCL type of a tensor this communicator can take, or why not.
     fn check_tensor(&self, op: &'static str, tensor: &Tensor) -> Result<nccl::ncclDataType_t> {
-        if tensor.device() != self.device {
-            return Err(CommError::Invalid {
-                op,
-                message: format!("the tensor is on {:?}, this NCCL communicator on {:?}", tensor.device(), self.device),
-            });
-        }
+        check_device(self, op, tensor)?;
         nccl_type(tensor.kind()).ok_or_else(|| CommError::Invalid {
             op,
             message: format!("NCCL cannot reduce {:?} tensors", tensor.kind()),
@@ -335,6 +330,10 @@ impl Communicator for NcclCommunicator {
 
     fn backend(&self) -> &'static str {
         "nccl"
+    }
+
+    fn device(&self) -> Device {
+        self.device
     }
 
     fn all_reduce(&self, tensor: &mut Tensor, op: ReduceOp) -> Result<()> {

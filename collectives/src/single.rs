@@ -1,9 +1,25 @@
-use crate::{Communicator, ReduceOp, Result};
-use tch::Tensor;
+use crate::{check_device, Communicator, ReduceOp, Result};
+use tch::{Device, Tensor};
 
-/// The world of one rank: every collective is the identity.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct SingleRank;
+/// The world of one rank: every collective is the identity, but the device rule is checked as in
+/// the other backends, so a one-rank run catches what would fail on several.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SingleRank {
+    device: Device,
+}
+
+impl SingleRank {
+    pub fn new(device: Device) -> Self {
+        Self { device }
+    }
+}
+
+impl Default for SingleRank {
+    /// The world of one CPU rank.
+    fn default() -> Self {
+        Self::new(Device::Cpu)
+    }
+}
 
 impl Communicator for SingleRank {
     fn rank(&self) -> usize {
@@ -15,19 +31,23 @@ impl Communicator for SingleRank {
     fn backend(&self) -> &'static str {
         "single"
     }
-    fn all_reduce(&self, _tensor: &mut Tensor, _op: ReduceOp) -> Result<()> {
-        Ok(())
+    fn device(&self) -> Device {
+        self.device
     }
-    fn broadcast(&self, _tensor: &mut Tensor, _root: usize) -> Result<()> {
-        Ok(())
+    fn all_reduce(&self, tensor: &mut Tensor, _op: ReduceOp) -> Result<()> {
+        check_device(self, "all_reduce", tensor)
+    }
+    fn broadcast(&self, tensor: &mut Tensor, _root: usize) -> Result<()> {
+        check_device(self, "broadcast", tensor)
     }
     fn all_gather(&self, tensor: &Tensor) -> Result<Tensor> {
+        check_device(self, "all_gather", tensor)?;
         Ok(tensor.unsqueeze(0))
     }
     fn barrier(&self) -> Result<()> {
         Ok(())
     }
     fn split(&self, _color: usize) -> Result<Box<dyn Communicator>> {
-        Ok(Box::new(SingleRank))
+        Ok(Box::new(*self))
     }
 }

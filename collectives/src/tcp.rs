@@ -6,13 +6,17 @@
 //! overlaps the transfer of the following ones. Small all-reduces all-gather the whole buffers (n-1 hops
 //! instead of 2(n-1)) and reduce locally in rank order, so every rank gets bit-identical results.
 //!
+//! Device: a communicator of a CUDA rank takes CUDA tensors and moves them through a pinned host
+//! buffer (as gloo does); a CPU communicator works on the tensors' own memory when it is contiguous.
+//!
 //! Failures: every socket read and write is bounded by the timeout. The first rank to notice a dead or
 //! stalled peer publishes that peer's rank in the store before closing its own sockets; ranks further
 //! down the ring then see their link close, read the published rank and report it, so every rank names
 //! the rank that actually failed.
 
+use crate::staging::HostStaging;
 use crate::store::StoreClient;
-use crate::{CommError, Communicator, ReduceOp, Result};
+use crate::{check_device, CommError, Communicator, ReduceOp, Result};
 use std::cell::Cell;
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs};
@@ -129,6 +133,10 @@ pub struct TcpCommunicator {
     store: Arc<StoreClient>,
     timeout: Duration,
     options: TcpOptions,
+    /// The device of the tensors it takes (see the module docs).
+    device: Device,
+    /// Pinned host memory for the tensors of a CUDA device.
+    staging: HostStaging,
     state: Mutex<State>,
 }
 
@@ -138,6 +146,7 @@ impl std::fmt::Debug for TcpCommunicator {
             .field("rank", &self.rank)
             .field("world_size", &self.world_size)
             .field("global_ranks", &self.global_ranks)
+            .field("device", &self.device)
             .field("prefix", &self.prefix)
             .finish()
     }
@@ -254,16 +263,24 @@ async fn connect_next(
 }
 
 impl TcpCommunicator {
-    /// Joins the world of `world_size` ranks as `rank`: listens on a free port, publishes its address in
-    /// the store and connects to its ring neighbours. Options come from [`TcpOptions::from_env`].
-    pub fn connect(store: &StoreClient, rank: usize, world_size: usize, timeout: Duration) -> Result<Self> {
-        Self::connect_with(store, rank, world_size, timeout, TcpOptions::from_env()?)
+    /// Joins the world of `world_size` ranks as `rank`, taking tensors on `device`: listens on a free
+    /// port, publishes its address in the store and connects to its ring neighbours. Options come from
+    /// [`TcpOptions::from_env`].
+    pub fn connect(
+        store: &StoreClient,
+        rank: usize,
+        world_size: usize,
+        device: Device,
+        timeout: Duration,
+    ) -> Result<Self> {
+        Self::connect_with(store, rank, world_size, device, timeout, TcpOptions::from_env()?)
     }
 
     pub fn connect_with(
         store: &StoreClient,
         rank: usize,
         world_size: usize,
+        device: Device,
         timeout: Duration,
         options: TcpOptions,
     ) -> Result<Self> {
@@ -278,18 +295,19 @@ impl TcpCommunicator {
         // benchmark, then training) gets fresh keys each time as long as every rank does the same.
         let generation = store.add(&format!("mgrun/tcp/generation/{rank}"), 1)?;
         let prefix = format!("mgrun/tcp/world{generation}");
-        Self::build(store, prefix, rank, world_size, (0..world_size).collect(), timeout, options)
+        let members = Members { rank, world_size, global_ranks: (0..world_size).collect() };
+        Self::build(store, prefix, members, device, timeout, options)
     }
 
     fn build(
         store: Arc<StoreClient>,
         prefix: String,
-        rank: usize,
-        world_size: usize,
-        global_ranks: Vec<usize>,
+        members: Members,
+        device: Device,
         timeout: Duration,
         options: TcpOptions,
     ) -> Result<Self> {
+        let Members { rank, world_size, global_ranks } = members;
         let runtime =
             tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(io_error("tcp runtime"))?;
         let mut communicator = TcpCommunicator {
@@ -300,6 +318,8 @@ impl TcpCommunicator {
             store,
             timeout,
             options,
+            device,
+            staging: HostStaging::default(),
             state: Mutex::new(State { links: None, runtime, sequence: 0, splits: 0, failure: None }),
         };
         if world_size > 1 {
@@ -466,6 +486,14 @@ impl TcpCommunicator {
             }
         }
     }
+}
+
+/// This rank's place in a (possibly split) group.
+struct Members {
+    rank: usize,
+    world_size: usize,
+    /// Rank in the original world of each rank of the group.
+    global_ranks: Vec<usize>,
 }
 
 type LocalFuture<'a> = std::pin::Pin<Box<dyn Future<Output = std::result::Result<(), LinkFailure>> + 'a>>;
@@ -896,23 +924,40 @@ fn even_chunks(bytes: usize, elem_size: usize, n: usize) -> Vec<Range<usize>> {
         .collect()
 }
 
-/// Runs `work` on a contiguous host copy of `tensor` when it is not already contiguous CPU memory,
-/// copying the result back into the tensor's own storage.
-fn with_host_bytes(tensor: &mut Tensor, op: &'static str, work: impl FnOnce(RawBuf) -> Result<()>) -> Result<()> {
-    let bytes = tensor.numel() * tensor.kind().elt_size_in_bytes();
-    if bytes == 0 {
-        return Ok(());
+impl TcpCommunicator {
+    /// Runs `work` on host memory holding `tensor`'s values: the tensor's own storage when it is
+    /// contiguous CPU memory, otherwise a contiguous host copy (pinned, for CUDA tensors) whose result
+    /// is copied back into the tensor.
+    fn with_host_bytes(
+        &self,
+        tensor: &mut Tensor,
+        op: &'static str,
+        work: impl FnOnce(RawBuf) -> Result<()>,
+    ) -> Result<()> {
+        let bytes = tensor.numel() * tensor.kind().elt_size_in_bytes();
+        if bytes == 0 {
+            return Ok(());
+        }
+        if tensor.device() == Device::Cpu && tensor.is_contiguous() {
+            return work(RawBuf { ptr: tensor.data_ptr() as *mut u8, len: bytes });
+        }
+        let host = self.host_tensor(op, &tensor.size(), tensor.kind())?;
+        tch::no_grad(|| host.shallow_clone().f_copy_(tensor))
+            .map_err(|e| CommError::Invalid { op, message: format!("cannot copy the tensor to host memory: {e}") })?;
+        work(RawBuf { ptr: host.data_ptr() as *mut u8, len: bytes })?;
+        tch::no_grad(|| tensor.f_copy_(&host))
+            .map_err(|e| CommError::Invalid { op, message: format!("cannot copy the result back: {e}") })
     }
-    if tensor.device() == Device::Cpu && tensor.is_contiguous() {
-        return work(RawBuf { ptr: tensor.data_ptr() as *mut u8, len: bytes });
+
+    /// An uninitialised contiguous host tensor: pinned staging memory on CUDA ranks, a fresh
+    /// allocation on CPU ranks.
+    fn host_tensor(&self, op: &'static str, shape: &[i64], kind: Kind) -> Result<Tensor> {
+        if self.device == Device::Cpu {
+            return Tensor::f_empty(shape, (kind, Device::Cpu))
+                .map_err(|e| CommError::Invalid { op, message: format!("cannot allocate host memory: {e}") });
+        }
+        self.staging.tensor(op, shape, kind)
     }
-    let host = tensor
-        .f_to_device(Device::Cpu)
-        .and_then(|t| t.f_contiguous())
-        .map_err(|e| CommError::Invalid { op, message: format!("cannot copy the tensor to host memory: {e}") })?;
-    work(RawBuf { ptr: host.data_ptr() as *mut u8, len: bytes })?;
-    tch::no_grad(|| tensor.f_copy_(&host))
-        .map_err(|e| CommError::Invalid { op, message: format!("cannot copy the result back: {e}") })
 }
 
 fn check_alignment(buffer: RawBuf, elem_size: usize, op: &'static str) -> Result<()> {
@@ -933,9 +978,13 @@ impl Communicator for TcpCommunicator {
     fn backend(&self) -> &'static str {
         "tcp"
     }
+    fn device(&self) -> Device {
+        self.device
+    }
 
     fn all_reduce(&self, tensor: &mut Tensor, op: ReduceOp) -> Result<()> {
         const OP: &str = "all_reduce";
+        check_device(self, OP, tensor)?;
         let elem = Elem::of(tensor.kind()).ok_or_else(|| CommError::Invalid {
             op: OP,
             message: format!("dtype {:?} is not supported (f32, f64, i64)", tensor.kind()),
@@ -948,7 +997,7 @@ impl Communicator for TcpCommunicator {
             return Ok(());
         }
         let (rank, segment_bytes, small_bytes) = (self.rank, self.options.segment_bytes, self.options.small_bytes);
-        with_host_bytes(tensor, OP, |buffer| {
+        self.with_host_bytes(tensor, OP, |buffer| {
             check_alignment(buffer, elem.size(), OP)?;
             let bytes = buffer.len;
             let kind_code = op_code(op) | (elem.code() << 4);
@@ -1002,6 +1051,7 @@ impl Communicator for TcpCommunicator {
 
     fn broadcast(&self, tensor: &mut Tensor, root: usize) -> Result<()> {
         const OP: &str = "broadcast";
+        check_device(self, OP, tensor)?;
         let n = self.world_size;
         if root >= n {
             return Err(CommError::Invalid { op: OP, message: format!("root {root} is not a rank of a group of {n}") });
@@ -1011,7 +1061,7 @@ impl Communicator for TcpCommunicator {
         }
         let (rank, segment_bytes) = (self.rank, self.options.segment_bytes);
         let kind_code = tensor.kind().elt_size_in_bytes() as u32;
-        with_host_bytes(tensor, OP, |buffer| {
+        self.with_host_bytes(tensor, OP, |buffer| {
             let header = Header::new(KIND_BROADCAST | ((root as u32) << 4) | kind_code, buffer.len);
             self.run_on_links(OP, header, |links, header, timeout| {
                 Box::pin(
@@ -1023,11 +1073,11 @@ impl Communicator for TcpCommunicator {
 
     fn all_gather(&self, tensor: &Tensor) -> Result<Tensor> {
         const OP: &str = "all_gather";
+        check_device(self, OP, tensor)?;
         let n = self.world_size;
         let mut shape = vec![n as i64];
         shape.extend(tensor.size());
-        let gathered = Tensor::f_empty(shape.as_slice(), (tensor.kind(), Device::Cpu))
-            .map_err(|e| CommError::Invalid { op: OP, message: format!("cannot allocate the result: {e}") })?;
+        let gathered = self.host_tensor(OP, &shape, tensor.kind())?;
         tch::no_grad(|| gathered.get(self.rank as i64).f_copy_(tensor))
             .map_err(|e| CommError::Invalid { op: OP, message: format!("cannot copy the input: {e}") })?;
         if n > 1 {
@@ -1104,12 +1154,12 @@ impl Communicator for TcpCommunicator {
             message: "this rank is missing from its own color group".into(),
         })?;
         let global_ranks = members.iter().map(|&member| self.global_ranks[member]).collect();
+        let group = Members { rank: new_rank, world_size: members.len(), global_ranks };
         let communicator = TcpCommunicator::build(
             self.store.clone(),
             format!("{base}/color{color}"),
-            new_rank,
-            members.len(),
-            global_ranks,
+            group,
+            self.device,
             self.timeout,
             self.options,
         )?;

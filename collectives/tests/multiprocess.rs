@@ -28,6 +28,7 @@ fn run_world(world: usize, args: &[&str], timeout_s: f64, limit: Duration) -> Wo
                 .env("MGRUN_STORE_TOKEN", TOKEN)
                 .env("MGRUN_COMM_TIMEOUT_S", timeout_s.to_string())
                 .env_remove("MGRUN_ADVERTISE_ADDR")
+                .env_remove("MGRUN_DEVICE")
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
                 .spawn()
@@ -101,6 +102,20 @@ fn correctness_world_of_3() {
 #[test]
 fn correctness_world_of_4() {
     assert_all_passed(&run_world(4, &["correctness"], 20.0, Duration::from_secs(120)));
+}
+
+/// The device-generic check (what scripts/multi-gpu-check.sh runs on GPUs) on CPU ranks, TCP backend.
+#[test]
+fn device_correctness_on_cpu_ranks() {
+    let world = run_world(3, &["device-correctness"], 20.0, Duration::from_secs(120));
+    for (rank, output) in world.outputs.iter().enumerate() {
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success() && stdout.contains("all device checks passed") && stdout.contains("Int64"),
+            "rank {rank} failed:{}",
+            describe(&world.outputs)
+        );
+    }
 }
 
 /// Parses `RESULT rank=.. elapsed_ms=.. kind=.. error=..` lines of the surviving ranks.

@@ -1,14 +1,18 @@
 //! The NCCL backend and backend selection.
 //!
-//! Selection tests run everywhere. The NCCL tests need a CUDA device (they print "skipped: no CUDA" and
-//! pass elsewhere) and run at world size 1, since NCCL refuses two ranks on one GPU and the GPU machines
-//! have one: results are checked against values computed on the CPU, including on views with a storage
-//! offset, after GPU work queued just before the collective (stream ordering), and a two-rank world whose
-//! second rank never joins must time out and abort instead of hanging. They need `libnccl.so` on
-//! LD_LIBRARY_PATH (shared/device/gpu-env.sh makes it; `mgrun` does it for its ranks).
+//! Selection tests run everywhere. The CUDA tests are `#[ignore]`d, so that a machine without a GPU
+//! lists them as ignored by name instead of passing them; `scripts/gpu-check.sh` runs them with
+//! `--ignored`, and there they fail if CUDA is missing. They run at world size 1 for NCCL, since NCCL
+//! refuses two ranks on one GPU (scripts/multi-gpu-check.sh covers more GPUs): results are checked
+//! against values computed on the CPU, including on views with a storage offset, after GPU work queued
+//! just before the collective (stream ordering), and a two-rank world whose second rank never joins must
+//! time out and abort instead of hanging. The TCP backend on CUDA tensors (pinned host staging) runs
+//! three ranks as threads on one GPU. They need `libnccl.so` on LD_LIBRARY_PATH
+//! (shared/device/gpu-env.sh makes it; `mgrun` does it for its ranks).
 
 use mgrun_collectives::nccl::{nccl_library_status, nccl_version, NcclCommunicator};
 use mgrun_collectives::store::{StoreClient, StoreServer};
+use mgrun_collectives::tcp::TcpCommunicator;
 use mgrun_collectives::{all_reduce_flat, Backend, CommError, Communicator, ReduceOp};
 use std::cell::Cell;
 use std::sync::Mutex;
@@ -25,9 +29,12 @@ fn store() -> (StoreServer, StoreClient) {
     (server, client)
 }
 
-/// Loads libtorch's CUDA backend (the linker drops it, see launcher/src/cuda.rs) and says whether a GPU
-/// is usable; prints the skip note when not.
-fn cuda_device() -> Option<Device> {
+/// Why the CUDA tests are ignored on machines without a GPU.
+const NEEDS_CUDA: &str = "needs a CUDA GPU and NCCL: scripts/gpu-check.sh runs it with --ignored";
+
+/// Loads libtorch's CUDA backend (the linker drops it, see launcher/src/cuda.rs) and returns the GPU;
+/// fails the test when there is none (these tests only run when asked for, on a GPU machine).
+fn cuda_device() -> Device {
     let lib = match option_env!("MGRUN_LIBTORCH_LIB") {
         Some(dir) => format!("{dir}/libtorch_cuda.so"),
         None => "libtorch_cuda.so".to_string(),
@@ -39,14 +46,11 @@ fn cuda_device() -> Option<Device> {
             break;
         }
     }
-    if !tch::Cuda::is_available() {
-        println!("skipped: no CUDA");
-        return None;
-    }
+    assert!(tch::Cuda::is_available(), "CUDA is not available: this test {NEEDS_CUDA}");
     if let Err(why) = nccl_library_status() {
         panic!("CUDA is available but NCCL is not: {why}");
     }
-    Some(Device::Cuda(0))
+    Device::Cuda(0)
 }
 
 fn connect_one(store: &StoreClient, device: Device) -> NcclCommunicator {
@@ -55,18 +59,27 @@ fn connect_one(store: &StoreClient, device: Device) -> NcclCommunicator {
 
 #[test]
 fn auto_picks_nccl_on_cuda_and_tcp_on_cpu() {
-    assert_eq!(Backend::select("auto", Device::Cpu).unwrap(), Backend::Tcp);
-    assert_eq!(Backend::select("auto", Device::Cuda(0)).unwrap(), Backend::Nccl);
-    assert_eq!(Backend::select("auto", Device::Cuda(3)).unwrap(), Backend::Nccl);
-    assert_eq!(Backend::select("tcp", Device::Cuda(0)).unwrap(), Backend::Tcp);
-    assert_eq!(Backend::select("nccl", Device::Cuda(1)).unwrap(), Backend::Nccl);
-    let unknown = Backend::select("mpi", Device::Cpu).unwrap_err().to_string();
+    assert_eq!(Backend::select("auto", Device::Cpu, 1).unwrap(), Backend::Tcp);
+    assert_eq!(Backend::select("auto", Device::Cuda(0), 1).unwrap(), Backend::Nccl);
+    assert_eq!(Backend::select("auto", Device::Cuda(3), 1).unwrap(), Backend::Nccl);
+    assert_eq!(Backend::select("tcp", Device::Cuda(0), 1).unwrap(), Backend::Tcp);
+    assert_eq!(Backend::select("nccl", Device::Cuda(1), 1).unwrap(), Backend::Nccl);
+    let unknown = Backend::select("mpi", Device::Cpu, 1).unwrap_err().to_string();
     assert!(unknown.contains("\"mpi\""), "{unknown}");
 }
 
 #[test]
+fn shared_gpus_use_tcp_and_refuse_nccl() {
+    assert_eq!(Backend::select("auto", Device::Cuda(0), 3).unwrap(), Backend::Tcp);
+    assert_eq!(Backend::select("tcp", Device::Cuda(0), 3).unwrap(), Backend::Tcp);
+    let message = Backend::select("nccl", Device::Cuda(0), 3).unwrap_err().to_string();
+    assert!(message.contains("NCCL refuses two ranks") && message.contains("--ranks-per-gpu"), "{message}");
+    assert!(message.contains("\"tcp\""), "{message}");
+}
+
+#[test]
 fn nccl_on_cpu_is_refused_clearly() {
-    let message = Backend::select("nccl", Device::Cpu).unwrap_err().to_string();
+    let message = Backend::select("nccl", Device::Cpu, 1).unwrap_err().to_string();
     assert!(message.contains("comm.backend") && message.contains("CUDA"), "{message}");
     assert!(message.contains("--gpus") && message.contains("\"tcp\""), "{message}");
 
@@ -96,9 +109,10 @@ fn library_probe_never_panics() {
 const KINDS: [Kind; 5] = [Kind::Float, Kind::Double, Kind::BFloat16, Kind::Half, Kind::Int64];
 
 #[test]
+#[ignore = "needs a CUDA GPU and NCCL: scripts/gpu-check.sh runs it with --ignored"]
 fn collectives_on_cuda_tensors() {
     let _gpu = GPU.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    let Some(device) = cuda_device() else { return };
+    let device = cuda_device();
     println!("NCCL {}", nccl_version().unwrap());
     let (_server, client) = store();
     let comm = connect_one(&client, device);
@@ -138,7 +152,8 @@ fn collectives_on_cuda_tensors() {
 
     // Misuse is an error, not a crash.
     let error = comm.all_reduce(&mut Tensor::ones([4], (Kind::Float, Device::Cpu)), ReduceOp::Sum).unwrap_err();
-    assert!(error.to_string().contains("Cpu"), "{error}");
+    assert!(matches!(error, CommError::WrongDevice { .. }), "{error}");
+    assert!(error.to_string().contains("Cpu") && error.to_string().contains("rank 0"), "{error}");
     let error = comm.all_reduce(&mut Tensor::ones([4], (Kind::Bool, device)), ReduceOp::Sum).unwrap_err();
     assert!(error.to_string().contains("Bool"), "{error}");
     assert!(comm.broadcast(&mut Tensor::ones([4], (Kind::Float, device)), 1).is_err());
@@ -173,6 +188,9 @@ impl Communicator for Counting<'_> {
     fn backend(&self) -> &'static str {
         "nccl"
     }
+    fn device(&self) -> Device {
+        self.inner.device()
+    }
     fn all_reduce(&self, tensor: &mut Tensor, op: ReduceOp) -> mgrun_collectives::Result<()> {
         self.calls.set(self.calls.get() + 1);
         self.inner.all_reduce(tensor, op)
@@ -192,9 +210,10 @@ impl Communicator for Counting<'_> {
 }
 
 #[test]
+#[ignore = "needs a CUDA GPU and NCCL: scripts/gpu-check.sh runs it with --ignored"]
 fn bucketed_flat_all_reduce_on_cuda() {
     let _gpu = GPU.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    let Some(device) = cuda_device() else { return };
+    let device = cuda_device();
     let (_server, client) = store();
     let comm = connect_one(&client, device);
     // ResNet-50's gradient size: 25.6 M f32 parameters in one flat buffer, 25 MB buckets.
@@ -224,9 +243,10 @@ fn bucketed_flat_all_reduce_on_cuda() {
 }
 
 #[test]
+#[ignore = "needs a CUDA GPU and NCCL: scripts/gpu-check.sh runs it with --ignored"]
 fn a_rank_that_never_joins_times_out_and_aborts() {
     let _gpu = GPU.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    let Some(device) = cuda_device() else { return };
+    let device = cuda_device();
     let (_server, client) = store();
     let timeout = Duration::from_secs(3);
     let started = Instant::now();
@@ -245,4 +265,51 @@ fn a_rank_that_never_joins_times_out_and_aborts() {
     let mut tensor = Tensor::ones([16], (Kind::Float, device));
     comm.all_reduce(&mut tensor, ReduceOp::Sum).unwrap();
     assert!(tensor.equal(&Tensor::ones([16], (Kind::Float, device))));
+}
+
+/// The TCP backend on CUDA tensors: three ranks (threads) sharing one GPU, as `--ranks-per-gpu 3` runs
+/// them, against a sequential CPU reference, for every dtype the ring reduces.
+#[test]
+#[ignore = "needs a CUDA GPU and NCCL: scripts/gpu-check.sh runs it with --ignored"]
+fn tcp_backend_on_cuda_tensors_through_pinned_staging() {
+    let _gpu = GPU.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let device = cuda_device();
+    let (_server, client) = store();
+    const WORLD: usize = 3;
+    let results: Vec<std::thread::Result<()>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..WORLD)
+            .map(|rank| {
+                let client = client.try_clone().unwrap();
+                scope.spawn(move || {
+                    let comm = TcpCommunicator::connect(&client, rank, WORLD, device, Duration::from_secs(60)).unwrap();
+                    assert_eq!(comm.device(), device);
+                    // Every rank holds rank + 1 times a ramp; large enough for the pipelined ring path.
+                    let ramp =
+                        |kind: Kind| Tensor::arange(100_000, (Kind::Int64, Device::Cpu)).remainder(89).to_kind(kind);
+                    for kind in [Kind::Float, Kind::Double, Kind::Int64] {
+                        let mut tensor = (ramp(kind) * (rank as i64 + 1)).to_device(device);
+                        comm.all_reduce(&mut tensor, ReduceOp::Sum).unwrap();
+                        assert_eq!(tensor.device(), device);
+                        let expected = ramp(kind) * 6;
+                        assert!(tensor.to_device(Device::Cpu).equal(&expected), "tcp all_reduce {kind:?} on CUDA");
+                        let mut tensor = (ramp(kind) * (rank as i64 + 1)).to_device(device);
+                        comm.broadcast(&mut tensor, 2).unwrap();
+                        assert!(tensor.to_device(Device::Cpu).equal(&(ramp(kind) * 3)), "tcp broadcast {kind:?}");
+                        let gathered = comm.all_gather(&(ramp(kind) * (rank as i64 + 1)).to_device(device)).unwrap();
+                        assert_eq!((gathered.device(), gathered.size()), (device, vec![3, 100_000]));
+                        for r in 0..WORLD {
+                            let expected = ramp(kind) * (r as i64 + 1);
+                            assert!(gathered.get(r as i64).to_device(Device::Cpu).equal(&expected), "tcp all_gather");
+                        }
+                    }
+                    let error = comm.all_reduce(&mut Tensor::ones([4], (Kind::Float, Device::Cpu)), ReduceOp::Sum);
+                    assert!(matches!(error, Err(CommError::WrongDevice { .. })), "{error:?}");
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join()).collect()
+    });
+    for (rank, result) in results.into_iter().enumerate() {
+        assert!(result.is_ok(), "rank {rank} failed");
+    }
 }

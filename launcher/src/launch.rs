@@ -51,6 +51,8 @@ impl DeviceKind {
 pub struct LaunchPlan {
     pub world_size: usize,
     pub device: DeviceKind,
+    /// CUDA ranks sharing each GPU: rank r computes on GPU r / ranks_per_gpu.
+    pub ranks_per_gpu: usize,
     pub out_dir: PathBuf,
     /// Arguments given to every worker after the path of this executable (e.g. `worker --out DIR CONFIG`).
     pub worker_args: Vec<OsString>,
@@ -74,8 +76,13 @@ pub fn launch(plan: &LaunchPlan) -> anyhow::Result<i32> {
     let server = StoreServer::start(plan.store_bind, token.clone())
         .with_context(|| format!("starting the rendezvous store on {}", plan.store_bind))?;
     let master_port = server.addr().port();
+    let sharing = if plan.device == DeviceKind::Cuda && plan.ranks_per_gpu > 1 {
+        format!(" ({} per GPU on {} GPU(s))", plan.ranks_per_gpu, plan.world_size.div_ceil(plan.ranks_per_gpu))
+    } else {
+        String::new()
+    };
     println!(
-        "mgrun: {} {} rank(s), out dir {}, store {}:{}",
+        "mgrun: {} {} rank(s){sharing}, out dir {}, store {}:{}",
         plan.world_size,
         plan.device.env_value(),
         plan.out_dir.display(),
@@ -294,6 +301,9 @@ fn spawn_rank(
         command.env("OMP_NUM_THREADS", (cores / plan.world_size).max(1).to_string());
     }
     if plan.device == DeviceKind::Cuda {
+        command
+            .env("MGRUN_CUDA_DEVICE", (rank / plan.ranks_per_gpu.max(1)).to_string())
+            .env("MGRUN_RANKS_PER_GPU", plan.ranks_per_gpu.max(1).to_string());
         // cudarc loads NCCL as `libnccl.so`; the ranks find mgrun's link to libtorch's libnccl.so.2.
         match crate::cuda::worker_library_path() {
             Ok(library_path) => {

@@ -45,9 +45,14 @@ struct Cli {
 /// Where and how many ranks run.
 #[derive(Debug, Clone, Default, Args)]
 struct LaunchArgs {
-    /// One rank per GPU, on the first N visible GPUs (honours CUDA_VISIBLE_DEVICES).
+    /// N GPU ranks: one per GPU on the first N visible GPUs (honours CUDA_VISIBLE_DEVICES), or
+    /// --ranks-per-gpu per GPU.
     #[arg(long, value_name = "N", conflicts_with = "cpus")]
     gpus: Option<usize>,
+    /// Let K ranks share each GPU (rank r on GPU r / K), to check multi-rank runs on fewer GPUs; needs
+    /// the TCP backend, since NCCL refuses two ranks on one GPU [default: 1].
+    #[arg(long, value_name = "K", requires = "gpus")]
+    ranks_per_gpu: Option<usize>,
     /// N CPU ranks (the default is 1).
     #[arg(long, value_name = "N")]
     cpus: Option<usize>,
@@ -135,6 +140,16 @@ enum BenchCommand {
         #[command(flatten)]
         args: StepBenchArgs,
     },
+    /// Images per rank and modelled step-time efficiency of the sharding plan for W = 1..8 ranks
+    /// and the DomainBed datasets' numbers of training domains (the first plan against the balanced one).
+    Sharding {
+        /// Images per domain per step (DomainBed's 32).
+        #[arg(long, value_name = "B", default_value_t = 32)]
+        batch_per_domain: usize,
+        /// Largest number of ranks.
+        #[arg(long, value_name = "W", default_value_t = 8)]
+        max_ranks: usize,
+    },
     /// Images/s of the training data loader (decode + DomainBed's training transform), in total and per
     /// worker thread, on a config's dataset or a directory of `<domain>/<class>/<image>` files.
     Data(DataBenchArgs),
@@ -219,6 +234,9 @@ struct StepBenchArgs {
     /// Also time the phases of the ERM step.
     #[arg(long)]
     phases: bool,
+    /// Deterministic mode with micro-batches of M images (train.micro_batch): its cost on one rank.
+    #[arg(long, value_name = "M")]
+    micro_batch: Option<usize>,
     /// Also write the rows as JSON to FILE.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
@@ -283,6 +301,15 @@ fn run(cli: Cli, cuda_load_error: Option<&str>) -> anyhow::Result<i32> {
             }
             // A typo in the config fails here, once and at once, instead of in every rank.
             let job = mgrun_trainer::JobConfig::load(&config, &overrides)?;
+            if cli.launch.ranks_per_gpu.unwrap_or(1) > 1 && job.comm.backend == "nccl" {
+                anyhow::bail!(
+                    "config {}: comm.backend = \"nccl\" cannot run with --ranks-per-gpu {}: NCCL refuses two ranks of \
+                     one communicator on the same GPU; use comm.backend = \"tcp\" or \"auto\" (TCP through pinned host \
+                     memory) to share GPUs",
+                    config.display(),
+                    cli.launch.ranks_per_gpu.unwrap_or(1)
+                );
+            }
             anyhow::ensure!(
                 !(cli.resume.as_deref() == Some("auto") && cli.launch.out.is_none() && job.checkpoint.dir.is_none()),
                 "--resume auto looks for checkpoints in the run's output directory: give the run's --out DIR \
@@ -319,6 +346,20 @@ fn run_command(command: Command, top_launch: &LaunchArgs, cuda_load_error: Optio
             }
             launch_job(&launch, out_dir, worker_args, cuda_load_error)
         }
+        Command::Bench { which: BenchCommand::Sharding { batch_per_domain, max_ranks } } => {
+            // One test domain held out of each dataset's domains, as in a DomainBed sweep.
+            let datasets: Vec<(&str, usize)> = mgrun_data::registry::DATASETS
+                .iter()
+                .map(|spec| (spec.name, spec.domains.len().saturating_sub(1)))
+                .collect();
+            println!(
+                "sharding model: {batch_per_domain} images per domain per step, one test domain held out; \
+                 efficiency = mean images per rank / the most any rank computes (the step waits for the busiest \
+                 rank)\n"
+            );
+            print!("{}", mgrun_trainer::sharding::model_table(&datasets, batch_per_domain, max_ranks));
+            Ok(0)
+        }
         Command::Bench { which: BenchCommand::Data(args) } => {
             bench_data(&args)?;
             Ok(0)
@@ -327,7 +368,7 @@ fn run_command(command: Command, top_launch: &LaunchArgs, cuda_load_error: Optio
             let launch = launch.or(top_launch);
             let device = match launch.gpus {
                 Some(1) => {
-                    cuda::check_gpus(1, cuda_load_error)?;
+                    cuda::check_gpus(1, 1, cuda_load_error)?;
                     tch::Device::Cuda(0)
                 }
                 Some(n) => anyhow::bail!("bench step: --gpus {n}: the step benchmark runs on one GPU (--gpus 1)"),
@@ -485,6 +526,7 @@ fn step_bench(device: tch::Device, args: StepBenchArgs) -> anyhow::Result<i32> {
         steps: args.steps,
         warmup: args.warmup,
         phases: args.phases,
+        micro_batch: args.micro_batch,
     };
     println!(
         "bench step: {} {}x{}, {} domains x {} images, {} classes, Adam, on {:?} ({} timed steps after {} warm-up)",
@@ -516,6 +558,7 @@ impl LaunchArgs {
         let device_given = self.gpus.is_some() || self.cpus.is_some();
         LaunchArgs {
             gpus: if device_given { self.gpus } else { fallback.gpus },
+            ranks_per_gpu: if device_given { self.ranks_per_gpu } else { fallback.ranks_per_gpu },
             cpus: if device_given { self.cpus } else { fallback.cpus },
             out: self.out.or_else(|| fallback.out.clone()),
             port: self.port.or(fallback.port),
@@ -531,10 +574,12 @@ fn launch_job(
     worker_args: Vec<OsString>,
     cuda_load_error: Option<&str>,
 ) -> anyhow::Result<i32> {
+    let ranks_per_gpu = launch.ranks_per_gpu.unwrap_or(1);
+    anyhow::ensure!(ranks_per_gpu > 0, "--ranks-per-gpu must be at least 1");
     let (world_size, device) = match (launch.gpus, launch.cpus) {
         (Some(gpus), _) => {
             anyhow::ensure!(gpus > 0, "--gpus must be at least 1");
-            cuda::check_gpus(gpus, cuda_load_error)?;
+            cuda::check_gpus(gpus, ranks_per_gpu, cuda_load_error)?;
             (gpus, DeviceKind::Cuda)
         }
         (None, Some(cpus)) => {
@@ -555,6 +600,7 @@ fn launch_job(
     let plan = LaunchPlan {
         world_size,
         device,
+        ranks_per_gpu,
         out_dir,
         worker_args,
         store_bind: SocketAddr::new(bind_ip, launch.port.unwrap_or(0)),

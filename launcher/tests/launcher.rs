@@ -328,10 +328,30 @@ fn gpus_on_a_machine_without_them_fail_at_once() {
     let cpu_only = finished.stderr.contains(
         "--gpus 64: CUDA is not available on this machine (no driver / libtorch_cuda not loadable); use --cpus N",
     );
-    let too_few = finished.stderr.contains("--gpus 64: only ") && finished.stderr.contains("GPUs visible");
+    let too_few = finished.stderr.contains("--gpus 64: 64 GPU(s) needed but only ");
     assert!(cpu_only || too_few, "{}", finished.stderr);
     assert!(!out.exists(), "nothing may be started or created");
     assert!(finished.elapsed < Duration::from_secs(20), "took {:?}", finished.elapsed);
+}
+
+#[test]
+fn nccl_on_shared_gpus_is_refused_before_anything_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("job.toml");
+    std::fs::write(&config, "[data]\nroot = \"data\"\n[comm]\nbackend = \"nccl\"\n").unwrap();
+    let out = dir.path().join("run");
+    let finished = run_mgrun(
+        &["--gpus", "3", "--ranks-per-gpu", "3", "--out", path_str(&out), path_str(&config)],
+        Duration::from_secs(30),
+    );
+    assert_eq!(finished.status.code(), Some(1), "{}", finished.stderr);
+    assert!(finished.stderr.contains("NCCL refuses two ranks"), "{}", finished.stderr);
+    assert!(
+        finished.stderr.contains("comm.backend") && finished.stderr.contains("--ranks-per-gpu 3"),
+        "{}",
+        finished.stderr
+    );
+    assert!(!out.exists(), "nothing may be started or created");
 }
 
 #[test]

@@ -1,15 +1,17 @@
 //! DSP-Reg, Domain-Sensitive Parameter Regularization (arXiv 2601.19394), as specified in
 //! methods.md section 1.3 (the paper's formulas are not public; every inferred choice is a knob).
 //!
-//! Per step: per-domain gradients g_e (one backward per shard; a domain split over ranks is summed
-//! within its domain group), the cross-domain moments m = mean_e g_e and v = var_e g_e per scalar
-//! parameter (from one world all-reduce of [sum g_e; sum g_e^2]), bias-corrected EMAs V and M, a
-//! sensitivity score s and a detached weight w. The update gradient is the ERM gradient m plus an
-//! anchor/shrink penalty gradient 2 lambda_t w (theta - theta0), or the gated (1 - gamma_t w) m.
-//! All statistics are fp32 tensors on the model's device, computed on flat buffers.
+//! Per step: per-domain gradients g_e ([`gradients::domain_gradients`]: one backward per shard; a
+//! domain split over ranks is summed within its domain group), the cross-domain moments
+//! m = mean_e g_e and v = var_e g_e per scalar parameter (from one world all-reduce of
+//! [sum g_e; sum g_e^2]), bias-corrected EMAs V and M, a sensitivity score s and a detached weight w.
+//! The update gradient is the ERM gradient m plus an anchor/shrink penalty gradient
+//! 2 lambda_t w (theta - theta0), or the gated (1 - gamma_t w) m. All statistics are fp32 tensors on
+//! the model's device, computed on flat buffers.
 
-use crate::common::{all_reduce_grad, all_reduce_scalars, backward_flat, check_shards, cross_entropy_sum, shard_len};
-use crate::{CrossRankStat, DomainShard, Method, StepStats, UpdateContext};
+use crate::common::{all_reduce_grad, check_shards};
+use crate::gradients::{self, DomainGradients, Pass};
+use crate::{CrossRankStat, DomainShard, Method, StepStats, Topology, UpdateContext};
 use anyhow::{bail, Context, Result};
 use mgrun_models::{Model, ParamKind};
 use serde::{Deserialize, Serialize};
@@ -385,6 +387,57 @@ impl DspReg {
         Ok(model.store().params().iter().map(|p| (p.name.clone(), p.unflatten(&score).contiguous())).collect())
     }
 
+    /// m = mean_e g_e and v = var_e g_e per parameter, from [sum_e g_e; sum_e g_e^2] over the
+    /// domains this rank leads, summed over the world unless every rank holds every domain.
+    fn cross_domain_moments(
+        &self,
+        grads: &DomainGradients,
+        topology: &Topology<'_>,
+        numel: i64,
+    ) -> Result<(Tensor, Tensor)> {
+        let k = self.num_domains as f64;
+        let device = self.mask.device();
+        let mut moments = Tensor::zeros([2 * numel], (Kind::Float, device));
+        for domain in grads.domains.iter().filter(|d| d.leader) {
+            let _ = moments.narrow(0, 0, numel).f_add_(&domain.grad)?;
+            let _ = moments.narrow(0, numel, numel).f_add_(&(&domain.grad * &domain.grad))?;
+        }
+        if !grads.replicated {
+            all_reduce_grad(topology.world, &mut moments, topology.bucket_bytes, "DSP-Reg gradient moments")?;
+        }
+        let mean = moments.narrow(0, 0, numel) / k;
+        let denominator = match self.cfg.variance_denominator {
+            VarianceDenominator::KMinus1 => k - 1.0,
+            VarianceDenominator::K => k,
+        };
+        let variance = ((moments.narrow(0, numel, numel) - &mean * &mean * k) / denominator).clamp_min(0.0);
+        Ok((mean, variance))
+    }
+
+    /// One EMA update of V (with v) and M (with m^2).
+    fn update_statistics(&mut self, mean: &Tensor, variance: Tensor) -> Result<()> {
+        let beta = self.cfg.beta;
+        self.t += 1;
+        let _ = self.ema_variance.f_mul_scalar_(beta)?.f_add_(&(variance * (1.0 - beta)))?;
+        let _ = self.ema_mean_sq.f_mul_scalar_(beta)?.f_add_(&(mean * mean * (1.0 - beta)))?;
+        Ok(())
+    }
+
+    /// The update direction: m plus the penalty gradient of the mode, or the gated m.
+    fn regularized_gradient(&self, mean: Tensor, weight: &Tensor, theta: &Tensor, strength: f64) -> Result<Tensor> {
+        if strength == 0.0 {
+            return Ok(mean);
+        }
+        Ok(match self.cfg.mode {
+            DspMode::Anchor => {
+                let theta0 = self.theta0.as_ref().context("DSP-Reg: anchor weights missing")?;
+                &mean + weight * (theta - theta0) * (2.0 * strength)
+            }
+            DspMode::Shrink => &mean + weight * theta * (2.0 * strength),
+            DspMode::Gate => (1.0 - weight * strength) * &mean,
+        })
+    }
+
     fn check_state_tensor(name: &str, t: &Tensor, numel: i64) -> Result<()> {
         if t.size() != [numel] {
             bail!("DSP-Reg state: {name:?} has shape {:?}, expected [{numel}]", t.size());
@@ -416,19 +469,20 @@ impl Method for DspReg {
         ]
     }
 
+    fn needs_domain_gradients(&self) -> bool {
+        true
+    }
+
     fn update(&mut self, ctx: &mut UpdateContext<'_>, shards: &[DomainShard]) -> Result<StepStats> {
         let topology = ctx.topology;
         check_shards("dsp_reg", topology, shards)?;
-        if topology.num_domains != self.num_domains {
+        if topology.num_domains() != self.num_domains {
             bail!(
                 "method.dsp_reg was built for {} training domains but the topology has {}",
                 self.num_domains,
-                topology.num_domains
+                topology.num_domains()
             );
         }
-        let k = self.num_domains as f64;
-        let b = topology.batch_per_domain as f64;
-        let device = ctx.model.store().device();
         let numel = ctx.model.store().numel() as i64;
         if numel != self.mask.numel() as i64 {
             bail!("method.dsp_reg: model has {numel} parameters, the method was built for {}", self.mask.numel());
@@ -437,69 +491,15 @@ impl Method for DspReg {
             self.theta0 = Some(ctx.model.store().flat().detach().copy());
         }
 
-        // Per-domain gradients; [S1; S2] gathers sum g_e and sum g_e^2 over the domains this rank leads.
-        let stat_kind = if topology.deterministic { Kind::Double } else { Kind::Float };
-        let mut moments = Tensor::zeros([2 * numel], (stat_kind, device));
-        let mut local_loss = 0.0;
-        let leader = topology.is_domain_leader();
-        for shard in shards {
-            let mut grad = if shard_len(shard) > 0 {
-                let loss_sum = cross_entropy_sum(&*ctx.model, &shard.x, &shard.y)?;
-                local_loss += loss_sum.f_double_value(&[]).context("reading a shard's loss")? / (k * b);
-                backward_flat(ctx.model.store_mut(), &(loss_sum / b))
-                    .with_context(|| format!("DSP-Reg: backward of domain {}", shard.domain))?
-            } else {
-                Tensor::zeros([numel], (Kind::Float, device))
-            };
-            if let Some(group) = topology.domain_group {
-                all_reduce_grad(
-                    group,
-                    &mut grad,
-                    topology.bucket_bytes,
-                    "a domain's gradient within its domain group",
-                )?;
-            }
-            if leader {
-                let _guard = tch::no_grad_guard();
-                let grad = grad.to_kind(stat_kind);
-                let _ = moments.narrow(0, 0, numel).f_add_(&grad)?;
-                let _ = moments.narrow(0, numel, numel).f_add_(&(&grad * &grad))?;
-            }
-        }
-        all_reduce_grad(topology.world, &mut moments, topology.bucket_bytes, "DSP-Reg gradient moments")?;
-        let loss = all_reduce_scalars(topology.world, &[local_loss], device)?[0];
-
+        let grads = gradients::domain_gradients(ctx.model, topology, shards, &Pass::plain(ctx.step, 0))?;
         let _guard = tch::no_grad_guard();
-        let mean = moments.narrow(0, 0, numel) / k;
-        let denominator = match self.cfg.variance_denominator {
-            VarianceDenominator::KMinus1 => k - 1.0,
-            VarianceDenominator::K => k,
-        };
-        let mean_sq = &mean * &mean;
-        let variance =
-            ((moments.narrow(0, numel, numel) - &mean_sq * k) / denominator).clamp_min(0.0).to_kind(Kind::Float);
-        let (mean, mean_sq) = (mean.to_kind(Kind::Float), mean_sq.to_kind(Kind::Float));
-        let beta = self.cfg.beta;
-        self.t += 1;
-        let _ = self.ema_variance.f_mul_scalar_(beta)?.f_add_(&(variance * (1.0 - beta)))?;
-        let _ = self.ema_mean_sq.f_mul_scalar_(beta)?.f_add_(&(mean_sq * (1.0 - beta)))?;
+        let (mean, variance) = self.cross_domain_moments(&grads, topology, numel)?;
+        self.update_statistics(&mean, variance)?;
         let score = self.sensitivity()?;
         let weight = self.weight_of(&score);
-
         let strength = self.cfg.strength() * self.cfg.penalty_fraction(ctx.step, ctx.total_steps);
         let theta = ctx.model.store().flat();
-        let update = if strength == 0.0 {
-            mean
-        } else {
-            match self.cfg.mode {
-                DspMode::Anchor => {
-                    let theta0 = self.theta0.as_ref().context("DSP-Reg: anchor weights missing")?;
-                    &mean + &weight * (theta - theta0) * (2.0 * strength)
-                }
-                DspMode::Shrink => &mean + &weight * theta * (2.0 * strength),
-                DspMode::Gate => (1.0 - &weight * strength) * &mean,
-            }
-        };
+        let update = self.regularized_gradient(mean, &weight, theta, strength)?;
         let mean_sensitivity = if self.included > 0.0 {
             (&score * &self.mask).sum(Kind::Double).f_double_value(&[])? / self.included
         } else {
@@ -510,7 +510,7 @@ impl Method for DspReg {
         let mut extra = BTreeMap::new();
         extra.insert("dsp_lambda".to_string(), strength);
         extra.insert("dsp_mean_sensitivity".to_string(), mean_sensitivity);
-        Ok(StepStats { loss, extra })
+        Ok(StepStats { loss: grads.loss, extra })
     }
 
     fn evaluation_dump(&self, model: &dyn Model) -> Result<Option<Vec<(String, Tensor)>>> {

@@ -1,13 +1,15 @@
-//! ERM: minimise the mean cross-entropy over all training domains, L = (1/K) sum_e L_e. One forward
-//! on all of this rank's shards concatenated (as DomainBed's ERM does), one backward, a world SUM
-//! all-reduce of the flat gradient (each rank's loss is already scaled by 1/(K*B)), one Adam step.
+//! ERM: minimise the mean cross-entropy over all training domains, L = (1/K) sum_e L_e. The batch
+//! gradient of [`gradients::batch_gradient`]: on the fast path one forward on all of this rank's
+//! images concatenated (as DomainBed's ERM does), one backward and a world SUM all-reduce, whatever
+//! domains the images come from; then one Adam step.
 
-use crate::common::{all_reduce_grad, all_reduce_scalars, check_shards, concatenated_loss_and_grad};
+use crate::common::check_shards;
+use crate::gradients::{self, Pass};
 use crate::{CrossRankStat, DomainShard, Method, StepStats, UpdateContext};
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 
-/// ERM has no hyperparameters of its own (the optimizer's are under `optimizer`).
+/// ERM has no hyperparameters of its own (the learning rate and weight decay are `train.*`).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ErmConfig {}
@@ -34,13 +36,9 @@ impl Method for Erm {
     }
 
     fn update(&mut self, ctx: &mut UpdateContext<'_>, shards: &[DomainShard]) -> Result<StepStats> {
-        let topology = ctx.topology;
-        check_shards("erm", topology, shards)?;
-        let (local_loss, mut grad) = concatenated_loss_and_grad(ctx.model, topology, shards)?;
-        all_reduce_grad(topology.world, &mut grad, topology.bucket_bytes, "the ERM gradient")?;
-        let device = ctx.model.store().device();
-        let loss = all_reduce_scalars(topology.world, &[local_loss], device)?[0];
-        ctx.optimizer.step(ctx.model.store().flat(), &grad)?;
-        Ok(StepStats { loss, extra: Default::default() })
+        check_shards("erm", ctx.topology, shards)?;
+        let batch = gradients::batch_gradient(ctx.model, ctx.topology, shards, &Pass::plain(ctx.step, 0))?;
+        ctx.optimizer.step(ctx.model.store().flat(), &batch.grad)?;
+        Ok(StepStats { loss: batch.loss, extra: Default::default() })
     }
 }

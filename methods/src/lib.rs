@@ -1,23 +1,27 @@
 //! Training methods. Each method is one small type with one [`Method::update`] per step (DomainBed's
 //! `update(minibatches)` contract) that also declares the statistics it exchanges across ranks.
 //!
-//! Domains are sharded across ranks by the trainer: a rank receives [`DomainShard`]s, each a slice
-//! of one training domain's per-step minibatch. A method must produce the same update whatever the
-//! sharding: per-domain quantities are assembled exactly from the shards through the
-//! [`Topology`]'s communicators.
+//! Domains are sharded across ranks by the trainer ([`sharding`]): a rank receives [`DomainShard`]s,
+//! each a slice of one training domain's per-step minibatch. A method must produce the same update
+//! whatever the sharding: it asks [`gradients`] for the gradients it needs, which assembles them
+//! exactly from the shards through the [`Topology`]'s communicators (and, in deterministic mode,
+//! bit for bit the same on any number of ranks).
 
 pub mod adam;
 mod common;
 pub mod dsp_reg;
 pub mod erm;
+pub mod gradients;
 pub mod registry;
 pub mod sam;
+pub mod sharding;
 
 pub use adam::{Adam, AdamConfig};
 pub use dsp_reg::{DspReg, DspRegConfig};
 pub use erm::{Erm, ErmConfig};
 pub use registry::{available, build, describe, MethodConfig, MethodInfo};
 pub use sam::{Sam, SamConfig, SamPerturb};
+pub use sharding::{domain_groups, DomainGroup, Piece, ShardingPlan};
 
 use anyhow::Result;
 use mgrun_collectives::Communicator;
@@ -25,39 +29,57 @@ use mgrun_models::Model;
 use std::collections::BTreeMap;
 use tch::Tensor;
 
-/// This rank's part of one training domain's minibatch for the current step.
+/// This rank's part of one training domain's minibatch for the current step: one [`Piece`] of the
+/// sharding plan with its images.
 pub struct DomainShard {
     /// Index of the domain among the *training* domains, `0..num_domains`.
     pub domain: usize,
+    /// Position of the first image in the domain's per-step batch (the piece's `lo`).
+    pub offset: usize,
     /// Images `[n, 3, H, W]` and labels `[n]` (int64), on the training device.
     pub x: Tensor,
     pub y: Tensor,
+}
+
+/// Deterministic mode (`train.deterministic`): the plan's units are fixed micro-batches, each with
+/// its own backward pass and random stream, and their gradients are summed in one fixed order
+/// whatever rank computed them, so a run gives the same bits on any number of ranks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExactMode {
+    /// The run seed; a micro-batch's random stream (dropout) is a function of it, the step, the
+    /// pass and the micro-batch.
+    pub seed: u64,
 }
 
 /// How domains are laid out over the ranks of the job.
 pub struct Topology<'a> {
     /// All ranks of the job.
     pub world: &'a dyn Communicator,
-    /// When one domain is split over several ranks (world size >= number of domains): the ranks
-    /// holding the same domain as this rank. `None` when this rank holds whole domains.
-    pub domain_group: Option<&'a dyn Communicator>,
-    /// Number of training domains K.
-    pub num_domains: usize,
-    /// Images per domain per step over the whole job, B (each shard holds part of them).
-    pub batch_per_domain: usize,
+    /// Which images every rank computes.
+    pub plan: &'a ShardingPlan,
+    /// The groups of the split domains this rank holds a piece of, in domain order (built with
+    /// [`domain_groups`] when the method asks for per-domain gradients on the fast path).
+    pub domain_groups: &'a [DomainGroup],
     /// Largest gradient bucket for one collective, bytes (`comm.bucket_mb`).
     pub bucket_bytes: usize,
-    /// Reproducible mode (`train.deterministic`): cross-domain statistics are summed in f64, where
-    /// the sum of a few f32 values is exact, so they do not depend on how domains are laid out
-    /// over ranks (the order of the reduction).
-    pub deterministic: bool,
+    /// `Some` in deterministic mode (the plan's unit is then the micro-batch).
+    pub exact: Option<ExactMode>,
 }
 
 impl Topology<'_> {
-    /// True when this rank contributes its domain's statistics to world-level sums: always for
-    /// whole domains, and for the lowest rank of a domain group.
-    pub fn is_domain_leader(&self) -> bool {
-        self.domain_group.is_none_or(|g| g.rank() == 0)
+    /// Number of training domains K.
+    pub fn num_domains(&self) -> usize {
+        self.plan.num_domains()
+    }
+
+    /// Images per domain per step over the whole job, B (each shard holds part of them).
+    pub fn batch_per_domain(&self) -> usize {
+        self.plan.batch_per_domain()
+    }
+
+    /// The group of split domain `domain`, if this rank holds a piece of it.
+    pub fn domain_group(&self, domain: usize) -> Option<&dyn Communicator> {
+        self.domain_groups.iter().find(|g| g.domain == domain).map(|g| g.comm.as_ref())
     }
 }
 
@@ -94,8 +116,14 @@ pub struct CrossRankStat {
 
 pub trait Method: Send {
     fn name(&self) -> &'static str;
-    /// Statistics exchanged across ranks at every step.
+    /// Statistics exchanged across ranks at every step on the fast path (deterministic mode
+    /// all-gathers micro-batch gradients instead, see [`gradients`]).
     fn cross_rank_statistics(&self) -> Vec<CrossRankStat>;
+    /// True when the method needs each domain's exact gradient (so the trainer builds the groups
+    /// of split domains); ERM and global SAM need only the sum over the batch.
+    fn needs_domain_gradients(&self) -> bool {
+        false
+    }
     /// One optimisation step from this rank's shards (zero_grad, backward(s), collectives,
     /// optimizer step). Every rank calls it at every step.
     fn update(&mut self, ctx: &mut UpdateContext<'_>, shards: &[DomainShard]) -> Result<StepStats>;

@@ -3,14 +3,20 @@
 //! First pass: g = grad of the ERM objective; eps = rho * T^2 g / (||T g||_2 + 1e-12) over all
 //! parameters jointly (T = 1 for SAM, T = |theta| + eta for ASAM). Second pass at theta + eps on the
 //! same batch; theta is restored exactly (copied back) and Adam steps with the second-pass gradient.
-//! `global` perturbs with the world's gradient (first-pass all-reduce); `local` perturbs with each
-//! rank's own gradient (m-sharpness, no first-pass communication).
+//! `global` perturbs with the gradient of the whole batch (a first-pass all-reduce); `local` perturbs
+//! each domain's images with that domain's own gradient (domain-wise sharpness: m-sharpness with one
+//! domain per perturbation), which does not depend on how domains are laid out over ranks. With one
+//! domain per rank, `local` is the original multi-accelerator recipe and needs no first-pass
+//! communication; a domain split over ranks sums its pieces within its domain group first.
 
-use crate::common::{all_reduce_grad, all_reduce_scalars, check_shards, concatenated_loss_and_grad};
+use crate::common::check_shards;
+use crate::gradients::{self, Pass};
 use crate::{CrossRankStat, DomainShard, Method, StepStats, UpdateContext};
 use anyhow::{bail, Context, Result};
+use mgrun_collectives::{scalars, ReduceOp};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+use tch::Tensor;
 
 /// Which gradient defines the perturbation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -18,7 +24,8 @@ use std::collections::BTreeMap;
 pub enum SamPerturb {
     /// The all-reduced gradient of the whole job's batch: every rank applies the same eps.
     Global,
-    /// Each rank's own (un-reduced) gradient: per-rank sharpness (m = the rank's batch).
+    /// Each domain's own gradient, for that domain's images: domain-wise sharpness (m-sharpness with
+    /// m = the domain's B images), the same on any number of ranks.
     Local,
 }
 
@@ -28,7 +35,7 @@ pub enum SamPerturb {
 pub struct SamConfig {
     /// Radius of the perturbation (DomainBed default 0.05; ASAM typically uses ~10x more).
     pub rho: f64,
-    /// `global` (all-reduced first-pass gradient) or `local` (per-rank gradient, m-sharpness).
+    /// `global` (the whole batch's gradient) or `local` (each domain's gradient for its own images).
     pub perturb: SamPerturb,
     /// ASAM: scale the perturbation element-wise by T = |theta| + eta.
     pub adaptive: bool,
@@ -55,7 +62,10 @@ impl SamConfig {
 
     pub(crate) const FIELD_DOCS: &'static [(&'static str, &'static str)] = &[
         ("rho", "perturbation radius"),
-        ("perturb", "\"global\": eps from the all-reduced gradient; \"local\": per-rank gradient (m-sharpness)"),
+        (
+            "perturb",
+            "\"global\": eps from the whole batch's gradient; \"local\": each domain's eps from its own gradient",
+        ),
         ("adaptive", "ASAM: scale eps element-wise by T = |theta| + eta"),
         ("eta", "ASAM offset in T = |theta| + eta"),
     ];
@@ -70,6 +80,23 @@ impl Sam {
         cfg.validate()?;
         Ok(Self { cfg: cfg.clone() })
     }
+
+    /// eps = rho * T^2 g / (||T g|| + 1e-12) at parameters `theta`, and ||T g||.
+    fn perturbation(&self, theta: &Tensor, grad: &Tensor) -> Result<(Tensor, f64)> {
+        let _guard = tch::no_grad_guard();
+        let scale = if self.cfg.adaptive { Some(theta.abs() + self.cfg.eta) } else { None };
+        let scaled_grad = match &scale {
+            Some(t) => t * grad,
+            None => grad.shallow_clone(),
+        };
+        let norm = scaled_grad.norm().f_double_value(&[]).context("SAM gradient norm")?;
+        let factor = self.cfg.rho / (norm + 1e-12);
+        let eps = match &scale {
+            Some(t) => t * &scaled_grad * factor,
+            None => grad * factor,
+        };
+        Ok((eps, norm))
+    }
 }
 
 impl Method for Sam {
@@ -78,76 +105,73 @@ impl Method for Sam {
     }
 
     fn cross_rank_statistics(&self) -> Vec<CrossRankStat> {
-        let mut stats = Vec::new();
-        if self.cfg.perturb == SamPerturb::Global {
-            stats.push(CrossRankStat {
-                name: "first-pass gradient",
+        let first_pass = match self.cfg.perturb {
+            SamPerturb::Global => {
+                CrossRankStat { name: "first-pass gradient", collective: "all_reduce_sum", size: "P", group: "world" }
+            }
+            SamPerturb::Local => CrossRankStat {
+                name: "first-pass domain gradient (only for a domain split over ranks)",
                 collective: "all_reduce_sum",
                 size: "P",
-                group: "world",
-            });
-        }
-        stats.push(CrossRankStat {
-            name: "perturbed gradient",
-            collective: "all_reduce_sum",
-            size: "P",
-            group: "world",
-        });
-        stats.push(match self.cfg.perturb {
+                group: "domain_group",
+            },
+        };
+        let scalars = match self.cfg.perturb {
             SamPerturb::Global => {
                 CrossRankStat { name: "loss", collective: "all_reduce_sum", size: "1", group: "world" }
             }
             SamPerturb::Local => {
-                CrossRankStat { name: "loss, gradient norm", collective: "all_reduce_sum", size: "2", group: "world" }
+                CrossRankStat { name: "loss, gradient norms", collective: "all_reduce_sum", size: "2", group: "world" }
             }
-        });
-        stats
+        };
+        vec![
+            first_pass,
+            CrossRankStat { name: "perturbed gradient", collective: "all_reduce_sum", size: "P", group: "world" },
+            scalars,
+        ]
+    }
+
+    fn needs_domain_gradients(&self) -> bool {
+        self.cfg.perturb == SamPerturb::Local
     }
 
     fn update(&mut self, ctx: &mut UpdateContext<'_>, shards: &[DomainShard]) -> Result<StepStats> {
         let topology = ctx.topology;
         check_shards("sam", topology, shards)?;
-        let world = topology.world;
-        let (local_loss, mut grad) = concatenated_loss_and_grad(ctx.model, topology, shards)?;
-        if self.cfg.perturb == SamPerturb::Global {
-            all_reduce_grad(world, &mut grad, topology.bucket_bytes, "the SAM first-pass gradient")?;
-        }
-
         let theta = ctx.model.store().flat().shallow_clone();
-        let saved_theta = theta.copy();
-        let grad_norm;
-        {
-            let _guard = tch::no_grad_guard();
-            let scale = if self.cfg.adaptive { Some(theta.abs() + self.cfg.eta) } else { None };
-            let scaled_grad = match &scale {
-                Some(t) => t * &grad,
-                None => grad.shallow_clone(),
-            };
-            grad_norm = scaled_grad.norm().f_double_value(&[]).context("SAM gradient norm")?;
-            let factor = self.cfg.rho / (grad_norm + 1e-12);
-            // eps = rho * T^2 g / (||T g|| + 1e-12) = T * (T g) * factor.
-            let eps = match &scale {
-                Some(t) => t * &scaled_grad * factor,
-                None => &grad * factor,
-            };
-            let _ = theta.shallow_clone().f_add_(&eps).context("SAM: theta += eps")?;
-        }
-
-        // Second pass on the same batch at theta + eps; its loss is not reported.
-        let (_, mut perturbed_grad) = concatenated_loss_and_grad(ctx.model, topology, shards)?;
-        ctx.model.store().set_flat(&saved_theta).context("SAM: restoring theta")?;
-        all_reduce_grad(world, &mut perturbed_grad, topology.bucket_bytes, "the SAM perturbed gradient")?;
-
-        let device = ctx.model.store().device();
-        let (loss, reported_norm) = match self.cfg.perturb {
-            SamPerturb::Global => (all_reduce_scalars(world, &[local_loss], device)?[0], grad_norm),
+        let (loss, reported_norm, perturbed) = match self.cfg.perturb {
+            SamPerturb::Global => {
+                let first = gradients::batch_gradient(ctx.model, topology, shards, &Pass::plain(ctx.step, 0))?;
+                let (eps, norm) = self.perturbation(&theta, &first.grad)?;
+                let saved_theta = theta.copy();
+                let _ = tch::no_grad(|| theta.shallow_clone().f_add_(&eps)).context("SAM: theta += eps")?;
+                // Second pass on the same batch at theta + eps; its loss is not reported.
+                let second = gradients::batch_gradient(ctx.model, topology, shards, &Pass::plain(ctx.step, 1));
+                ctx.model.store().set_flat(&saved_theta).context("SAM: restoring theta")?;
+                (first.loss, norm, second?.grad)
+            }
             SamPerturb::Local => {
-                // Per-rank norms differ: report their mean so that every rank logs the same value.
-                let sums = all_reduce_scalars(world, &[local_loss, grad_norm], device)?;
-                (sums[0], sums[1] / world.world_size() as f64)
+                let first = gradients::domain_gradients(ctx.model, topology, shards, &Pass::plain(ctx.step, 0))?;
+                let mut offsets: Vec<Option<Tensor>> = (0..topology.num_domains()).map(|_| None).collect();
+                let mut norms = 0.0;
+                for domain in &first.domains {
+                    let (eps, norm) = self.perturbation(&theta, &domain.grad)?;
+                    offsets[domain.domain] = Some(eps);
+                    if domain.leader {
+                        norms += norm;
+                    }
+                }
+                if !first.replicated {
+                    norms = scalars::all_reduce_f64(topology.world, &[norms], ReduceOp::Sum)
+                        .context("all-reduce of the SAM gradient norms")?[0];
+                }
+                let pass = Pass { step: ctx.step, index: 1, offsets: Some(&offsets) };
+                let second = gradients::batch_gradient(ctx.model, topology, shards, &pass)?;
+                // The mean over domains, so that every rank logs the same value.
+                (first.loss, norms / topology.num_domains() as f64, second.grad)
             }
         };
-        ctx.optimizer.step(ctx.model.store().flat(), &perturbed_grad)?;
+        ctx.optimizer.step(ctx.model.store().flat(), &perturbed)?;
         let mut extra = BTreeMap::new();
         extra.insert("sam_grad_norm".to_string(), reported_norm);
         Ok(StepStats { loss, extra })

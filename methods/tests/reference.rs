@@ -1,10 +1,14 @@
 //! Every method's update against an independent PyTorch reference (tests/reference/methods_ref.py:
 //! per-parameter autograd and torch.optim.Adam): SmallCnn width 8, 3 domains x 4 images of 8x8, all
-//! domains on one rank (3 shards), 3 steps so that Adam's moments and DSP-Reg's EMAs matter.
+//! domains on one rank (3 shards), 3 steps so that Adam's moments and DSP-Reg's EMAs matter. Each case
+//! runs twice: on the fast path, and on deterministic mode's exact path with micro-batches of 3
+//! images (3 + 1 per domain), whose summation order differs from PyTorch's but whose math must not.
 
 use mgrun_collectives::SingleRank;
 use mgrun_methods::dsp_reg::{DspMode, DspScore, DspWeight, VarianceDenominator};
-use mgrun_methods::{build, Adam, AdamConfig, DomainShard, MethodConfig, SamPerturb, Topology, UpdateContext};
+use mgrun_methods::{
+    build, Adam, AdamConfig, DomainShard, ExactMode, MethodConfig, SamPerturb, ShardingPlan, Topology, UpdateContext,
+};
 use mgrun_models::ModelSpec;
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -20,6 +24,8 @@ const STEPS: u64 = 3;
 const TOLERANCE: f64 = 1e-5;
 /// For the rank score only (see the `dsp_rank` case).
 const RANK_TOLERANCE: f64 = 2e-4;
+/// Deterministic mode's micro-batch in the exact-path runs (does not divide BATCH on purpose).
+const MICRO_BATCH: usize = 3;
 
 fn spec() -> ModelSpec {
     ModelSpec { arch: "small_cnn".into(), num_classes: NUM_CLASSES, freeze_bn: false, dropout: 0.0, width: WIDTH }
@@ -54,8 +60,17 @@ fn cases() -> Vec<Case> {
         Case { name: "erm", method: method("erm"), adam: adam() },
         Case { name: "erm_wd", method: method("erm"), adam: AdamConfig { weight_decay: 0.1, ..adam() } },
         Case { name: "sam_global", method: sam(&|_| {}), adam: adam() },
-        // With all domains on one rank the local gradient is the global one.
+        // Each domain perturbed by its own gradient.
         Case { name: "sam_local", method: sam(&|m| m.sam.perturb = SamPerturb::Local), adam: adam() },
+        Case {
+            name: "asam_local",
+            method: sam(&|m| {
+                m.sam.perturb = SamPerturb::Local;
+                m.sam.adaptive = true;
+                m.sam.rho = 0.5;
+            }),
+            adam: adam(),
+        },
         Case {
             name: "sam_adaptive",
             method: sam(&|m| {
@@ -198,21 +213,21 @@ struct RustRun {
     params: Vec<(String, Tensor)>,
 }
 
-fn run_rust(case: &Case, inputs: &HashMap<String, Tensor>) -> RustRun {
+fn run_rust(case: &Case, inputs: &HashMap<String, Tensor>, micro_batch: Option<usize>) -> RustRun {
     let mut model = mgrun_models::build(&spec(), Device::Cpu, 0).unwrap();
     // Load the fixture's weights (tests build models concurrently, so seeding alone is not reliable).
     let flat: Vec<Tensor> = model.store().params().iter().map(|p| inputs[&p.name].reshape([-1])).collect();
     model.store().set_flat(&Tensor::cat(&flat, 0)).unwrap();
     let mut method = build(&case.method, &*model, NUM_DOMAINS).unwrap();
     let mut optimizer = Adam::new(case.adam.clone(), model.store().numel(), Device::Cpu);
-    let world = SingleRank;
+    let world = SingleRank::default();
+    let plan = ShardingPlan::balanced(1, NUM_DOMAINS, BATCH as usize, micro_batch.unwrap_or(1)).unwrap();
     let topology = Topology {
         world: &world,
-        domain_group: None,
-        num_domains: NUM_DOMAINS,
-        batch_per_domain: BATCH as usize,
+        plan: &plan,
+        domain_groups: &[],
         bucket_bytes: 4096,
-        deterministic: false,
+        exact: micro_batch.map(|_| ExactMode { seed: 0 }),
     };
     let mut losses = Vec::new();
     let mut extras = Vec::new();
@@ -220,6 +235,7 @@ fn run_rust(case: &Case, inputs: &HashMap<String, Tensor>) -> RustRun {
         let shards: Vec<DomainShard> = (0..NUM_DOMAINS)
             .map(|e| DomainShard {
                 domain: e,
+                offset: 0,
                 x: inputs[&format!("x.{step}.{e}")].shallow_clone(),
                 y: inputs[&format!("y.{step}.{e}")].shallow_clone(),
             })
@@ -249,17 +265,26 @@ fn scalar_error(a: f64, b: f64) -> f64 {
 }
 
 fn check_case(name: &str) {
+    check_run(name, None);
+    check_run(name, Some(MICRO_BATCH));
+}
+
+fn check_run(name: &str, micro_batch: Option<usize>) {
     let fixture = fixture();
     let inputs = load(&fixture.input);
     let reference = load(&fixture.output);
     let case = cases().into_iter().find(|c| c.name == name).unwrap();
-    let run = run_rust(&case, &inputs);
-
-    let ref_losses = Vec::<f64>::try_from(&reference[&format!("{name}.loss")]).unwrap();
+    let run = run_rust(&case, &inputs, micro_batch);
+    let name = &match micro_batch {
+        None => name.to_string(),
+        Some(m) => format!("{name} (exact path, micro-batches of {m})"),
+    };
+    let key = case.name;
+    let ref_losses = Vec::<f64>::try_from(&reference[&format!("{key}.loss")]).unwrap();
     for (step, (a, b)) in run.losses.iter().zip(&ref_losses).enumerate() {
         assert!(scalar_error(*a, *b) <= TOLERANCE, "{name}: loss at step {step}: rust {a}, reference {b}");
     }
-    for (key, values) in reference.iter().filter_map(|(k, v)| k.strip_prefix(&format!("{name}.extra.")).map(|s| (s, v)))
+    for (key, values) in reference.iter().filter_map(|(k, v)| k.strip_prefix(&format!("{key}.extra.")).map(|s| (s, v)))
     {
         let values = Vec::<f64>::try_from(values).unwrap();
         for (step, b) in values.iter().enumerate() {
@@ -274,14 +299,14 @@ fn check_case(name: &str) {
         }
     }
     for (pname, tensor) in &run.params {
-        let expected = &reference[&format!("{name}.param.{pname}")];
+        let expected = &reference[&format!("{key}.param.{pname}")];
         let err = relative_error(tensor, expected);
-        let tolerance = if name == "dsp_rank" { RANK_TOLERANCE } else { TOLERANCE };
+        let tolerance = if key == "dsp_rank" { RANK_TOLERANCE } else { TOLERANCE };
         assert!(err <= tolerance, "{name}: parameter {pname}: relative error {err:e}");
     }
     // The test must be able to fail: DSP-Reg's and SAM's results differ from ERM's by far more
     // than the tolerance, so a missing penalty or perturbation would be caught.
-    if name != "erm" && name != "erm_wd" {
+    if key != "erm" && key != "erm_wd" {
         let erm_flat: Vec<Tensor> =
             run.params.iter().map(|(p, _)| reference[&format!("erm.param.{p}")].reshape([-1])).collect();
         let ours: Vec<Tensor> = run.params.iter().map(|(_, t)| t.reshape([-1])).collect();
@@ -306,8 +331,13 @@ fn sam_global_matches_reference() {
 }
 
 #[test]
-fn sam_local_on_one_rank_matches_reference() {
+fn sam_local_perturbs_each_domain_like_the_reference() {
     check_case("sam_local");
+}
+
+#[test]
+fn asam_local_matches_reference() {
+    check_case("asam_local");
 }
 
 #[test]

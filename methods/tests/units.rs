@@ -49,7 +49,9 @@ fn rank_score_counts_smaller_scores_within_each_tensor() {
 }
 
 use mgrun_collectives::SingleRank;
-use mgrun_methods::{build, describe, Adam, AdamConfig, DomainShard, MethodConfig, Topology, UpdateContext};
+use mgrun_methods::{
+    build, describe, Adam, AdamConfig, DomainShard, MethodConfig, ShardingPlan, Topology, UpdateContext,
+};
 
 #[test]
 fn exclusion_mask_keeps_only_included_parameters() {
@@ -170,6 +172,7 @@ fn random_shards(step: u64) -> Vec<DomainShard> {
     (0..3)
         .map(|domain| DomainShard {
             domain,
+            offset: 0,
             x: Tensor::randn([2, 3, 8, 8], (Kind::Float, Device::Cpu)),
             y: Tensor::randint(5, [2], (Kind::Int64, Device::Cpu)),
         })
@@ -184,15 +187,9 @@ fn run_steps(
     steps: std::ops::Range<u64>,
     shards: &[Vec<DomainShard>],
 ) -> Vec<mgrun_methods::StepStats> {
-    let world = SingleRank;
-    let topology = Topology {
-        world: &world,
-        domain_group: None,
-        num_domains: 3,
-        batch_per_domain: 2,
-        bucket_bytes: 1024,
-        deterministic: false,
-    };
+    let world = SingleRank::default();
+    let plan = ShardingPlan::balanced(1, 3, 2, 1).unwrap();
+    let topology = Topology { world: &world, plan: &plan, domain_groups: &[], bucket_bytes: 1024, exact: None };
     steps
         .map(|step| {
             let mut ctx = UpdateContext {

@@ -236,6 +236,11 @@ impl ParamStore {
         Tensor::cat(&grads, 0)
     }
 
+    /// The flat gradient buffer itself, without a copy, while every .grad is a view of it.
+    pub fn flat_grad_view(&self) -> Option<&Tensor> {
+        self.grads_are_flat_views().then_some(&self.grad)
+    }
+
     /// Zeroes the gradients so that the next backward starts from zero.
     pub fn zero_grad(&mut self) {
         if self.grads_are_flat_views() {

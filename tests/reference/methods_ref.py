@@ -57,9 +57,47 @@ def erm_step(model, params, opt, doms, case, state, step):
     return loss.item(), {}
 
 
+def sam_perturbation(params, grads, cfg):
+    """davda54/sam's first_step (with ASAM's eta): eps per parameter and ||T g||."""
+    with torch.no_grad():
+        scales = [(p.abs() + cfg["eta"]) if cfg["adaptive"] else torch.ones_like(p) for p in params]
+        grad_norm = torch.norm(torch.stack([(t * g).norm(p=2) for t, g in zip(scales, grads)]), p=2)
+        factor = cfg["rho"] / (grad_norm + 1e-12)
+        return [t * t * g * factor for t, g in zip(scales, grads)], grad_norm.item()
+
+
+def sam_local_step(model, params, opt, doms, case, state, step):
+    """Domain-wise SAM: each domain's images at theta + eps_e from that domain's own mean-loss
+    gradient; the update is the gradient of (1/(K B)) sum of the perturbed per-image losses."""
+    cfg = {"rho": 0.05, "adaptive": False, "eta": 0.01, **case.get("sam", {})}
+    total = sum(y.numel() for _, y in doms)
+    old = [p.detach().clone() for p in params]
+    losses, norms, update = [], [], [torch.zeros_like(p) for p in params]
+    for x, y in doms:
+        loss_e = F.cross_entropy(model(x), y)
+        losses.append(loss_e.item())
+        eps, norm = sam_perturbation(params, torch.autograd.grad(loss_e, params), cfg)
+        norms.append(norm)
+        with torch.no_grad():
+            for p, e in zip(params, eps):
+                p.add_(e)
+        perturbed = F.cross_entropy(model(x), y, reduction="sum") / total
+        for u, g in zip(update, torch.autograd.grad(perturbed, params)):
+            u.add_(g)
+        with torch.no_grad():
+            for p, o in zip(params, old):
+                p.copy_(o)
+    for p, u in zip(params, update):
+        p.grad = u
+    opt.step()
+    return sum(losses) / len(doms), {"sam_grad_norm": sum(norms) / len(norms)}
+
+
 def sam_step(model, params, opt, doms, case, state, step):
     """davda54/sam's first_step/second_step (with ASAM's eta), around the base optimizer."""
     cfg = {"rho": 0.05, "adaptive": False, "eta": 0.01, **case.get("sam", {})}
+    if cfg.get("perturb") == "local":
+        return sam_local_step(model, params, opt, doms, case, state, step)
     x = torch.cat([d[0] for d in doms])
     y = torch.cat([d[1] for d in doms])
     loss = F.cross_entropy(model(x), y)

@@ -101,15 +101,29 @@ pub fn process_env(pid: u32, name: &str) -> Option<String> {
 }
 
 /// Writes to `path` a deterministic job on a small synthetic dataset at `data_root` (small CNN of
-/// width 8, 8 images of 16 px per domain and step, `sketch` held out, one thread per rank) running
-/// `steps` steps from `seed`; `rest` adds the job's own tables ([eval], [method], [checkpoint]...).
+/// width 8, 8 images of 16 px per domain and step, `sketch` held out, one thread per rank,
+/// micro-batches of 2 images) running `steps` steps from `seed`; `rest` adds the job's own tables
+/// ([eval], [method], [checkpoint]...).
 pub fn write_tiny_job(path: &Path, data_root: &Path, steps: usize, seed: u64, rest: &str) -> PathBuf {
+    write_tiny_job_on(path, "synthetic", data_root, "sketch", steps, seed, rest)
+}
+
+/// [`write_tiny_job`] on any dataset kind, root and held-out domain.
+pub fn write_tiny_job_on(
+    path: &Path,
+    dataset: &str,
+    data_root: &Path,
+    test_domain: &str,
+    steps: usize,
+    seed: u64,
+    rest: &str,
+) -> PathBuf {
     let text = format!(
         r#"
 [data]
-dataset = "synthetic"
+dataset = "{dataset}"
 root = "{root}"
-test_domains = ["sketch"]
+test_domains = ["{test_domain}"]
 batch_per_domain = 8
 image_size = 16
 num_workers = 1
@@ -124,6 +138,7 @@ steps = {steps}
 lr = 1e-3
 seed = {seed}
 deterministic = true
+micro_batch = 2
 threads = 1
 progress_every_s = 1000.0
 {rest}
@@ -132,4 +147,36 @@ progress_every_s = 1000.0
     );
     std::fs::write(path, text).expect("writing the job config");
     path.to_path_buf()
+}
+
+/// A six-domain tree in the DomainBed layout under `dir` (hold one out for five training domains):
+/// the four synthetic styles of seed 0, plus `noisy_b` and `photo_b` from seed 1.
+pub fn six_domain_dataset(dir: &Path, images_per_class: usize, image_size: u32) -> PathBuf {
+    std::fs::create_dir_all(dir.join("seed0")).expect("creating the seed-0 directory");
+    let a = synthetic_dataset(&dir.join("seed0"), images_per_class, image_size);
+    let b = run_mgrun(
+        &[
+            "datagen",
+            "synthetic",
+            "--out",
+            dir.join("seed1").to_str().expect("utf-8 path"),
+            "--seed",
+            "1",
+            "--images-per-class",
+            &images_per_class.to_string(),
+            "--image-size",
+            &image_size.to_string(),
+        ],
+        dir,
+    );
+    assert!(b.status.success(), "datagen failed: {}{}", text(&b.stdout), text(&b.stderr));
+    let root = dir.join("six");
+    std::fs::create_dir_all(&root).expect("creating the six-domain root");
+    for domain in ["noisy", "photo", "rotated", "sketch"] {
+        std::fs::rename(a.join(domain), root.join(domain)).expect("moving a domain");
+    }
+    for domain in ["noisy", "photo"] {
+        std::fs::rename(dir.join("seed1").join(domain), root.join(format!("{domain}_b"))).expect("moving a domain");
+    }
+    root
 }

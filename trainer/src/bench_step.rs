@@ -4,7 +4,7 @@
 
 use anyhow::{bail, Context, Result};
 use mgrun_collectives::SingleRank;
-use mgrun_methods::{Adam, AdamConfig, DomainShard, MethodConfig, Topology, UpdateContext};
+use mgrun_methods::{Adam, AdamConfig, DomainShard, ExactMode, MethodConfig, ShardingPlan, Topology, UpdateContext};
 pub use mgrun_models::Precision;
 use mgrun_models::{Execution, ModelSpec};
 use serde::Serialize;
@@ -31,6 +31,8 @@ pub struct StepBenchConfig {
     pub warmup: usize,
     /// Also time the phases of the ERM step.
     pub phases: bool,
+    /// Deterministic mode with micro-batches of this many images (its cost on one rank).
+    pub micro_batch: Option<usize>,
 }
 
 /// One measured (method, precision).
@@ -123,20 +125,21 @@ fn bench_one(cfg: &StepBenchConfig, method_name: &str, precision: Precision) -> 
     let mut optimizer = Adam::new(AdamConfig::default(), model.store().numel(), device);
     let method_cfg = MethodConfig { name: method_name.to_string(), ..MethodConfig::default() };
     let mut method = mgrun_methods::build(&method_cfg, model.as_ref(), cfg.domains)?;
-    let world = SingleRank;
+    let world = SingleRank::new(device);
+    let plan = ShardingPlan::balanced(1, cfg.domains, cfg.batch_per_domain, cfg.micro_batch.unwrap_or(1))?;
     let topology = Topology {
         world: &world,
-        domain_group: None,
-        num_domains: cfg.domains,
-        batch_per_domain: cfg.batch_per_domain,
+        plan: &plan,
+        domain_groups: &[],
         bucket_bytes: 25 << 20,
-        deterministic: false,
+        exact: cfg.micro_batch.map(|_| ExactMode { seed: 0 }),
     };
     tch::manual_seed(1);
     let b = cfg.batch_per_domain as i64;
     let shards: Vec<DomainShard> = (0..cfg.domains)
         .map(|domain| DomainShard {
             domain,
+            offset: 0,
             x: Tensor::randn([b, 3, cfg.image_size, cfg.image_size], (Kind::Float, device)),
             y: Tensor::randint(cfg.classes as i64, [b], (Kind::Int64, device)),
         })

@@ -60,9 +60,14 @@ pub struct TrainConfig {
     /// DomainBed's `hparams_seed` of this run (0 = default hyperparameters); recorded in
     /// results.jsonl `args`, set by `mgrun sweep`.
     pub hparams_seed: u64,
-    /// Reproducible mode: fixed algorithms, results independent of the number of ranks.
+    /// Reproducible mode: fixed algorithms, and the same bits on any number of ranks (each
+    /// micro-batch of `micro_batch` images gets its own backward pass; their gradients are summed in
+    /// one fixed order). CPU ranks then use `threads` threads (1 when unset), since libtorch's CPU
+    /// kernels split their sums by thread count.
     pub deterministic: bool,
-    /// Intra-op threads per CPU rank; 0 = cores / ranks on this node.
+    /// Images per micro-batch in deterministic mode (the unit of work the plan gives ranks).
+    pub micro_batch: usize,
+    /// Intra-op threads per CPU rank; 0 = cores / ranks on this node (1 in deterministic mode).
     pub threads: usize,
     /// Seconds between progress lines on rank 0.
     pub progress_every_s: f64,
@@ -83,6 +88,7 @@ impl Default for TrainConfig {
             seed: 0,
             hparams_seed: 0,
             deterministic: false,
+            micro_batch: 8,
             threads: 0,
             progress_every_s: 5.0,
             precision: "fp32".into(),
@@ -209,6 +215,9 @@ impl JobConfig {
         }
         if self.data.batch_per_domain == 0 {
             bail!("key `data.batch_per_domain`: must be at least 1");
+        }
+        if self.train.micro_batch == 0 {
+            bail!("key `train.micro_batch`: must be at least 1");
         }
         if self.eval.every_steps == 0 {
             bail!("key `eval.every_steps`: must be at least 1");

@@ -1,6 +1,8 @@
-//! A rank's identity, from torchrun's environment contract.
+//! A rank's identity, from torchrun's environment contract plus the device variables of the `mgrun`
+//! launcher ([`RankDevice`]).
 
 use anyhow::{anyhow, bail, Context, Result};
+use mgrun_collectives::RankDevice;
 use tch::Device;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -11,6 +13,8 @@ pub struct RankEnv {
     pub local_world_size: usize,
     /// `cuda` or `cpu` (MGRUN_DEVICE, set by the launcher).
     pub device_kind: String,
+    /// Ranks sharing each GPU (`--ranks-per-gpu`; 1 on CPU ranks).
+    pub ranks_per_gpu: usize,
 }
 
 fn var_usize(name: &str, default: usize) -> Result<usize> {
@@ -22,8 +26,8 @@ fn var_usize(name: &str, default: usize) -> Result<usize> {
 }
 
 impl RankEnv {
-    /// Reads RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE and MGRUN_DEVICE; a process started
-    /// without them is the single rank of a one-process job.
+    /// Reads RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE and the device variables; a process
+    /// started without them is the single rank of a one-process job.
     pub fn from_env() -> Result<RankEnv> {
         let rank = var_usize("RANK", 0)?;
         let world_size = var_usize("WORLD_SIZE", 1)?;
@@ -33,19 +37,15 @@ impl RankEnv {
             bail!("RANK={rank} is not below WORLD_SIZE={world_size}");
         }
         let device_kind = std::env::var("MGRUN_DEVICE").unwrap_or_else(|_| "cpu".to_string());
-        Ok(RankEnv { rank, local_rank, world_size, local_world_size, device_kind })
+        let ranks_per_gpu = RankDevice::from_env()?.ranks_per_gpu;
+        Ok(RankEnv { rank, local_rank, world_size, local_world_size, device_kind, ranks_per_gpu })
     }
 
     pub fn device(&self) -> Result<Device> {
-        match self.device_kind.as_str() {
-            "cpu" => Ok(Device::Cpu),
-            "cuda" => {
-                if !tch::Cuda::is_available() {
-                    bail!("rank {}: MGRUN_DEVICE=cuda but CUDA is not available to this process", self.rank);
-                }
-                Ok(Device::Cuda(self.local_rank))
-            }
-            other => bail!("MGRUN_DEVICE={other:?}: expected cpu or cuda"),
+        let device = RankDevice::from_env()?.device;
+        if device.is_cuda() && !tch::Cuda::is_available() {
+            bail!("rank {}: MGRUN_DEVICE=cuda but CUDA is not available to this process", self.rank);
         }
+        Ok(device)
     }
 }

@@ -2,11 +2,11 @@
 //! and the correct/total counts are all-reduced.
 
 use crate::records::DomainAccuracy;
-use anyhow::Result;
-use mgrun_collectives::{Communicator, ReduceOp};
+use anyhow::{Context, Result};
+use mgrun_collectives::{scalars, Communicator, ReduceOp};
 use mgrun_data::{load_eval_batch, Dataset};
 use mgrun_models::Model;
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Kind};
 
 pub struct Evaluator {
     pub batch_size: usize,
@@ -34,9 +34,8 @@ impl Evaluator {
                 }
             }
         }
-        let mut reduced = Tensor::from_slice(&counts);
-        world.all_reduce(&mut reduced, ReduceOp::Sum)?;
-        let counts: Vec<f64> = Vec::<f64>::try_from(&reduced)?;
+        let counts =
+            scalars::all_reduce_f64(world, &counts, ReduceOp::Sum).context("all-reduce of the accuracy counts")?;
         let test = dataset.test_domains();
         Ok(domains
             .iter()

@@ -6,7 +6,7 @@ pub mod env;
 pub mod eval;
 pub mod progress;
 pub mod records;
-pub mod topology;
+pub mod sharding;
 mod worker;
 
 pub use config::JobConfig;

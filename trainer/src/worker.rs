@@ -6,13 +6,13 @@ use crate::env::RankEnv;
 use crate::eval::Evaluator;
 use crate::progress::{fmt_duration, Progress};
 use crate::records::{accuracy_table, peak_memory_gb, JsonlWriter, WindowMeans};
-use crate::topology;
+use crate::sharding;
 use crate::WorkerArgs;
 use anyhow::{bail, Context, Result};
 use mgrun_collectives::store::StoreClient;
-use mgrun_collectives::{Backend, Communicator, SingleRank};
+use mgrun_collectives::{scalars, Backend, Communicator, SingleRank};
 use mgrun_data::{Dataset, Loader};
-use mgrun_methods::{Adam, AdamConfig, DomainShard, Topology, UpdateContext};
+use mgrun_methods::{Adam, AdamConfig, DomainShard, ExactMode, ShardingPlan, Topology, UpdateContext};
 use mgrun_models::{Model, ModelSpec};
 use serde_json::{json, Value};
 use std::sync::Arc;
@@ -41,12 +41,7 @@ pub fn run_worker(args: &WorkerArgs) -> Result<()> {
     let dataset = Arc::new(Dataset::open(&config.data)?);
     let train_domains = dataset.train_domains().to_vec();
     let batch = config.data.batch_per_domain;
-    let plan = topology::plan(env.rank, env.world_size, &train_domains, batch)?;
-    let domain_group: Option<Box<dyn Communicator>> = match plan.domain_color {
-        Some(color) => Some(world.split(color).context("creating the domain group communicator")?),
-        None => None,
-    }
-    .filter(|g| g.world_size() > 1);
+    let plan = sharding::job_plan(&config, env.world_size, train_domains.len())?;
     // --- Checkpoints: where they go, and the state to resume from (rank 0 picks it, every rank
     // loads it whole, so the number of ranks may differ from the run that wrote it).
     let checkpoint_root = config.checkpoint.dir.clone().unwrap_or_else(|| args.out_dir.join("checkpoints"));
@@ -54,8 +49,8 @@ pub fn run_worker(args: &WorkerArgs) -> Result<()> {
     let resumed = resume_checkpoint(&config, &checkpoint_root, &config_keys, world.as_ref(), is_main)?;
     let start_step = resumed.as_ref().map_or(0, |c| c.meta.step);
     // On CUDA the loader pins each batch and starts its copy to the GPU ahead of the step.
-    let mut loader =
-        Loader::new_on(dataset.clone(), plan.shards.clone(), &config.data, config.train.seed, start_step, device)?;
+    let shards = sharding::loader_shards(&plan, env.rank, &train_domains);
+    let mut loader = Loader::new_on(dataset.clone(), shards, &config.data, config.train.seed, start_step, device)?;
 
     // --- Model (identical on every rank: built from the same seed, then rank 0's copy broadcast),
     // optimizer and method.
@@ -91,13 +86,19 @@ pub fn run_worker(args: &WorkerArgs) -> Result<()> {
         optimizer.load_state(&checkpoint.with_prefix(OPTIMIZER_PREFIX)).with_context(what)?;
         method.load_state(&checkpoint.with_prefix(METHOD_PREFIX)).with_context(what)?;
     }
+    // The groups that sum the pieces of split domains, when the method needs each domain's
+    // gradient on the fast path (deterministic mode gathers every micro-batch instead).
+    let domain_groups = if method.needs_domain_gradients() && !config.train.deterministic {
+        mgrun_methods::domain_groups(world.as_ref(), &plan)?
+    } else {
+        Vec::new()
+    };
     let topo = Topology {
         world: world.as_ref(),
-        domain_group: domain_group.as_deref(),
-        num_domains: train_domains.len(),
-        batch_per_domain: batch,
+        plan: &plan,
+        domain_groups: &domain_groups,
         bucket_bytes: (config.comm.bucket_mb * 1024.0 * 1024.0) as usize,
-        deterministic: config.train.deterministic,
+        exact: config.train.deterministic.then_some(ExactMode { seed: config.train.seed }),
     };
 
     // --- Outputs (rank 0).
@@ -155,7 +156,13 @@ pub fn run_worker(args: &WorkerArgs) -> Result<()> {
         let shards: Vec<DomainShard> = data
             .shards
             .into_iter()
-            .map(|(domain, x, y)| DomainShard { domain, x: x.to_device(device), y: y.to_device(device) })
+            .zip(plan.pieces(env.rank))
+            .map(|((domain, x, y), piece)| DomainShard {
+                domain,
+                offset: piece.lo,
+                x: x.to_device(device),
+                y: y.to_device(device),
+            })
             .collect();
         let mut ctx = UpdateContext {
             model: model.as_mut(),
@@ -266,6 +273,10 @@ pub fn run_worker(args: &WorkerArgs) -> Result<()> {
 fn configure_torch(config: &JobConfig, env: &RankEnv) -> Result<()> {
     let threads = if config.train.threads > 0 {
         config.train.threads
+    } else if config.train.deterministic && env.device_kind == "cpu" {
+        // libtorch's CPU kernels split their sums by thread count: a fixed count keeps the bits
+        // the same whatever the number of ranks on the node.
+        1
     } else if let Some(n) = std::env::var("OMP_NUM_THREADS").ok().and_then(|v| v.parse::<usize>().ok()) {
         n
     } else {
@@ -294,9 +305,10 @@ fn connect_world(
     timeout: Duration,
 ) -> Result<Box<dyn Communicator>> {
     // Resolved even for one rank, so that a config asking for NCCL on the CPU fails the same way at any size.
-    let backend = Backend::select(&config.comm.backend, device).with_context(|| format!("rank {}", env.rank))?;
+    let backend = Backend::select(&config.comm.backend, device, env.ranks_per_gpu)
+        .with_context(|| format!("rank {}", env.rank))?;
     if env.world_size == 1 {
-        return Ok(Box::new(SingleRank));
+        return Ok(Box::new(SingleRank::new(device)));
     }
     if backend == Backend::Nccl && env.rank == 0 {
         let version = mgrun_collectives::nccl::nccl_version().with_context(|| format!("rank {}", env.rank))?;
@@ -399,7 +411,7 @@ fn announce(
     config: &JobConfig,
     env: &RankEnv,
     dataset: &Dataset,
-    plan: &topology::RankPlan,
+    plan: &ShardingPlan,
     method: &dyn mgrun_methods::Method,
     params: usize,
 ) {
@@ -420,15 +432,14 @@ fn announce(
         dataset.classes().len(),
         names.join(", ")
     );
-    println!(
-        "sharding: {} training domains x {} images per step; rank 0 holds {:?} ({} rank(s) per domain)",
-        dataset.train_domains().len(),
-        config.data.batch_per_domain,
-        plan.shards.iter().map(|s| (s.train_domain, s.lo, s.hi)).collect::<Vec<_>>(),
-        plan.ranks_per_domain
-    );
-    for stat in method.cross_rank_statistics() {
-        println!("cross-rank statistic: {} ({} of {} on {})", stat.name, stat.collective, stat.size, stat.group);
+    let train_names: Vec<String> = dataset.train_domains().iter().map(|&d| dataset.domains()[d].name.clone()).collect();
+    let statistics = method.cross_rank_statistics();
+    print!("{}", sharding::describe(plan, &train_names, &statistics, config.train.deterministic, params));
+    if config.train.deterministic && env.device_kind == "cpu" {
+        println!(
+            "deterministic mode: {} thread(s) per CPU rank (train.threads), the same at any world size",
+            tch::get_num_threads()
+        );
     }
 }
 
@@ -480,7 +491,7 @@ fn resume_checkpoint(
         return Ok(None);
     }
     let mut chosen = None;
-    let mut step = tch::Tensor::from_slice(&[-1i64]);
+    let mut step = -1i64;
     if is_main {
         for removed in mgrun_checkpoint::clean_incomplete(root)? {
             println!("checkpoint: removed the incomplete {}", removed.display());
@@ -491,14 +502,13 @@ fn resume_checkpoint(
         }
         match choice.checkpoint {
             Some(checkpoint) => {
-                step = tch::Tensor::from_slice(&[checkpoint.meta.step as i64]);
+                step = checkpoint.meta.step as i64;
                 chosen = Some(checkpoint);
             }
             None => println!("checkpoint.resume = {spec}: no checkpoint in {}, starting at step 0", root.display()),
         }
     }
-    world.broadcast(&mut step, 0).context("broadcasting the checkpoint step to resume from")?;
-    let step = step.int64_value(&[0]);
+    let step = scalars::broadcast_i64(world, &[step], 0).context("broadcasting the checkpoint step to resume from")?[0];
     if step < 0 {
         return Ok(None);
     }

@@ -1,15 +1,18 @@
-//! Test and benchmark worker for the TCP backend: one process per rank, configured like a torchrun
+//! Test and benchmark worker for the communicators: one process per rank, configured like a torchrun
 //! worker (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, MGRUN_STORE_TOKEN). Each rank builds deterministic
 //! inputs for every rank, runs the collectives and compares with a sequentially computed reference.
 //!
-//! Usage: mgrun-comm-check <correctness|fail [victim] [die|stall]|bench [max_bytes] [json_out]>
+//! Usage: mgrun-comm-check <correctness|device-correctness|fail [victim] [die|stall]|bench [max_bytes] [json_out]>
 //!        mgrun-comm-check launch <ranks> <worker args...>   (hosts the store and spawns the ranks)
+//! `correctness` checks the TCP backend on CPU tensors in depth. `device-correctness` and `fail` run on
+//! the rank's device (MGRUN_DEVICE=cuda: GPU LOCAL_RANK) with the backend of MGRUN_CHECK_BACKEND
+//! (`auto`: NCCL on GPUs, TCP on CPUs), for every dtype the backend reduces.
 //! Prints `OK ...` lines and exits 0 when every check passed; prints `FAIL ...` and exits 1 otherwise.
 
 use anyhow::{bail, ensure, Context, Result};
 use mgrun_collectives::store::StoreClient;
 use mgrun_collectives::tcp::{TcpCommunicator, TcpOptions};
-use mgrun_collectives::{all_reduce_flat, Communicator, ReduceOp};
+use mgrun_collectives::{all_reduce_flat, scalars, Backend, Communicator, RankDevice, ReduceOp};
 use std::time::{Duration, Instant};
 use tch::{Device, Kind, Tensor};
 
@@ -112,7 +115,7 @@ fn check_all_reduce(
 fn correctness(rank: usize, world: usize, timeout: Duration) -> Result<()> {
     let started = Instant::now();
     let store = StoreClient::from_env(timeout)?;
-    let comm = TcpCommunicator::connect(&store, rank, world, timeout)?;
+    let comm = TcpCommunicator::connect(&store, rank, world, Device::Cpu, timeout)?;
     ensure!(comm.rank() == rank && comm.world_size() == world && comm.backend() == "tcp");
     let everyone: Vec<usize> = (0..world).collect();
 
@@ -123,10 +126,10 @@ fn correctness(rank: usize, world: usize, timeout: Duration) -> Result<()> {
     // A second world in the same job, forcing the ring for every size with tiny segments, so chunking,
     // empty chunks (len < world) and the pipelining dependencies are all exercised.
     let tiny = TcpOptions { segment_bytes: 64, small_bytes: 0, socket_buffer_bytes: None };
-    let ring = TcpCommunicator::connect_with(&store, rank, world, timeout, tiny)?;
+    let ring = TcpCommunicator::connect_with(&store, rank, world, Device::Cpu, timeout, tiny)?;
     case = check_all_reduce(&ring, &everyone, "ring/64B-segments", &[1, 3, 7, 1000, 65_537], case)?;
     let big_segments = TcpOptions { segment_bytes: 1 << 20, small_bytes: 0, socket_buffer_bytes: Some(1 << 20) };
-    let ring_big = TcpCommunicator::connect_with(&store, rank, world, timeout, big_segments)?;
+    let ring_big = TcpCommunicator::connect_with(&store, rank, world, Device::Cpu, timeout, big_segments)?;
     case = check_all_reduce(&ring_big, &everyone, "ring/1MiB-segments", &[999_999], case)?;
     println!("OK rank {rank} all_reduce ring variants");
 
@@ -194,6 +197,16 @@ fn correctness(rank: usize, world: usize, timeout: Duration) -> Result<()> {
     }
     println!("OK rank {rank} broadcast, all_gather");
 
+    // Host scalars through the helpers (evaluation counts, losses, the resume step).
+    let sums = scalars::all_reduce_f64(&comm, &[rank as f64, 1.0], ReduceOp::Sum)?;
+    ensure!(sums == [(world * (world - 1) / 2) as f64, world as f64], "scalar all_reduce gave {sums:?}");
+    let step = scalars::broadcast_i64(&comm, &[if rank == world - 1 { 1234 } else { -1 }], world - 1)?;
+    ensure!(step == [1234], "scalar broadcast gave {step:?}");
+    let gathered = scalars::all_gather_f64(&comm, &[rank as f64, 2.0 * rank as f64])?;
+    let want: Vec<Vec<f64>> = (0..world).map(|r| vec![r as f64, 2.0 * r as f64]).collect();
+    ensure!(gathered == want, "scalar all_gather gave {gathered:?}");
+    println!("OK rank {rank} scalars");
+
     // Barrier: rank 0 arrives late, nobody may leave before it arrives.
     for _ in 0..3 {
         comm.barrier()?;
@@ -233,7 +246,7 @@ fn correctness(rank: usize, world: usize, timeout: Duration) -> Result<()> {
 
     // Mismatched sizes are detected (on a throwaway world): every rank gets an error, nobody hangs.
     if world > 1 {
-        let doomed = TcpCommunicator::connect(&store, rank, world, timeout)?;
+        let doomed = TcpCommunicator::connect(&store, rank, world, Device::Cpu, timeout)?;
         let mut tensor = Tensor::zeros([10 + (rank == 0) as i64], (Kind::Float, Device::Cpu));
         let start = Instant::now();
         let error = doomed.all_reduce(&mut tensor, ReduceOp::Sum).err().context("mismatched sizes went unnoticed")?;
@@ -252,8 +265,8 @@ fn correctness(rank: usize, world: usize, timeout: Duration) -> Result<()> {
 /// report how they failed and how long it took.
 fn failure(rank: usize, world: usize, timeout: Duration, victim: usize, mode: &str) -> Result<()> {
     let store = StoreClient::from_env(timeout)?;
-    let comm = TcpCommunicator::connect(&store, rank, world, timeout)?;
-    let mut tensor = Tensor::ones([200_000], (Kind::Float, Device::Cpu));
+    let comm = connect_on_device(&store, rank, world, timeout)?;
+    let mut tensor = Tensor::ones([200_000], (Kind::Float, comm.device()));
     comm.all_reduce(&mut tensor, ReduceOp::Sum)?;
     if rank == victim {
         match mode {
@@ -278,6 +291,117 @@ fn failure(rank: usize, world: usize, timeout: Duration, victim: usize, mode: &s
             println!("RESULT rank={rank} elapsed_ms={elapsed_ms} kind={kind} error={error}");
         }
     }
+    Ok(())
+}
+
+/// This rank's communicator on its device, with the backend MGRUN_CHECK_BACKEND asks for.
+fn connect_on_device(
+    store: &StoreClient,
+    rank: usize,
+    world: usize,
+    timeout: Duration,
+) -> Result<Box<dyn Communicator>> {
+    let RankDevice { device, ranks_per_gpu } = RankDevice::from_env()?;
+    let requested = std::env::var("MGRUN_CHECK_BACKEND").unwrap_or_else(|_| "auto".to_string());
+    let backend = Backend::select(&requested, device, ranks_per_gpu)?;
+    Ok(mgrun_collectives::connect(backend, store, rank, world, device, timeout)?)
+}
+
+/// An integer-valued input in [-8, 8]: sums over up to 32 ranks are exact in every dtype (bf16 holds
+/// integers up to 256 exactly), so any reduction order must give the reference bit for bit.
+fn small_integer(rank: usize, case: u64, index: usize) -> f64 {
+    (input_value(rank, case, index) / 2.0).round().clamp(-8.0, 8.0)
+}
+
+/// Every collective on the rank's device against a sequential reference, for every dtype the backend
+/// reduces: all-reduce (sum, avg for f32/f64, max), broadcast from every root, all-gather, a split
+/// into parity groups, the scalar helpers and a barrier.
+fn device_correctness(rank: usize, world: usize, timeout: Duration) -> Result<()> {
+    let started = Instant::now();
+    let store = StoreClient::from_env(timeout)?;
+    let comm = connect_on_device(&store, rank, world, timeout)?;
+    let device = comm.device();
+    let kinds: &[Kind] = match comm.backend() {
+        "nccl" => &[Kind::Float, Kind::Double, Kind::BFloat16, Kind::Half, Kind::Int64],
+        _ => &[Kind::Float, Kind::Double, Kind::Int64],
+    };
+    let values =
+        |r: usize, case: u64, len: usize| -> Vec<f64> { (0..len).map(|i| small_integer(r, case, i)).collect() };
+    let mut case = 1000u64;
+    for &kind in kinds {
+        for len in [1usize, 1000, (1 << 20) + 3] {
+            for op in [ReduceOp::Sum, ReduceOp::Avg, ReduceOp::Max] {
+                // Avg divides: exact only where the quotient is representable, so f32 and f64 only.
+                if op == ReduceOp::Avg && !matches!(kind, Kind::Float | Kind::Double) {
+                    continue;
+                }
+                case += 1;
+                let mut tensor = to_tensor(&values(rank, case, len), kind).to_device(device);
+                comm.all_reduce(&mut tensor, op).with_context(|| format!("all_reduce {op:?} {kind:?} len {len}"))?;
+                let mut want = values(0, case, len);
+                for r in 1..world {
+                    for (w, v) in want.iter_mut().zip(values(r, case, len)) {
+                        *w = if op == ReduceOp::Max { w.max(v) } else { *w + v };
+                    }
+                }
+                if op == ReduceOp::Avg {
+                    want.iter_mut().for_each(|w| *w /= world as f64);
+                }
+                check_equal(&format!("all_reduce {op:?} {kind:?} len {len}"), &tensor.to_device(Device::Cpu), &want)?;
+            }
+            for root in 0..world {
+                case += 1;
+                let mut tensor = to_tensor(&values(rank, case, len), kind).to_device(device);
+                comm.broadcast(&mut tensor, root)?;
+                check_equal(
+                    &format!("broadcast {kind:?} root {root}"),
+                    &tensor.to_device(Device::Cpu),
+                    &values(root, case, len),
+                )?;
+            }
+            case += 1;
+            let gathered = comm.all_gather(&to_tensor(&values(rank, case, len), kind).to_device(device))?;
+            ensure!(gathered.device() == device, "all_gather returned a tensor on {:?}", gathered.device());
+            for r in 0..world {
+                check_equal(
+                    &format!("all_gather {kind:?} slot {r}"),
+                    &gathered.get(r as i64).to_device(Device::Cpu),
+                    &values(r, case, len),
+                )?;
+            }
+        }
+        println!("OK rank {rank} {kind:?}: all_reduce, broadcast, all_gather on {device:?} ({})", comm.backend());
+    }
+    // Host tensors break the device rule on a GPU communicator.
+    if device != Device::Cpu {
+        let error = comm.all_reduce(&mut Tensor::ones([4], (Kind::Float, Device::Cpu)), ReduceOp::Sum).err();
+        ensure!(
+            matches!(error, Some(mgrun_collectives::CommError::WrongDevice { .. })),
+            "a host tensor was accepted: {error:?}"
+        );
+    }
+    let sums = scalars::all_reduce_f64(comm.as_ref(), &[rank as f64, 1.0], ReduceOp::Sum)?;
+    ensure!(sums == [(world * (world - 1) / 2) as f64, world as f64], "scalar all_reduce gave {sums:?}");
+    // The domain-group split: parity groups, each reducing its members' inputs.
+    let halves = comm.split(rank % 2)?;
+    let members: Vec<usize> = (0..world).filter(|r| r % 2 == rank % 2).collect();
+    ensure!(halves.world_size() == members.len() && halves.rank() == rank / 2, "split layout");
+    case += 1;
+    let mut tensor = to_tensor(&values(rank, case, 4097), Kind::Float).to_device(device);
+    halves.all_reduce(&mut tensor, ReduceOp::Sum)?;
+    let mut want = vec![0.0; 4097];
+    for &m in &members {
+        for (w, v) in want.iter_mut().zip(values(m, case, 4097)) {
+            *w += v;
+        }
+    }
+    check_equal("split all_reduce", &tensor.to_device(Device::Cpu), &want)?;
+    halves.barrier()?;
+    comm.barrier()?;
+    println!(
+        "OK rank {rank} split, scalars, barrier; all device checks passed in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 
@@ -334,6 +458,7 @@ fn main() {
         let timeout = Duration::from_secs_f64(timeout_s);
         match args.get(1).map(String::as_str) {
             Some("correctness") => correctness(rank, world, timeout),
+            Some("device-correctness") => device_correctness(rank, world, timeout),
             Some("fail") => {
                 let victim = args.get(2).and_then(|v| v.parse().ok()).unwrap_or(world - 1);
                 failure(rank, world, timeout, victim, args.get(3).map(String::as_str).unwrap_or("die"))
@@ -342,7 +467,10 @@ fn main() {
                 let max_bytes = args.get(2).and_then(|v| v.parse().ok()).unwrap_or(64 << 20);
                 mgrun_collectives::bench::bench_worker_main(max_bytes, args.get(3).map(std::path::Path::new))
             }
-            _ => bail!("usage: mgrun-comm-check <correctness|fail [victim] [die|stall]|bench [max_bytes] [json_out]>"),
+            _ => bail!(
+                "usage: mgrun-comm-check <correctness|device-correctness|fail [victim] [die|stall]|bench [max_bytes] \
+                 [json_out]>"
+            ),
         }
     })();
     if let Err(error) = outcome {

@@ -1,0 +1,315 @@
+//! The gradients a method asks for, over the job's whole batch and identical on every rank.
+//!
+//! Two ways to compute them, chosen by [`Topology::exact`]:
+//! - **Fast path**: a rank computes the gradient of its own images (one backward over all its pieces
+//!   when only the batch gradient is needed, one per piece when each domain's is) and the ranks sum
+//!   them with all-reduces: over the world for the batch gradient, within a domain group for the
+//!   pieces of a split domain. The float sums then depend on how the images fall on the ranks, so
+//!   results agree across world sizes up to rounding.
+//! - **Exact path** (deterministic mode): every unit of the plan (a fixed micro-batch) gets its own
+//!   forward and backward with its own random stream; the units' gradients are all-gathered (a bucket
+//!   of parameters at a time) and every rank sums them in one fixed order, unit after unit within a
+//!   domain, then domain after domain. No sum depends on which rank computed which unit, so 1, 2, 3 ...
+//!   ranks give the same bits. The price: a backward per micro-batch, and every rank receives every
+//!   unit's gradient (N x P values per pass, against about 2P for a ring all-reduce).
+
+use crate::common::{all_reduce_grad, backward_flat, cross_entropy_sum, shard_len};
+use crate::{DomainShard, Topology};
+use anyhow::{bail, Context, Result};
+use mgrun_collectives::{scalars, ReduceOp};
+use mgrun_models::{Model, ParamStore};
+use tch::{Kind, Tensor};
+
+/// One gradient pass of a method's step.
+pub struct Pass<'p> {
+    /// The step and the pass within it (0, 1, ...): together they name the exact path's random
+    /// streams, so that every pass draws its own dropout masks.
+    pub step: u64,
+    pub index: u64,
+    /// Added to the parameters while the images of training domain e are computed (per-domain SAM's
+    /// perturbation); indexed by training domain, `None` for no offset.
+    pub offsets: Option<&'p [Option<Tensor>]>,
+}
+
+impl Pass<'_> {
+    pub fn plain(step: u64, index: u64) -> Pass<'static> {
+        Pass { step, index, offsets: None }
+    }
+}
+
+/// The ERM objective over the job's batch, L = (1/(KB)) sum_i l_i, and its gradient.
+pub struct BatchGradient {
+    pub loss: f64,
+    pub grad: Tensor,
+}
+
+/// One training domain's gradient g_e = grad L_e, L_e the mean loss over its B images.
+pub struct DomainGradient {
+    pub domain: usize,
+    pub grad: Tensor,
+    /// True on the one rank that counts this domain in world-level sums (the lowest holder).
+    pub leader: bool,
+}
+
+/// Every domain's gradient this rank holds.
+pub struct DomainGradients {
+    /// The ERM objective (1/K) sum_e L_e, the same on every rank.
+    pub loss: f64,
+    /// In domain order: the domains of this rank's pieces (fast path) or every domain (exact path).
+    pub domains: Vec<DomainGradient>,
+    /// Every rank holds every domain (exact path): world-level sums need no collective.
+    pub replicated: bool,
+}
+
+/// The batch gradient, the same on every rank (see the module docs).
+pub fn batch_gradient(
+    model: &mut dyn Model,
+    topology: &Topology<'_>,
+    shards: &[DomainShard],
+    pass: &Pass<'_>,
+) -> Result<BatchGradient> {
+    let scale = 1.0 / (topology.num_domains() * topology.batch_per_domain()) as f64;
+    if topology.exact.is_some() {
+        let sums = exact_domain_sums(model, topology, shards, pass)?;
+        let _guard = tch::no_grad_guard();
+        let mut total = sums.grads[0].copy();
+        for grad in &sums.grads[1..] {
+            total += grad;
+        }
+        return Ok(BatchGradient { loss: sums.loss_sum * scale, grad: total * scale });
+    }
+    let world = topology.world;
+    let (local_loss, mut grad) = match pass.offsets {
+        None => concatenated_gradient(model, shards, scale)?,
+        Some(offsets) => {
+            // A backward per piece at that domain's offset parameters, accumulated in the flat gradient.
+            model.store_mut().zero_grad();
+            let mut local_loss = 0.0;
+            let saved = OffsetParameters::save(model.store());
+            for shard in shards.iter().filter(|s| shard_len(s) > 0) {
+                saved.apply(model.store(), offsets.get(shard.domain).and_then(Option::as_ref))?;
+                let loss_sum = cross_entropy_sum(&*model, &shard.x, &shard.y)?;
+                local_loss += loss_sum.f_double_value(&[]).context("reading a shard's loss")? * scale;
+                (loss_sum * scale).f_backward().context("backward pass")?;
+            }
+            saved.restore(model.store())?;
+            (local_loss, model.store().flat_grad())
+        }
+    };
+    all_reduce_grad(world, &mut grad, topology.bucket_bytes, "the batch gradient")?;
+    let loss = scalars::all_reduce_f64(world, &[local_loss], ReduceOp::Sum).context("all-reduce of the loss")?[0];
+    Ok(BatchGradient { loss, grad })
+}
+
+/// Every domain's gradient g_e, assembled exactly from its pieces (see the module docs).
+pub fn domain_gradients(
+    model: &mut dyn Model,
+    topology: &Topology<'_>,
+    shards: &[DomainShard],
+    pass: &Pass<'_>,
+) -> Result<DomainGradients> {
+    let (k, b) = (topology.num_domains() as f64, topology.batch_per_domain() as f64);
+    if topology.exact.is_some() {
+        let sums = exact_domain_sums(model, topology, shards, pass)?;
+        let domains = sums
+            .grads
+            .into_iter()
+            .enumerate()
+            .map(|(domain, sum)| DomainGradient { domain, grad: sum * (1.0 / b), leader: true })
+            .collect();
+        return Ok(DomainGradients { loss: sums.loss_sum / (k * b), domains, replicated: true });
+    }
+    if pass.offsets.is_some() {
+        bail!("per-domain gradients at offset parameters are not supported");
+    }
+    let mut local_loss = 0.0;
+    let mut domains = Vec::with_capacity(shards.len());
+    for shard in shards.iter().filter(|s| shard_len(s) > 0) {
+        let loss_sum = cross_entropy_sum(&*model, &shard.x, &shard.y)?;
+        local_loss += loss_sum.f_double_value(&[]).context("reading a shard's loss")? / (k * b);
+        let grad = backward_flat(model.store_mut(), &(loss_sum / b))
+            .with_context(|| format!("backward of domain {}", shard.domain))?;
+        domains.push(DomainGradient { domain: shard.domain, grad, leader: true });
+    }
+    // Pieces of a split domain are summed before anything non-linear. Every rank walks its groups in
+    // domain order, so the collectives of overlapping groups cannot wait on each other in a cycle.
+    for entry in &mut domains {
+        if let Some(group) = topology.domain_group(entry.domain) {
+            all_reduce_grad(group, &mut entry.grad, topology.bucket_bytes, "a domain's gradient within its group")?;
+            entry.leader = group.rank() == 0;
+        }
+    }
+    let loss =
+        scalars::all_reduce_f64(topology.world, &[local_loss], ReduceOp::Sum).context("all-reduce of the loss")?[0];
+    Ok(DomainGradients { loss, domains, replicated: false })
+}
+
+/// One forward and backward over all of this rank's images concatenated, the loss scaled by `scale`
+/// (zeros when the rank holds no images): the local loss and flat gradient.
+fn concatenated_gradient(model: &mut dyn Model, shards: &[DomainShard], scale: f64) -> Result<(f64, Tensor)> {
+    let nonempty: Vec<&DomainShard> = shards.iter().filter(|s| shard_len(s) > 0).collect();
+    let store = model.store();
+    if nonempty.is_empty() {
+        return Ok((0.0, Tensor::zeros([store.numel() as i64], (Kind::Float, store.device()))));
+    }
+    let (x, y) = if nonempty.len() == 1 {
+        (nonempty[0].x.shallow_clone(), nonempty[0].y.shallow_clone())
+    } else {
+        let xs: Vec<&Tensor> = nonempty.iter().map(|s| &s.x).collect();
+        let ys: Vec<&Tensor> = nonempty.iter().map(|s| &s.y).collect();
+        (
+            Tensor::f_cat(&xs, 0).context("concatenating the shards' images")?,
+            Tensor::f_cat(&ys, 0).context("concatenating the shards' labels")?,
+        )
+    };
+    let loss = cross_entropy_sum(&*model, &x, &y)? * scale;
+    let value = loss.f_double_value(&[]).context("reading the local loss")?;
+    let grad = backward_flat(model.store_mut(), &loss)?;
+    Ok((value, grad))
+}
+
+/// The exact path's result: per training domain, the sum of its units' gradients of sum_i l_i and
+/// of their loss sums, each summed in unit order.
+struct DomainSums {
+    grads: Vec<Tensor>,
+    loss_sum: f64,
+}
+
+/// Computes this rank's units, all-gathers every unit's gradient and loss, and sums them per domain
+/// in the fixed order (see the module docs).
+fn exact_domain_sums(
+    model: &mut dyn Model,
+    topology: &Topology<'_>,
+    shards: &[DomainShard],
+    pass: &Pass<'_>,
+) -> Result<DomainSums> {
+    let plan = topology.plan;
+    let world = topology.world;
+    let seed = topology.exact.map_or(0, |e| e.seed);
+    let rank = world.rank();
+    let mine = plan.units_of(rank);
+    let slots = plan.max_units_per_rank().max(1);
+    let (numel, device) = (model.store().numel() as i64, model.store().device());
+    let units_per_domain = plan.units_per_domain();
+
+    // This rank's units, one forward and backward each, into rows of `local` (padded to `slots`).
+    let local = Tensor::zeros([slots as i64, numel], (Kind::Float, device));
+    let mut losses = vec![0.0f64; slots];
+    let saved = pass.offsets.map(|_| OffsetParameters::save(model.store()));
+    for shard in shards {
+        let n = shard_len(shard) as usize;
+        let first = shard.offset / plan.unit();
+        let last = (shard.offset + n).div_ceil(plan.unit());
+        for j in first..last {
+            let (lo, hi) = plan.unit_images(j);
+            let unit = shard.domain * units_per_domain + j;
+            let slot = unit.checked_sub(mine.start).filter(|s| mine.contains(&unit) && *s < slots);
+            let slot = slot.with_context(|| format!("unit {unit} of domain {} is not rank {rank}'s", shard.domain))?;
+            if lo < shard.offset || hi > shard.offset + n {
+                bail!(
+                    "domain {} shard [{}, {}) cuts unit {j} [{lo}, {hi})",
+                    shard.domain,
+                    shard.offset,
+                    shard.offset + n
+                );
+            }
+            // Fresh copies: a unit's inputs must not depend on where it sat in the rank's piece.
+            let start = (lo - shard.offset) as i64;
+            let x = shard.x.narrow(0, start, (hi - lo) as i64).copy();
+            let y = shard.y.narrow(0, start, (hi - lo) as i64).copy();
+            tch::manual_seed(unit_seed(seed, pass.step, pass.index, unit));
+            if let (Some(saved), Some(offsets)) = (&saved, pass.offsets) {
+                saved.apply(model.store(), offsets.get(shard.domain).and_then(Option::as_ref))?;
+            }
+            let store = model.store_mut();
+            store.zero_grad();
+            let loss_sum = cross_entropy_sum(&*model, &x, &y)?;
+            losses[slot] = loss_sum.f_double_value(&[]).context("reading a micro-batch's loss")?;
+            loss_sum.f_backward().with_context(|| format!("backward of micro-batch {j} of domain {}", shard.domain))?;
+            let _guard = tch::no_grad_guard();
+            let mut row = local.get(slot as i64);
+            match model.store().flat_grad_view() {
+                Some(grad) => row.f_copy_(grad)?,
+                None => row.f_copy_(&model.store().flat_grad())?,
+            }
+        }
+    }
+    if let Some(saved) = &saved {
+        saved.restore(model.store())?;
+    }
+
+    // Every unit's gradient on every rank, a bucket of parameters at a time, summed in unit order.
+    let _guard = tch::no_grad_guard();
+    let k = plan.num_domains();
+    let sums: Vec<Tensor> = (0..k).map(|_| Tensor::zeros([numel], (Kind::Float, device))).collect();
+    let chunk = (topology.bucket_bytes / (4 * slots)).max(1) as i64;
+    let mut start = 0i64;
+    while start < numel {
+        let len = chunk.min(numel - start);
+        let part = local.narrow(1, start, len).contiguous();
+        let gathered = world
+            .all_gather(&part)
+            .with_context(|| format!("all-gather of micro-batch gradients (rank {rank} of {})", world.world_size()))?;
+        for (domain, sum) in sums.iter().enumerate() {
+            let mut acc: Option<Tensor> = None;
+            for j in 0..units_per_domain {
+                let (owner, slot) = plan.unit_location(domain * units_per_domain + j);
+                let grad = gathered.get(owner as i64).get(slot as i64);
+                acc = Some(match acc {
+                    None => grad.copy(),
+                    Some(mut acc) => {
+                        acc += &grad;
+                        acc
+                    }
+                });
+            }
+            if let Some(acc) = acc {
+                sum.narrow(0, start, len).f_copy_(&acc)?;
+            }
+        }
+        start += len;
+    }
+    let gathered_losses = scalars::all_gather_f64(world, &losses).context("all-gather of micro-batch losses")?;
+    let mut loss_sum = 0.0;
+    for unit in 0..plan.total_units() {
+        let (owner, slot) = plan.unit_location(unit);
+        loss_sum += gathered_losses[owner][slot];
+    }
+    Ok(DomainSums { grads: sums, loss_sum })
+}
+
+/// The random stream of micro-batch `unit` in pass `pass` of `step` (splitmix64 of the four).
+fn unit_seed(seed: u64, step: u64, pass: u64, unit: usize) -> i64 {
+    let mut z = seed;
+    for part in [step, pass, unit as u64] {
+        z = (z ^ part).wrapping_add(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+    }
+    (z >> 1) as i64
+}
+
+/// The parameters before a pass at offsets, restored bit for bit afterwards (θ + ε - ε is not θ in
+/// floating point).
+struct OffsetParameters {
+    theta: Tensor,
+}
+
+impl OffsetParameters {
+    fn save(store: &ParamStore) -> Self {
+        Self { theta: store.flat().detach().copy() }
+    }
+
+    /// Sets the parameters to θ + offset (θ when there is none).
+    fn apply(&self, store: &ParamStore, offset: Option<&Tensor>) -> Result<()> {
+        match offset {
+            Some(offset) => store.set_flat(&(&self.theta + offset)),
+            None => store.set_flat(&self.theta),
+        }
+    }
+
+    fn restore(&self, store: &ParamStore) -> Result<()> {
+        store.set_flat(&self.theta)
+    }
+}
