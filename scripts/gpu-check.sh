@@ -4,8 +4,11 @@
 #   scripts/gpu-check.sh --package   (on the build machine) builds mgrun and the CUDA test binaries
 #                                    and copies them, stripped, into target-gpu/
 #   scripts/gpu-check.sh [OUT_DIR]   (on the GPU machine, from the repository root) runs the NCCL
-#                                    tests, the shim's CUDA tests, a 200-step quickstart run, a
-#                                    deterministic-mode repeat, bench comm, the step benchmarks and
+#                                    and TCP-on-CUDA tests (ignored elsewhere: here they must run and
+#                                    pass), the shim's CUDA tests, a 200-step quickstart run, a
+#                                    deterministic-mode repeat, multi-rank runs on the one GPU
+#                                    (--ranks-per-gpu, TCP backend) with a checkpoint and a resume
+#                                    against the one-rank run, bench comm, the step benchmarks and
 #                                    the PyTorch eager reference, and prints a summary table last.
 # The binaries link libtorch through an rpath to the build machine's venv; shared/device/gpu-env.sh
 # (or ../shared/device/gpu-env.sh) points the loader at the GPU machine's own torch 2.11 instead.
@@ -20,6 +23,7 @@ if [[ "${1:-}" == "--package" ]]; then
     cargo build --release -p mgrun-launcher -j 2
     mkdir -p "$BIN"
     cp "$CARGO_TARGET_DIR/release/mgrun" "$BIN/mgrun"
+    cp "$CARGO_TARGET_DIR/release/mgrun-comm-check" "$BIN/mgrun-comm-check"
     # `cargo test --no-run` prints "Executable tests/x.rs (path)" for each test binary it builds.
     for spec in "mgrun-collectives nccl" "mgrun-torch-shim shim"; do
         set -- $spec
@@ -27,7 +31,10 @@ if [[ "${1:-}" == "--package" ]]; then
         if [[ -z "$exe" ]]; then echo "gpu-check: no test binary for $1 --test $2" >&2; exit 1; fi
         cp "$exe" "$BIN/test-$2"
     done
-    strip "$BIN"/mgrun "$BIN"/test-*
+    exe=$(cargo test --release -p mgrun-launcher --bin mgrun --no-run -j 2 2>&1 | sed -n "s|.*Executable unittests src/main.rs (\(.*\))|\1|p" | tail -n 1)
+    if [[ -z "$exe" ]]; then echo "gpu-check: no unit-test binary for the launcher" >&2; exit 1; fi
+    cp "$exe" "$BIN/test-launcher"
+    strip "$BIN"/mgrun "$BIN"/mgrun-comm-check "$BIN"/test-*
     # The GPU machine gets the working tree, not /work/shared: carry the loader set-up along.
     for env_script in shared/device/gpu-env.sh ../shared/device/gpu-env.sh /work/shared/device/gpu-env.sh; do
         if [[ -f "$env_script" ]]; then cp "$env_script" "$BIN/gpu-env.sh"; break; fi
@@ -73,8 +80,12 @@ TORCH_CUDA_PRELOAD="$TORCH_LIB/libtorch_cuda.so"
 
 note "| check | result | time |"
 note "|---|---|---|"
-[[ -x "$BIN/test-nccl" ]] && run nccl-tests 120 env LD_PRELOAD="$TORCH_CUDA_PRELOAD" "$BIN/test-nccl" --test-threads=1
+# --include-ignored: the CUDA tests are ignored where there is no GPU; here they must run, and they fail
+# (instead of skipping) when CUDA is missing.
+[[ -x "$BIN/test-nccl" ]] && run nccl-tests 180 env LD_PRELOAD="$TORCH_CUDA_PRELOAD" "$BIN/test-nccl" \
+    --test-threads=1 --include-ignored
 run shim-tests 60 env LD_PRELOAD="$TORCH_CUDA_PRELOAD" "$BIN/test-shim" --test-threads=1
+run launcher-nccl-link 60 "$BIN/test-launcher" --ignored ranks_can_load_nccl_by_the_name_cudarc_uses
 
 # 200 quickstart steps on the GPU; held-out (test domain) accuracy must beat chance (1/classes).
 run quickstart 180 "$BIN/mgrun" --gpus 1 --out "$OUT/quickstart" --set train.steps=200 configs/quickstart.toml
@@ -101,6 +112,24 @@ print(f"losses run 1 {a[:3]}...{a[-1]}, run 2 {b[:3]}...{b[-1]}")
 sys.exit(0 if a == b and len(a) == 30 else 1)
 EOF
 
+# Multi-rank runs on the one GPU: 3 ranks share it (--ranks-per-gpu 3, TCP backend through pinned host
+# memory) in deterministic mode with a checkpoint at step 10, then a resume from it on 2 ranks. Per-step
+# losses must equal the one-rank GPU run's within 1e-4 relative (deterministic mode aims at equality).
+MR=(--set train.steps=30 --set train.deterministic=true --set eval.every_steps=1000
+    --set checkpoint.every_steps=10 --set checkpoint.keep_last=0)
+PAIRS=()
+for method in erm dsp_reg sam; do
+    run "mr-$method-1-rank" 180 "$BIN/mgrun" --gpus 1 --out "$OUT/mr-$method-w1" "${MR[@]}" \
+        --set method.name=$method configs/quickstart.toml
+    run "mr-$method-3-ranks" 240 "$BIN/mgrun" --gpus 3 --ranks-per-gpu 3 --out "$OUT/mr-$method-w3" "${MR[@]}" \
+        --set method.name=$method configs/quickstart.toml
+    run "mr-$method-resume-on-2" 240 "$BIN/mgrun" --gpus 2 --ranks-per-gpu 2 --out "$OUT/mr-$method-r2" \
+        "${MR[@]}" --set method.name=$method --resume "$OUT/mr-$method-w3/checkpoints/step10" configs/quickstart.toml
+    PAIRS+=("$method, 3 ranks on 1 GPU=$OUT/mr-$method-w1:$OUT/mr-$method-w3"
+            "$method, step-10 checkpoint resumed on 2 ranks=$OUT/mr-$method-w1:$OUT/mr-$method-r2:10")
+done
+run multi-rank-compare 30 "$PYTHON" scripts/compare_runs.py "$OUT/multi-rank.md" 1e-4 "${PAIRS[@]}"
+
 # NCCL at world size 1: only the per-call overhead (no inter-GPU traffic on a one-GPU machine).
 run bench-comm 90 "$BIN/mgrun" --out "$OUT/bench-comm" bench comm --gpus 1 --max-mb 64
 
@@ -117,5 +146,7 @@ echo "(bench comm on one GPU: world size 1, so the numbers are the call overhead
 sed -n '/^| method | precision | channels_last | ms\/step/,/^$/p' "$OUT/bench-step.log"
 grep -h "phases" "$OUT/bench-step.log"
 sed -n '/^| method | precision | channels_last | mgrun img\/s/,$p' "$OUT/pytorch-step.log"
+echo "multi-rank runs on one GPU (deterministic, TCP backend through pinned host memory):"
+cat "$OUT/multi-rank.md" 2>/dev/null
 cat "$SUMMARY"
 ! grep -q FAIL "$SUMMARY"
