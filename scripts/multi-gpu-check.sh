@@ -21,28 +21,8 @@ mkdir -p "$OUT"
 SUMMARY="$OUT/summary.md"
 : >"$SUMMARY"
 STARTED=$(date +%s)
-note() { echo "$1" | tee -a "$SUMMARY"; }
-run() {
-    local name=$1 limit=$2
-    shift 2
-    local t0=$(date +%s)
-    echo "=== $name: $*"
-    timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
-    local rc=${PIPESTATUS[0]}
-    local status=PASS
-    [[ $rc -ne 0 ]] && status="FAIL(rc=$rc)"
-    note "| $name | $status | $(( $(date +%s) - t0 )) s |"
-    return "$rc"
-}
-
-for env_script in shared/device/gpu-env.sh "$BIN/gpu-env.sh" ../shared/device/gpu-env.sh; do
-    if [[ -f "$env_script" ]]; then
-        # shellcheck disable=SC1090
-        source "$env_script"
-        break
-    fi
-done
-export PYTHON=${PYTHON:-python3}
+# shellcheck source=scripts/check-common.sh
+source scripts/check-common.sh
 for f in mgrun mgrun-comm-check; do
     [[ -x "$BIN/$f" ]] || { echo "multi-gpu-check: $BIN/$f is missing (run scripts/gpu-check.sh --package where Rust is)"; exit 1; }
 done
