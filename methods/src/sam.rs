@@ -120,9 +120,12 @@ impl Method for Sam {
             SamPerturb::Global => {
                 CrossRankStat { name: "loss", collective: "all_reduce_sum", size: "1", group: "world" }
             }
-            SamPerturb::Local => {
-                CrossRankStat { name: "loss, gradient norms", collective: "all_reduce_sum", size: "2", group: "world" }
-            }
+            SamPerturb::Local => CrossRankStat {
+                name: "loss, then the sum of the domains' gradient norms",
+                collective: "all_reduce_sum",
+                size: "1 + 1",
+                group: "world",
+            },
         };
         vec![
             first_pass,
