@@ -151,8 +151,7 @@ pub fn rows_to_json(rows: &[CommBenchRow], world: usize, backend: &str) -> Strin
 }
 
 fn env_usize(name: &str) -> anyhow::Result<usize> {
-    let text = std::env::var(name).with_context(|| format!("environment variable {name} is not set"))?;
-    text.trim().parse().with_context(|| format!("environment variable {name}={text:?} is not a number"))
+    crate::rank_device::env_usize(name)?.with_context(|| format!("environment variable {name} is not set"))
 }
 
 /// Body of one benchmark worker process: reads RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT and

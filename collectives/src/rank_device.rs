@@ -19,11 +19,11 @@ impl RankDevice {
         match kind.as_str() {
             "cpu" => Ok(RankDevice { device: Device::Cpu, ranks_per_gpu: 1 }),
             "cuda" => {
-                let ordinal = match var_usize("MGRUN_CUDA_DEVICE")? {
+                let ordinal = match env_usize("MGRUN_CUDA_DEVICE")? {
                     Some(ordinal) => ordinal,
-                    None => var_usize("LOCAL_RANK")?.unwrap_or(0),
+                    None => env_usize("LOCAL_RANK")?.unwrap_or(0),
                 };
-                let ranks_per_gpu = var_usize("MGRUN_RANKS_PER_GPU")?.unwrap_or(1);
+                let ranks_per_gpu = env_usize("MGRUN_RANKS_PER_GPU")?.unwrap_or(1);
                 if ranks_per_gpu == 0 {
                     bail!("environment variable MGRUN_RANKS_PER_GPU=0: at least one rank per GPU");
                 }
@@ -34,7 +34,9 @@ impl RankDevice {
     }
 }
 
-fn var_usize(name: &str) -> Result<Option<usize>> {
+/// The non-negative integer in environment variable `name`, `None` when it is not set; an error
+/// naming the variable when it holds anything else. Every reader of the rank environment uses it.
+pub fn env_usize(name: &str) -> Result<Option<usize>> {
     match std::env::var(name) {
         Ok(v) => {
             v.trim().parse().map(Some).with_context(|| format!("environment variable {name}={v:?} is not an integer"))

@@ -1,7 +1,8 @@
 //! A rank's identity, from torchrun's environment contract plus the device variables of the `mgrun`
 //! launcher ([`RankDevice`]).
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Result};
+use mgrun_collectives::rank_device::env_usize;
 use mgrun_collectives::RankDevice;
 use tch::Device;
 
@@ -18,11 +19,7 @@ pub struct RankEnv {
 }
 
 fn var_usize(name: &str, default: usize) -> Result<usize> {
-    match std::env::var(name) {
-        Ok(v) => v.trim().parse().with_context(|| format!("environment variable {name}={v:?} is not an integer")),
-        Err(std::env::VarError::NotPresent) => Ok(default),
-        Err(e) => Err(anyhow!("environment variable {name}: {e}")),
-    }
+    Ok(env_usize(name)?.unwrap_or(default))
 }
 
 impl RankEnv {
