@@ -1,8 +1,9 @@
 //! Every method's update against an independent PyTorch reference (tests/reference/methods_ref.py:
 //! per-parameter autograd and torch.optim.Adam): SmallCnn width 8, 3 domains x 4 images of 8x8, all
 //! domains on one rank (3 shards), 3 steps so that Adam's moments and DSP-Reg's EMAs matter. Each case
-//! runs twice: on the fast path, and on deterministic mode's exact path with micro-batches of 3
-//! images (3 + 1 per domain), whose summation order differs from PyTorch's but whose math must not.
+//! runs twice (but `dsp_rank`, see `check_case`): on the fast path, and on deterministic mode's exact
+//! path with micro-batches of 3 images (3 + 1 per domain), whose summation order differs from
+//! PyTorch's but whose math must not.
 
 use mgrun_collectives::SingleRank;
 use mgrun_methods::dsp_reg::{DspMode, DspScore, DspWeight, VarianceDenominator};
@@ -266,7 +267,13 @@ fn scalar_error(a: f64, b: f64) -> f64 {
 
 fn check_case(name: &str) {
     check_run(name, None);
-    check_run(name, Some(MICRO_BATCH));
+    // The rank score is discontinuous (see the `dsp_rank` case): summed in another order, a few scores
+    // swap ranks and no tolerance can be derived for the weights. The exact path's sums do not depend
+    // on the score (tests/sharding.rs checks them bit for bit), and the ranking is checked exactly by
+    // tests/units.rs.
+    if name != "dsp_rank" {
+        check_run(name, Some(MICRO_BATCH));
+    }
 }
 
 fn check_run(name: &str, micro_batch: Option<usize>) {
