@@ -8,7 +8,31 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use tch::{Device, Kind, Tensor};
 
-const LOGIT_TOLERANCE: f64 = 1e-4;
+/// float32's unit roundoff, 2^-24.
+const UNIT_ROUNDOFF_F32: f64 = 5.960_464_477_539_063e-8;
+
+/// How far two float32 evaluations of the same network may differ when only their kernels' summation
+/// orders differ (oneDNN's blocking depends on the CPU and the thread count), derived from the network.
+///
+/// Every multiply-add of a convolution or linear layer of fan-in n adds rounding errors whose sum grows
+/// like sqrt(n) u relative to the layer's output (the probabilistic bound of Higham & Mary, 2019); along
+/// the network these add up in quadrature, so the logits carry about sqrt(sum of fan-ins) u times their
+/// own scale. With one thread on both sides the logits agree exactly on the machine this was written
+/// on; a CI machine of another CPU, with two threads for PyTorch, measured 1.2e-4 for ResNet-50 where
+/// this gives about 1.2e-3.
+fn logit_tolerance(model: &dyn Model, logits: &Tensor) -> f64 {
+    let fan_in_sum: f64 = model
+        .store()
+        .params()
+        .iter()
+        .filter(|param| param.tensor.dim() >= 2)
+        .map(|param| {
+            let size = param.tensor.size();
+            (param.tensor.numel() as f64) / (size[0] as f64)
+        })
+        .sum();
+    fan_in_sum.sqrt() * UNIT_ROUNDOFF_F32 * max_abs(logits)
+}
 
 fn workspace_root() -> PathBuf {
     PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
@@ -41,7 +65,7 @@ fn run_reference(
         .arg(input)
         .arg("--out")
         .arg(out)
-        .env("OMP_NUM_THREADS", "2");
+        .env("OMP_NUM_THREADS", "1");
     if train {
         cmd.arg("--train");
     }
@@ -94,14 +118,22 @@ fn resnet18_matches_torchvision_in_eval_and_train_mode() {
 
     let eval_logits = tch::no_grad(|| model.forward_t(&images, false));
     let diff = max_abs_diff(&eval_logits, &reference["logits_eval"]);
-    println!("resnet18 eval: max |logit| {:.3e}, max abs diff {diff:.3e}", max_abs(&eval_logits));
-    assert!(diff <= LOGIT_TOLERANCE, "eval logits differ from torchvision by {diff}");
+    let tolerance = logit_tolerance(model.as_ref(), &eval_logits);
+    println!(
+        "resnet18 eval: max |logit| {:.3e}, max abs diff {diff:.3e} (tolerance {tolerance:.3e})",
+        max_abs(&eval_logits)
+    );
+    assert!(diff <= tolerance, "eval logits differ from torchvision by {diff} > {tolerance}");
 
     model.store_mut().zero_grad();
     let train_logits = model.forward_t(&images, true);
     let diff = max_abs_diff(&train_logits, &reference["logits_train"]);
-    println!("resnet18 train: max |logit| {:.3e}, max abs diff {diff:.3e}", max_abs(&train_logits));
-    assert!(diff <= LOGIT_TOLERANCE, "train-mode logits differ from torchvision by {diff}");
+    let tolerance = logit_tolerance(model.as_ref(), &train_logits);
+    println!(
+        "resnet18 train: max |logit| {:.3e}, max abs diff {diff:.3e} (tolerance {tolerance:.3e})",
+        max_abs(&train_logits)
+    );
+    assert!(diff <= tolerance, "train-mode logits differ from torchvision by {diff} > {tolerance}");
     (train_logits * &grad_weights).sum(Kind::Float).backward();
 
     // Running statistics updated in place by the train-mode forward, and the batch counter.
@@ -158,6 +190,10 @@ fn resnet50_matches_torchvision_in_eval_mode() {
     );
     let logits = tch::no_grad(|| model.forward_t(&images, false));
     let diff = max_abs_diff(&logits, &reference["logits_eval"]);
-    println!("resnet50 eval: max |logit| {:.3e}, max abs diff {diff:.3e}", max_abs(&logits));
-    assert!(diff <= LOGIT_TOLERANCE, "eval logits differ from torchvision by {diff}");
+    let tolerance = logit_tolerance(model.as_ref(), &logits);
+    println!(
+        "resnet50 eval: max |logit| {:.3e}, max abs diff {diff:.3e} (tolerance {tolerance:.3e})",
+        max_abs(&logits)
+    );
+    assert!(diff <= tolerance, "eval logits differ from torchvision by {diff} > {tolerance}");
 }

@@ -31,7 +31,8 @@ def main():
     parser.add_argument("--train", action="store_true")
     args = parser.parse_args()
 
-    torch.set_num_threads(2)
+    # One thread, as the Rust side: the same kernels' blocking where the CPU allows it.
+    torch.set_num_threads(1)
 
     model = getattr(torchvision.models, args.arch)(weights=None, num_classes=args.num_classes)
     model.load_state_dict(load_file(args.state), strict=True)
