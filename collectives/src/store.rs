@@ -271,11 +271,16 @@ impl std::fmt::Debug for StoreServer {
     }
 }
 
+/// The environment variable that gives a rank's store keys their namespace (see [`StoreClient::from_env`]).
+pub const NAMESPACE_ENV: &str = "MGRUN_STORE_NAMESPACE";
+
 /// A blocking client of the [`StoreServer`]. One request at a time per client (a mutex serialises them).
 pub struct StoreClient {
     addr: String,
     token: String,
     timeout: Duration,
+    /// Prepended to every key: each restart of a job gets its own key space in the one store.
+    namespace: String,
     stream: Mutex<TcpStream>,
 }
 
@@ -320,8 +325,13 @@ impl StoreClient {
             std::thread::sleep(Duration::from_millis(50));
         };
         let _ = stream.set_nodelay(true);
-        let client =
-            StoreClient { addr: addr.to_string(), token: token.to_string(), timeout, stream: Mutex::new(stream) };
+        let client = StoreClient {
+            addr: addr.to_string(),
+            token: token.to_string(),
+            timeout,
+            namespace: String::new(),
+            stream: Mutex::new(stream),
+        };
         match client.request(&Request::Hello { token: token.to_string() }, timeout) {
             Ok(Response::Welcome) => Ok(client),
             Ok(other) => Err(store_error(format!("unexpected answer to hello: {other:?}"))),
@@ -332,7 +342,8 @@ impl StoreClient {
         }
     }
 
-    /// From torchrun-style env: MASTER_ADDR, MASTER_PORT, MGRUN_STORE_TOKEN.
+    /// From torchrun-style env: MASTER_ADDR, MASTER_PORT, MGRUN_STORE_TOKEN, and the key namespace of
+    /// this attempt of the job, MGRUN_STORE_NAMESPACE (set by the launcher; empty when absent).
     pub fn from_env(timeout: Duration) -> Result<StoreClient, CommError> {
         let var = |name: &str| {
             std::env::var(name).map_err(|_| CommError::Store {
@@ -348,12 +359,19 @@ impl StoreClient {
         } else {
             format!("{host}:{port}")
         };
-        StoreClient::connect(&addr, &token, timeout)
+        let namespace = std::env::var(NAMESPACE_ENV).unwrap_or_default();
+        Ok(StoreClient::connect(&addr, &token, timeout)?.in_namespace(&namespace))
     }
 
-    /// A second, independent connection to the same store (same token and timeout).
+    /// This client with every key prefixed by `namespace` (replacing any earlier namespace).
+    pub fn in_namespace(mut self, namespace: &str) -> StoreClient {
+        self.namespace = namespace.to_string();
+        self
+    }
+
+    /// A second, independent connection to the same store (same token, timeout and namespace).
     pub fn try_clone(&self) -> Result<StoreClient, CommError> {
-        StoreClient::connect(&self.addr, &self.token, self.timeout)
+        Ok(StoreClient::connect(&self.addr, &self.token, self.timeout)?.in_namespace(&self.namespace))
     }
 
     /// The "host:port" this client talks to.
@@ -374,7 +392,7 @@ impl StoreClient {
     }
 
     pub fn set(&self, key: &str, value: &[u8]) -> Result<(), CommError> {
-        match self.request(&Request::Set { key: key.to_string(), value: value.to_vec() }, self.timeout)? {
+        match self.request(&Request::Set { key: self.key(key), value: value.to_vec() }, self.timeout)? {
             Response::Done => Ok(()),
             other => Err(self.error(format!("set {key:?}: unexpected answer {other:?}"))),
         }
@@ -388,7 +406,7 @@ impl StoreClient {
 
     /// Like [`get`](Self::get) with an explicit wait; `Ok(None)` when the key is still unset after `wait`.
     pub fn get_within(&self, key: &str, wait: Duration) -> Result<Option<Vec<u8>>, CommError> {
-        let request = Request::Get { key: key.to_string(), wait_ms: wait.as_millis() as u64 };
+        let request = Request::Get { key: self.key(key), wait_ms: wait.as_millis() as u64 };
         match self.request(&request, wait + GET_REPLY_SLACK)? {
             Response::Value(value) => Ok(Some(value)),
             Response::NotFound => Ok(None),
@@ -398,7 +416,7 @@ impl StoreClient {
 
     /// Atomic add to an integer counter (created at 0); returns the new value.
     pub fn add(&self, key: &str, delta: i64) -> Result<i64, CommError> {
-        match self.request(&Request::Add { key: key.to_string(), delta }, self.timeout)? {
+        match self.request(&Request::Add { key: self.key(key), delta }, self.timeout)? {
             Response::Counter(value) => Ok(value),
             Response::Failed(message) => Err(self.error(format!("add {key:?}: {message}"))),
             other => Err(self.error(format!("add {key:?}: unexpected answer {other:?}"))),
@@ -407,6 +425,10 @@ impl StoreClient {
 
     pub fn timeout(&self) -> Duration {
         self.timeout
+    }
+
+    fn key(&self, key: &str) -> String {
+        format!("{}{key}", self.namespace)
     }
 
     fn error(&self, message: String) -> CommError {

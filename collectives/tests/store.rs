@@ -149,3 +149,20 @@ fn shutdown_closes_client_connections() {
     assert!(start.elapsed() < Duration::from_secs(2));
     assert!(client.get("k").is_err());
 }
+
+#[test]
+fn namespaces_keep_the_keys_of_two_attempts_apart() {
+    let server = start_server();
+    let addr = server.addr().to_string();
+    let first = StoreClient::connect(&addr, TOKEN, Duration::from_secs(5)).unwrap().in_namespace("attempt0/");
+    let second = StoreClient::connect(&addr, TOKEN, Duration::from_secs(5)).unwrap().in_namespace("attempt1/");
+    first.set("ready", b"0").unwrap();
+    assert_eq!(first.add("counter", 2).unwrap(), 2);
+    // The same names in another namespace are new keys.
+    assert_eq!(second.get_within("ready", Duration::from_millis(50)).unwrap(), None);
+    assert_eq!(second.add("counter", 1).unwrap(), 1);
+    // A clone keeps its namespace; the bare client sees the prefixed names.
+    assert_eq!(second.try_clone().unwrap().add("counter", 1).unwrap(), 2);
+    let bare = StoreClient::connect(&addr, TOKEN, Duration::from_secs(5)).unwrap();
+    assert_eq!(bare.get("attempt0/ready").unwrap(), b"0");
+}
