@@ -4,12 +4,14 @@ pub mod bench_step;
 pub mod config;
 pub mod env;
 pub mod eval;
+pub mod preemption;
 pub mod progress;
 pub mod records;
 pub mod sharding;
 mod worker;
 
 pub use config::JobConfig;
+pub use preemption::{WorkerOutcome, PREEMPTED_EXIT_CODE};
 pub use worker::run_worker;
 
 use std::path::PathBuf;

@@ -4,6 +4,7 @@
 use crate::config::JobConfig;
 use crate::env::RankEnv;
 use crate::eval::Evaluator;
+use crate::preemption::{PreemptionSignal, WorkerOutcome};
 use crate::progress::{fmt_duration, Progress};
 use crate::records::{accuracy_table, peak_memory_gb, JsonlWriter, WindowMeans};
 use crate::sharding;
@@ -18,7 +19,9 @@ use serde_json::{json, Value};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-pub fn run_worker(args: &WorkerArgs) -> Result<()> {
+pub fn run_worker(args: &WorkerArgs) -> Result<WorkerOutcome> {
+    // Before anything slow, so that an early SIGUSR1 is kept for the first step boundary.
+    let preemption = PreemptionSignal::install()?;
     // --- Job configuration and this rank's identity.
     let env = RankEnv::from_env()?;
     let mut config = JobConfig::load(&args.config, &args.overrides)?;
@@ -130,22 +133,19 @@ pub fn run_worker(args: &WorkerArgs) -> Result<()> {
     let mut progress = Progress::new(is_main, config.train.steps, images_per_step, config.train.progress_every_s);
     let steps_per_epoch = steps_per_epoch(&dataset, &train_domains, batch);
     let mut last_accuracy = Vec::new();
-    let mut checkpoint_writer = if config.checkpoint.every_steps > 0 {
-        let store = if env.world_size > 1 {
-            Some(StoreClient::from_env(timeout).context("connecting the checkpoint writer to the rendezvous store")?)
-        } else {
-            None
-        };
-        Some(mgrun_checkpoint::CheckpointWriter::new(
-            &checkpoint_root,
-            env.rank,
-            env.world_size,
-            config.checkpoint.keep_last,
-            store,
-        )?)
+    // Always there: a preemption writes a checkpoint even when checkpoint.every_steps = 0.
+    let checkpoint_store = if env.world_size > 1 {
+        Some(StoreClient::from_env(timeout).context("connecting the checkpoint writer to the rendezvous store")?)
     } else {
         None
     };
+    let mut checkpoint_writer = mgrun_checkpoint::CheckpointWriter::new(
+        &checkpoint_root,
+        env.rank,
+        env.world_size,
+        config.checkpoint.keep_last,
+        checkpoint_store,
+    )?;
 
     // --- The training loop.
     for step in start_step..config.train.steps {
@@ -227,12 +227,13 @@ pub fn run_worker(args: &WorkerArgs) -> Result<()> {
             last_accuracy = accuracy;
         }
 
-        if let Some(writer) = checkpoint_writer.as_mut().filter(|_| (step + 1) % config.checkpoint.every_steps == 0) {
+        let periodic = config.checkpoint.every_steps > 0 && (step + 1) % config.checkpoint.every_steps == 0;
+        if periodic {
             let stall = Instant::now();
             let snapshot =
                 snapshot_state(step + 1, &config_keys, &config, &env, model.as_ref(), &optimizer, method.as_ref())?;
             let copy_s = snapshot.copy_seconds;
-            let previous = writer.save(snapshot)?;
+            let previous = checkpoint_writer.save(snapshot)?;
             let stall_s = stall.elapsed().as_secs_f64();
             metrics::histogram!("mgrun_checkpoint_stall_seconds").record(stall_s);
             if is_main {
@@ -245,14 +246,36 @@ pub fn run_worker(args: &WorkerArgs) -> Result<()> {
                 report_checkpoint(previous.as_ref());
             }
         }
+
+        // Preemption: every rank asks at every step boundary, so that all stop at the same step.
+        if !last && preemption.requested_anywhere(world.as_ref())? {
+            if !periodic {
+                let snapshot =
+                    snapshot_state(step + 1, &config_keys, &config, &env, model.as_ref(), &optimizer, method.as_ref())?;
+                let previous = checkpoint_writer.save(snapshot)?;
+                if is_main {
+                    report_checkpoint(previous.as_ref());
+                }
+            }
+            let written = checkpoint_writer.wait().context("committing the preemption checkpoint")?;
+            if is_main {
+                report_checkpoint(written.as_ref());
+                println!(
+                    "preempted: stopped after step {} of {} with a checkpoint in {}; continue with --resume auto",
+                    step + 1,
+                    config.train.steps,
+                    checkpoint_root.display()
+                );
+            }
+            world.barrier().context("final barrier after the preemption checkpoint")?;
+            return Ok(WorkerOutcome::Preempted { step: step + 1 });
+        }
     }
 
     // --- Finish: the last checkpoint committed, the trained model and a summary table.
-    if let Some(writer) = checkpoint_writer.as_mut() {
-        let last = writer.wait()?;
-        if is_main {
-            report_checkpoint(last.as_ref());
-        }
+    let last = checkpoint_writer.wait()?;
+    if is_main {
+        report_checkpoint(last.as_ref());
     }
     if is_main {
         let path = args.out_dir.join("model.safetensors");
@@ -267,7 +290,7 @@ pub fn run_worker(args: &WorkerArgs) -> Result<()> {
         print!("{}", accuracy_table(&last_accuracy));
     }
     world.barrier().context("final barrier")?;
-    Ok(())
+    Ok(WorkerOutcome::Finished)
 }
 
 fn configure_torch(config: &JobConfig, env: &RankEnv) -> Result<()> {
