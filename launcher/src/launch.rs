@@ -1,14 +1,15 @@
 //! Spawning and supervising the ranks of one job on this machine (torchrun's role).
 //!
-//! The launcher hosts the rendezvous store, starts one worker process per rank with torchrun's environment
-//! contract, copies every rank's output to `<out>/logs/rank<r>.log` and to the console, and tears the whole
-//! group down when any rank fails or when it is itself asked to stop.
+//! The launcher joins the rendezvous (launcher 0 hosts the store), starts one worker process per local
+//! rank with torchrun's environment contract, copies every rank's output to `<out>/logs/rank<r>.log` and
+//! to the console, and tears the whole group down when any rank fails (here or on another node) or when
+//! it is itself asked to stop. With `--max-restarts K` it then starts every rank again, from the newest
+//! checkpoint, up to K times; after a preemption it requeues the Slurm job.
 
 use std::collections::VecDeque;
 use std::ffi::OsString;
 use std::fs::File;
 use std::io::Write;
-use std::net::SocketAddr;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
@@ -16,12 +17,17 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use mgrun_collectives::store::StoreServer;
-use rand::Rng;
+use mgrun_collectives::store::NAMESPACE_ENV;
+use mgrun_trainer::PREEMPTED_EXIT_CODE;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
+
+use crate::rendezvous::{
+    decide, hostname, Decision, JobStore, LauncherInfo, LauncherReport, LocalOutcome, RankFailure, RendezvousPlan,
+    TOKEN_ENV,
+};
 
 /// How many of a rank's last stderr lines are kept to explain its failure.
 const STDERR_TAIL_LINES: usize = 20;
@@ -46,68 +52,224 @@ impl DeviceKind {
     }
 }
 
-/// Everything needed to run one job: how many ranks, where, and what each rank executes.
+/// One rank started by this launcher.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LocalRank {
+    /// The global rank (`RANK`).
+    pub rank: usize,
+    /// `LOCAL_RANK`: its index among the ranks of its node.
+    pub local_rank: usize,
+    /// The GPU it computes on (CUDA ranks).
+    pub cuda_device: usize,
+}
+
+/// Everything needed to run one job's ranks on this launcher: how many, where, and what each executes.
 #[derive(Debug, Clone)]
 pub struct LaunchPlan {
     pub world_size: usize,
     pub device: DeviceKind,
-    /// CUDA ranks sharing each GPU: rank r computes on GPU r / ranks_per_gpu.
+    /// CUDA ranks sharing each GPU (for the message and `MGRUN_RANKS_PER_GPU`).
     pub ranks_per_gpu: usize,
+    /// The ranks this launcher starts.
+    pub local: Vec<LocalRank>,
+    /// `LOCAL_WORLD_SIZE`: ranks on this node.
+    pub local_world_size: usize,
+    /// `GROUP_RANK` and `GROUP_WORLD_SIZE`: this node and the number of nodes.
+    pub group_rank: usize,
+    pub group_world_size: usize,
     pub out_dir: PathBuf,
     /// Arguments given to every worker after the path of this executable (e.g. `worker --out DIR CONFIG`).
     pub worker_args: Vec<OsString>,
-    /// Where the rendezvous store listens.
-    pub store_bind: SocketAddr,
-    /// The address workers use to reach the store (`MASTER_ADDR`).
-    pub master_addr: String,
+    /// Arguments added to `worker_args` when the ranks are restarted (resume from the newest checkpoint);
+    /// `None` for workers that start afresh.
+    pub restart_args: Option<Vec<OsString>>,
+    pub rendezvous: RendezvousPlan,
+    /// A hash of what must agree across launchers (config, options).
+    pub job_hash: String,
+    /// Restarts of all ranks after a failure.
+    pub max_restarts: usize,
+    /// The job `scontrol requeue` requeues after a preemption (inside Slurm).
+    pub requeue_target: Option<String>,
     /// Time between SIGTERM and SIGKILL when the group is torn down.
     pub grace: Duration,
 }
 
 /// Runs the job to completion and returns the launcher's exit code: 0 only if every rank exited 0,
-/// 128 + signal when the launcher was interrupted, 1 when a rank failed.
+/// 128 + signal when the launcher was interrupted, 75 after a preemption, 1 when a rank failed.
 pub fn launch(plan: &LaunchPlan) -> anyhow::Result<i32> {
     anyhow::ensure!(plan.world_size > 0, "the number of ranks must be at least 1");
     let logs_dir = plan.out_dir.join("logs");
     std::fs::create_dir_all(&logs_dir).with_context(|| format!("creating the log directory {}", logs_dir.display()))?;
 
-    let token = random_hex(16);
-    let job_id = random_hex(8);
-    let server = StoreServer::start(plan.store_bind, token.clone())
-        .with_context(|| format!("starting the rendezvous store on {}", plan.store_bind))?;
-    let master_port = server.addr().port();
+    let me = LauncherInfo {
+        hostname: hostname(),
+        job_hash: plan.job_hash.clone(),
+        local_ranks: plan.local.len(),
+        seen_as: String::new(),
+    };
+    let store = JobStore::join(&plan.rendezvous, &plan.out_dir, me)?;
     let sharing = if plan.device == DeviceKind::Cuda && plan.ranks_per_gpu > 1 {
-        format!(" ({} per GPU on {} GPU(s))", plan.ranks_per_gpu, plan.world_size.div_ceil(plan.ranks_per_gpu))
+        format!(" ({} per GPU)", plan.ranks_per_gpu)
+    } else {
+        String::new()
+    };
+    let nodes = if plan.rendezvous.launchers > 1 {
+        format!(", {} here as {}", plan.local.len(), plan.rendezvous.label(plan.rendezvous.launcher_rank))
     } else {
         String::new()
     };
     println!(
-        "mgrun: {} {} rank(s){sharing}, out dir {}, store {}:{}",
+        "mgrun: {} {} rank(s){sharing}{nodes}, out dir {}, store {}:{}",
         plan.world_size,
         plan.device.env_value(),
         plan.out_dir.display(),
-        plan.master_addr,
-        master_port
+        plan.rendezvous.master_addr,
+        store.port
     );
 
+    if plan.rendezvous.launchers > 1 && plan.rendezvous.launcher_rank == 0 {
+        // Where each launcher reached the store from: hostnames that resolve differently show here.
+        for (rank, info) in store.launchers.iter().enumerate() {
+            println!("mgrun:   {}: {} ({})", plan.rendezvous.label(rank), info.hostname, info.seen_as);
+        }
+    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("building the launcher's tokio runtime")?;
-    // Children are spawned from this (main) thread: PR_SET_PDEATHSIG fires when the *thread* that forked
-    // a child exits, so forking from a pool thread could kill ranks early.
-    let rank_env = RankEnv { master_addr: plan.master_addr.clone(), master_port, token, job_id };
-    let result = runtime.block_on(supervise(plan, &rank_env, &logs_dir));
-    server.shutdown();
-    result
+    // Registered once, before any child exists, so that no signal slips through a gap between attempts.
+    let mut signals = runtime.block_on(async { LauncherSignals::register() })?;
+    let mut history: Vec<(usize, Vec<LauncherReport>)> = Vec::new();
+    let mut attempt = 0;
+    let code = loop {
+        // Children are spawned from this (main) thread: PR_SET_PDEATHSIG fires when the *thread* that
+        // forked a child exits, so forking from a pool thread could kill ranks early.
+        let rank_env = RankEnv {
+            master_addr: plan.rendezvous.master_addr.clone(),
+            master_port: store.port,
+            token: store.token.clone(),
+            job_id: store.job_id.clone(),
+            namespace: store.namespace(attempt),
+            attempt,
+        };
+        let mine = runtime.block_on(supervise(plan, &rank_env, &store, &mut signals, &logs_dir))?;
+        let reports = store.gather_reports(attempt, &mine)?;
+        let decision = decide(&reports, attempt, plan.max_restarts);
+        history.push((attempt, reports));
+        match decision {
+            Decision::Restart => {
+                attempt += 1;
+                eprintln!(
+                    "mgrun: restarting all {} rank(s) from the newest checkpoint (restart {attempt} of {})",
+                    plan.world_size, plan.max_restarts
+                );
+            }
+            Decision::Finished => {
+                println!(
+                    "mgrun: all {} rank(s) finished successfully{}; logs in {}",
+                    plan.world_size,
+                    if attempt > 0 { format!(" after {attempt} restart(s)") } else { String::new() },
+                    logs_dir.display()
+                );
+                if attempt > 0 {
+                    print_failures(&history);
+                }
+                break 0;
+            }
+            Decision::Preempted => break preempted(plan, &store),
+            Decision::Failed => {
+                // One launcher, one attempt: its report above already ends with the root cause.
+                if history.len() > 1 || plan.rendezvous.launchers > 1 {
+                    print_failures(&history);
+                }
+                break 1;
+            }
+            Decision::Stopped(signal) => {
+                if history.iter().any(|(_, reports)| reports.iter().any(|r| !r.failures.is_empty())) {
+                    print_failures(&history);
+                }
+                break 128 + signal;
+            }
+        }
+    };
+    store.close();
+    Ok(code)
 }
 
-/// Values shared by every rank's environment.
+/// After every rank stopped for preemption with a checkpoint: requeue the Slurm job (launcher 0).
+fn preempted(plan: &LaunchPlan, store: &JobStore) -> i32 {
+    let label = plan.rendezvous.label(plan.rendezvous.launcher_rank);
+    let Some(target) = &plan.requeue_target else {
+        eprintln!(
+            "mgrun: preempted: every rank stopped after writing a checkpoint; start the job again with --resume auto \
+             (and the same --out) to continue"
+        );
+        return PREEMPTED_EXIT_CODE;
+    };
+    if store.plan().launcher_rank != 0 {
+        eprintln!("mgrun: {label}: preempted; node 0 requeues Slurm job {target}");
+        return PREEMPTED_EXIT_CODE;
+    }
+    match std::process::Command::new("scontrol").args(["requeue", target]).output() {
+        Ok(output) if output.status.success() => {
+            eprintln!(
+                "mgrun: preempted: checkpoint written; requeued Slurm job {target} (it resumes with --resume auto)"
+            );
+        }
+        Ok(output) => eprintln!(
+            "mgrun: preempted: checkpoint written, but `scontrol requeue {target}` failed ({}): {}; resubmit the job, \
+             it resumes with --resume auto",
+            describe_exit(&Ok(output.status)),
+            String::from_utf8_lossy(&output.stderr).trim()
+        ),
+        Err(error) => eprintln!(
+            "mgrun: preempted: checkpoint written, but the job cannot be requeued: running `scontrol` failed ({error}; \
+             is Slurm's scontrol on PATH?); resubmit the job, it resumes with --resume auto"
+        ),
+    }
+    PREEMPTED_EXIT_CODE
+}
+
+/// Every failure of the job, attempt by attempt, each attempt's root cause last and the job's last of all.
+fn print_failures(history: &[(usize, Vec<LauncherReport>)]) {
+    let failures: usize =
+        history.iter().map(|(_, reports)| reports.iter().map(|r| r.failures.len()).sum::<usize>()).sum();
+    if failures == 0 {
+        return;
+    }
+    let mut message = format!("mgrun: {failures} rank failure(s) in {} attempt(s), root cause last:\n", history.len());
+    for (attempt, reports) in history {
+        let mut failures: Vec<&RankFailure> = reports.iter().flat_map(|report| &report.failures).collect();
+        failures.sort_by_key(|failure| failure.root_cause);
+        for failure in failures {
+            let rank = if failure.rank == usize::MAX { String::new() } else { format!("rank {} ", failure.rank) };
+            let host = if failure.hostname.is_empty() { String::new() } else { format!(", {}", failure.hostname) };
+            let cause = if failure.root_cause { "root cause: " } else { "" };
+            message.push_str(&format!(
+                "  attempt {attempt}: {cause}{rank}({}{host}): {}\n",
+                failure.launcher, failure.status
+            ));
+            if !failure.log.is_empty() {
+                message.push_str(&format!("    log: {}\n", failure.log));
+            }
+            for line in &failure.stderr_tail {
+                message.push_str(&format!("    {line}\n"));
+            }
+        }
+    }
+    let _ = std::io::stderr().lock().write_all(message.as_bytes());
+}
+
+/// Values shared by every rank's environment in one attempt.
 struct RankEnv {
     master_addr: String,
     master_port: u16,
     token: String,
     job_id: String,
+    /// The store key namespace of this attempt.
+    namespace: String,
+    /// 0 for the first start, k for the k-th restart.
+    attempt: usize,
 }
 
 /// What the supervisor knows about one running (or finished) rank.
@@ -130,6 +292,11 @@ impl RankOutcome {
     fn succeeded(&self) -> bool {
         matches!(&self.exit, Ok(status) if status.success())
     }
+
+    /// Stopped for preemption after its checkpoint: not a failure, and not the end of its peers.
+    fn preempted(&self) -> bool {
+        matches!(&self.exit, Ok(status) if status.code() == Some(PREEMPTED_EXIT_CODE))
+    }
 }
 
 /// Why the group is being torn down.
@@ -137,21 +304,30 @@ impl RankOutcome {
 enum StopReason {
     RankFailed(usize),
     Signal(i32),
+    /// Another launcher aborted the attempt.
+    Aborted(usize),
 }
 
-async fn supervise(plan: &LaunchPlan, rank_env: &RankEnv, logs_dir: &Path) -> anyhow::Result<i32> {
-    // Register the handlers before any child exists, so no signal can slip through the gap.
-    let mut stop_signals = StopSignals::register()?;
+/// Runs one attempt of the local ranks to their end and reports how it ended.
+async fn supervise(
+    plan: &LaunchPlan,
+    rank_env: &RankEnv,
+    store: &JobStore,
+    signals: &mut LauncherSignals,
+    logs_dir: &Path,
+) -> anyhow::Result<LauncherReport> {
     let exe = std::env::current_exe().context("locating the mgrun executable to start the ranks")?;
     let (exit_sender, mut exit_receiver) = mpsc::unbounded_channel::<(usize, Result<ExitStatus, String>)>();
+    let mut abort_watch = store.watch_abort(rank_env.attempt)?;
 
-    let mut ranks: Vec<RankProcess> = Vec::with_capacity(plan.world_size);
-    for rank in 0..plan.world_size {
-        match spawn_rank(plan, rank_env, &exe, rank, logs_dir, exit_sender.clone()) {
+    let mut ranks: Vec<RankProcess> = Vec::with_capacity(plan.local.len());
+    for (index, local) in plan.local.iter().enumerate() {
+        match spawn_rank(plan, rank_env, &exe, index, *local, logs_dir, exit_sender.clone()) {
             Ok(process) => ranks.push(process),
             Err(error) => {
                 // Dropping the children (kill_on_drop) is not enough: they are owned by their wait tasks.
                 signal_running(&ranks, libc::SIGKILL);
+                store.announce_abort(rank_env.attempt);
                 return Err(error);
             }
         }
@@ -162,11 +338,18 @@ async fn supervise(plan: &LaunchPlan, rank_env: &RankEnv, logs_dir: &Path) -> an
     let mut kill_at: Option<Instant> = None;
     let mut give_up_at: Option<Instant> = None;
     let mut running = ranks.len();
+    let mut abort_seen = false;
     while running > 0 {
         let next_deadline = kill_at.or(give_up_at);
         tokio::select! {
             biased;
-            received = stop_signals.recv() => {
+            received = signals.recv() => {
+                if matches!(received, libc::SIGUSR1 | libc::SIGUSR2) {
+                    // Preemption notice (Slurm's --signal): the ranks checkpoint at their next step boundary.
+                    eprintln!("mgrun: received {}; passing it to {running} rank(s)", signal_name(received));
+                    signal_running(&ranks, received);
+                    continue;
+                }
                 match stop_reason {
                     None => {
                         eprintln!(
@@ -175,7 +358,9 @@ async fn supervise(plan: &LaunchPlan, rank_env: &RankEnv, logs_dir: &Path) -> an
                             plan.grace.as_secs_f64()
                         );
                         stop_reason = Some(StopReason::Signal(received));
-                        signal_running(&ranks, libc::SIGTERM);
+                        store.announce_abort(rank_env.attempt);
+                        // The ranks ignore SIGINT (Ctrl-C reaches them from the terminal too): TERM for INT.
+                        signal_running(&ranks, if received == libc::SIGINT { libc::SIGTERM } else { received });
                         kill_at = Some(Instant::now() + plan.grace);
                     }
                     Some(_) => {
@@ -187,21 +372,35 @@ async fn supervise(plan: &LaunchPlan, rank_env: &RankEnv, logs_dir: &Path) -> an
                     }
                 }
             }
-            Some((rank, exit)) = exit_receiver.recv() => {
+            by = &mut abort_watch.receiver, if !abort_seen => {
+                abort_seen = true;
+                if let (Ok(by), None) = (by, stop_reason) {
+                    eprintln!(
+                        "mgrun: {} stopped the job; stopping {running} rank(s) here",
+                        plan.rendezvous.label(by)
+                    );
+                    stop_reason = Some(StopReason::Aborted(by));
+                    signal_running(&ranks, libc::SIGTERM);
+                    kill_at = Some(Instant::now() + plan.grace);
+                }
+            }
+            Some((index, exit)) = exit_receiver.recv() => {
                 running -= 1;
                 let outcome = RankOutcome { exit, after_stop_signal: stop_reason.is_some() };
-                let failed = !outcome.succeeded();
+                let failed = !outcome.succeeded() && !outcome.preempted();
+                let rank = ranks[index].rank;
                 if failed && stop_reason.is_none() {
                     eprintln!(
                         "mgrun: rank {rank} failed ({}); stopping the other {running} rank(s)",
                         describe_exit(&outcome.exit)
                     );
-                    stop_reason = Some(StopReason::RankFailed(rank));
-                    ranks[rank].outcome = Some(outcome);
+                    stop_reason = Some(StopReason::RankFailed(index));
+                    store.announce_abort(rank_env.attempt);
+                    ranks[index].outcome = Some(outcome);
                     signal_running(&ranks, libc::SIGTERM);
                     kill_at = Some(Instant::now() + plan.grace);
                 } else {
-                    ranks[rank].outcome = Some(outcome);
+                    ranks[index].outcome = Some(outcome);
                 }
             }
             _ = sleep_until_optional(next_deadline), if next_deadline.is_some() => {
@@ -216,6 +415,7 @@ async fn supervise(plan: &LaunchPlan, rank_env: &RankEnv, logs_dir: &Path) -> an
             }
         }
     }
+    drop(abort_watch);
 
     // Let the exited ranks' last lines reach the logs and the stderr tails before reporting.
     let pumps: Vec<JoinHandle<()>> = ranks.iter_mut().flat_map(|r| std::mem::take(&mut r.output_pumps)).collect();
@@ -226,7 +426,7 @@ async fn supervise(plan: &LaunchPlan, rank_env: &RankEnv, logs_dir: &Path) -> an
     };
     let _ = tokio::time::timeout(OUTPUT_DRAIN_TIMEOUT, drain).await;
 
-    Ok(report(&ranks, stop_reason, &plan.out_dir))
+    Ok(report(plan, &ranks, stop_reason))
 }
 
 async fn sleep_until_optional(deadline: Option<Instant>) {
@@ -236,22 +436,27 @@ async fn sleep_until_optional(deadline: Option<Instant>) {
     }
 }
 
-/// SIGINT, SIGTERM and SIGHUP all ask the launcher to stop the job.
-struct StopSignals {
+/// The signals a launcher handles: SIGINT, SIGTERM and SIGHUP stop the job; SIGUSR1 and SIGUSR2 are
+/// passed to the ranks (preemption: checkpoint, then stop).
+struct LauncherSignals {
     interrupt: Signal,
     terminate: Signal,
     hangup: Signal,
+    user1: Signal,
+    user2: Signal,
 }
 
-impl StopSignals {
-    fn register() -> anyhow::Result<StopSignals> {
+impl LauncherSignals {
+    fn register() -> anyhow::Result<LauncherSignals> {
         let install = |kind: SignalKind, name: &str| {
             signal(kind).with_context(|| format!("installing the launcher's {name} handler"))
         };
-        Ok(StopSignals {
+        Ok(LauncherSignals {
             interrupt: install(SignalKind::interrupt(), "SIGINT")?,
             terminate: install(SignalKind::terminate(), "SIGTERM")?,
             hangup: install(SignalKind::hangup(), "SIGHUP")?,
+            user1: install(SignalKind::user_defined1(), "SIGUSR1")?,
+            user2: install(SignalKind::user_defined2(), "SIGUSR2")?,
         })
     }
 
@@ -260,6 +465,8 @@ impl StopSignals {
             _ = self.interrupt.recv() => libc::SIGINT,
             _ = self.terminate.recv() => libc::SIGTERM,
             _ = self.hangup.recv() => libc::SIGHUP,
+            _ = self.user1.recv() => libc::SIGUSR1,
+            _ = self.user2.recv() => libc::SIGUSR2,
         }
     }
 }
@@ -268,27 +475,47 @@ fn spawn_rank(
     plan: &LaunchPlan,
     rank_env: &RankEnv,
     exe: &Path,
-    rank: usize,
+    index: usize,
+    local: LocalRank,
     logs_dir: &Path,
     exit_sender: mpsc::UnboundedSender<(usize, Result<ExitStatus, String>)>,
 ) -> anyhow::Result<RankProcess> {
+    let rank = local.rank;
     let log_path = logs_dir.join(format!("rank{rank}.log"));
-    let log_file = File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
+    // A restart appends to the log of the attempt before, which holds the failure it restarts from.
+    let log_file = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .append(rank_env.attempt > 0)
+        .truncate(rank_env.attempt == 0)
+        .open(&log_path)
+        .with_context(|| format!("creating {}", log_path.display()))?;
     let log = Arc::new(Mutex::new(log_file));
+    if rank_env.attempt > 0 {
+        if let Ok(mut file) = log.lock() {
+            let _ = writeln!(file, "=== mgrun: restart {} ===", rank_env.attempt);
+        }
+    }
 
+    let mut args = plan.worker_args.clone();
+    if rank_env.attempt > 0 {
+        args.extend(plan.restart_args.iter().flatten().cloned());
+    }
     let mut command = tokio::process::Command::new(exe);
     command
-        .args(&plan.worker_args)
+        .args(&args)
         .env("RANK", rank.to_string())
-        .env("LOCAL_RANK", rank.to_string())
+        .env("LOCAL_RANK", local.local_rank.to_string())
         .env("WORLD_SIZE", plan.world_size.to_string())
-        .env("LOCAL_WORLD_SIZE", plan.world_size.to_string())
-        .env("GROUP_RANK", "0")
-        .env("GROUP_WORLD_SIZE", "1")
-        .env("TORCHELASTIC_RESTART_COUNT", "0")
+        .env("LOCAL_WORLD_SIZE", plan.local_world_size.to_string())
+        .env("GROUP_RANK", plan.group_rank.to_string())
+        .env("GROUP_WORLD_SIZE", plan.group_world_size.to_string())
+        .env("TORCHELASTIC_RESTART_COUNT", rank_env.attempt.to_string())
+        .env("MGRUN_RESTART_COUNT", rank_env.attempt.to_string())
         .env("MASTER_ADDR", &rank_env.master_addr)
         .env("MASTER_PORT", rank_env.master_port.to_string())
-        .env("MGRUN_STORE_TOKEN", &rank_env.token)
+        .env(TOKEN_ENV, &rank_env.token)
+        .env(NAMESPACE_ENV, &rank_env.namespace)
         .env("MGRUN_DEVICE", plan.device.env_value())
         .env("MGRUN_JOB_ID", &rank_env.job_id)
         .stdin(Stdio::null())
@@ -298,18 +525,18 @@ fn spawn_rank(
     if plan.device == DeviceKind::Cpu && std::env::var_os("OMP_NUM_THREADS").is_none() {
         // Ranks share the cores; without a cap each libtorch would start one thread per core.
         let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-        command.env("OMP_NUM_THREADS", (cores / plan.world_size).max(1).to_string());
+        command.env("OMP_NUM_THREADS", (cores / plan.local.len().max(1)).max(1).to_string());
     }
     if plan.device == DeviceKind::Cuda {
         command
-            .env("MGRUN_CUDA_DEVICE", (rank / plan.ranks_per_gpu.max(1)).to_string())
+            .env("MGRUN_CUDA_DEVICE", local.cuda_device.to_string())
             .env("MGRUN_RANKS_PER_GPU", plan.ranks_per_gpu.max(1).to_string());
         // cudarc loads NCCL as `libnccl.so`; the ranks find mgrun's link to libtorch's libnccl.so.2.
         match crate::cuda::worker_library_path() {
             Ok(library_path) => {
                 command.env("LD_LIBRARY_PATH", library_path);
             }
-            Err(why) if rank == 0 => eprintln!("mgrun: warning: NCCL: {why}; comm.backend = \"nccl\" will fail"),
+            Err(why) if index == 0 => eprintln!("mgrun: warning: NCCL: {why}; comm.backend = \"nccl\" will fail"),
             Err(_) => {}
         }
     }
@@ -347,7 +574,7 @@ fn spawn_rank(
     }
     tokio::spawn(async move {
         let exit = child.wait().await.map_err(|error| format!("waiting for rank {rank}: {error}"));
-        let _ = exit_sender.send((rank, exit));
+        let _ = exit_sender.send((index, exit));
     });
 
     Ok(RankProcess { rank, pid, log_path, stderr_tail, output_pumps, outcome: None })
@@ -417,30 +644,51 @@ async fn pump_lines<R: AsyncRead + Unpin>(
     }
 }
 
-/// Prints the outcome of every rank, the root cause last (it is what `tail` shows), and returns the exit code.
-fn report(ranks: &[RankProcess], stop_reason: Option<StopReason>, out_dir: &Path) -> i32 {
+/// How many stderr lines of a failed rank the job's summary of failures repeats.
+const SUMMARY_TAIL_LINES: usize = 5;
+
+/// This launcher's account of the attempt. When it did not simply finish, prints the outcome of every
+/// local rank and, when a rank here failed first, the root cause last (it is what `tail` shows).
+fn report(plan: &LaunchPlan, ranks: &[RankProcess], stop_reason: Option<StopReason>) -> LauncherReport {
+    let launcher = plan.rendezvous.label(plan.rendezvous.launcher_rank);
+    let host = hostname();
+    let all_preempted = ranks.iter().all(|process| process.outcome.as_ref().is_some_and(RankOutcome::preempted));
     let all_succeeded = ranks.iter().all(|process| process.outcome.as_ref().is_some_and(RankOutcome::succeeded));
-    if stop_reason.is_none() && all_succeeded {
-        println!(
-            "mgrun: all {} rank(s) finished successfully; logs in {}",
-            ranks.len(),
-            out_dir.join("logs").display()
-        );
-        return 0;
+    let finished = |outcome| LauncherReport { launcher: launcher.clone(), outcome, failures: Vec::new() };
+    match stop_reason {
+        None if all_succeeded => return finished(LocalOutcome::Finished),
+        None if all_preempted => return finished(LocalOutcome::Preempted),
+        _ => {}
     }
 
+    let mut failures = Vec::new();
     let mut message = String::from("mgrun: rank outcomes:\n");
-    for process in ranks {
+    for (index, process) in ranks.iter().enumerate() {
         let status = match &process.outcome {
             Some(outcome) => {
                 let killed_by_us = matches!(&outcome.exit, Ok(status)
                     if matches!(status.signal(), Some(libc::SIGTERM | libc::SIGKILL)));
-                let suffix = match (outcome.after_stop_signal && !outcome.succeeded(), killed_by_us) {
+                let ended_badly = !outcome.succeeded() && !outcome.preempted();
+                let suffix = match (outcome.after_stop_signal && ended_badly, killed_by_us) {
                     (true, true) => " (stopped by mgrun)",
                     // It may have failed on its own, e.g. because a peer had died: not the root cause.
                     (true, false) => " (after mgrun began stopping the job)",
                     (false, _) => "",
                 };
+                let root_cause = matches!(stop_reason, Some(StopReason::RankFailed(first)) if first == index);
+                if root_cause || (ended_badly && !(outcome.after_stop_signal && killed_by_us)) {
+                    let tail = process.stderr_tail.lock().map(|tail| tail.clone()).unwrap_or_default();
+                    let skip = tail.len().saturating_sub(SUMMARY_TAIL_LINES);
+                    failures.push(RankFailure {
+                        rank: process.rank,
+                        launcher: launcher.clone(),
+                        hostname: host.clone(),
+                        status: format!("{}{suffix}", describe_exit(&outcome.exit)),
+                        log: process.log_path.display().to_string(),
+                        stderr_tail: tail.into_iter().skip(skip).collect(),
+                        root_cause,
+                    });
+                }
                 format!("{}{suffix}", describe_exit(&outcome.exit))
             }
             None => "still running when mgrun gave up on it".to_string(),
@@ -449,9 +697,10 @@ fn report(ranks: &[RankProcess], stop_reason: Option<StopReason>, out_dir: &Path
         message.push_str(&format!("  rank {}{pid}: {status}\n", process.rank));
     }
 
-    let exit_code = match stop_reason {
-        Some(StopReason::RankFailed(failed_rank)) => {
-            let process = &ranks[failed_rank];
+    let outcome = match stop_reason {
+        Some(StopReason::RankFailed(index)) => {
+            let process = &ranks[index];
+            let failed_rank = process.rank;
             let status = process.outcome.as_ref().map(|outcome| describe_exit(&outcome.exit)).unwrap_or_default();
             message.push_str(&format!(
                 "mgrun: Root Cause (first failure): rank {failed_rank} failed with {status}\n  log: {}\n",
@@ -466,20 +715,24 @@ fn report(ranks: &[RankProcess], stop_reason: Option<StopReason>, out_dir: &Path
                     message.push_str(&format!("    {line}\n"));
                 }
             }
-            1
+            LocalOutcome::Failed
         }
         Some(StopReason::Signal(received)) => {
             message.push_str(&format!("mgrun: job stopped by {}\n", signal_name(received)));
-            128 + received
+            LocalOutcome::Stopped(received)
+        }
+        Some(StopReason::Aborted(by)) => {
+            message.push_str(&format!("mgrun: stopped because {} stopped the job\n", plan.rendezvous.label(by)));
+            LocalOutcome::Aborted
         }
         None => {
-            // Unreachable in practice: a failing rank always becomes the stop reason.
-            message.push_str("mgrun: job failed\n");
-            1
+            // Ranks ended on their own with mixed outcomes (some preempted, some not).
+            message.push_str("mgrun: ranks ended inconsistently\n");
+            LocalOutcome::Failed
         }
     };
     let _ = std::io::stderr().lock().write_all(message.as_bytes());
-    exit_code
+    LauncherReport { launcher, outcome, failures }
 }
 
 /// "exit code 3", "killed by signal 9 (SIGKILL)".
@@ -519,11 +772,6 @@ pub fn signal_name(signal: i32) -> String {
         _ => return format!("signal {signal}"),
     };
     name.to_string()
-}
-
-fn random_hex(bytes: usize) -> String {
-    let mut rng = rand::thread_rng();
-    (0..bytes).map(|_| format!("{:02x}", rng.gen::<u8>())).collect()
 }
 
 /// `runs/<stem>-<YYYYmmdd-HHMMSS>` in local time.

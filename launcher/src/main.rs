@@ -4,11 +4,13 @@
 
 mod cuda;
 mod launch;
+mod placement;
+mod rendezvous;
 mod selftest;
+mod slurm;
 mod sweep_cmd;
 
 use std::ffi::OsString;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -59,12 +61,31 @@ struct LaunchArgs {
     /// Output directory (default: runs/<config stem>-<YYYYmmdd-HHMMSS>).
     #[arg(long, value_name = "DIR")]
     out: Option<PathBuf>,
-    /// Port of the rendezvous store (default: any free port).
-    #[arg(long, value_name = "P")]
-    port: Option<u16>,
-    /// Address other hosts use to reach this launcher; the store then listens on all interfaces.
-    #[arg(long, value_name = "ADDR")]
-    host_addr: Option<IpAddr>,
+    /// Nodes of a multi-node job: start `mgrun` once on every node, each with its --node-rank
+    /// (torchrun's static rendezvous) [default: 1, or the Slurm allocation's nodes under srun].
+    #[arg(long, value_name = "N")]
+    nnodes: Option<usize>,
+    /// This node's rank among the --nnodes nodes; node 0 hosts the rendezvous store [default: 0].
+    #[arg(long, value_name = "R")]
+    node_rank: Option<usize>,
+    /// Host of node 0, where every node and rank reaches the store [default: 127.0.0.1; under Slurm the
+    /// allocation's first node]. With it, the store listens on all interfaces.
+    #[arg(long, value_name = "HOST")]
+    master_addr: Option<String>,
+    /// Port of the rendezvous store on node 0 [default: any free port on one node; under Slurm one
+    /// derived from the job id].
+    #[arg(long, visible_alias = "port", value_name = "P")]
+    master_port: Option<u16>,
+    /// Seconds every node has to reach the store and join before the job fails [default: 300].
+    #[arg(long, value_name = "SECONDS")]
+    rdzv_timeout_s: Option<f64>,
+    /// When a rank fails, stop all ranks and start them again from the newest checkpoint, up to K times.
+    #[arg(long, value_name = "K")]
+    max_restarts: Option<usize>,
+    /// Under `srun`, this task is one rank (`srun --ntasks-per-node=G mgrun --slurm-task ...`), instead of
+    /// one launcher per node that starts the node's ranks.
+    #[arg(long)]
+    slurm_task: bool,
     /// Seconds between SIGTERM and SIGKILL when the ranks are stopped [default: 3].
     #[arg(long, value_name = "SECONDS")]
     grace_s: Option<f64>,
@@ -291,7 +312,16 @@ fn run(cli: Cli, cuda_load_error: Option<&str>) -> anyhow::Result<i32> {
             let config = cli.config.context("no CONFIG given")?;
             anyhow::ensure!(config.is_file(), "config file {} does not exist", config.display());
             let mut overrides = cli.overrides.clone();
-            if let Some(resume) = &cli.resume {
+            let slurm_restarts = std::env::var("SLURM_RESTART_COUNT").ok().and_then(|v| v.parse::<u64>().ok());
+            let resume = match (&cli.resume, slurm_restarts) {
+                (Some(resume), _) => Some(resume.clone()),
+                (None, Some(count)) if count > 0 => {
+                    println!("mgrun: SLURM_RESTART_COUNT={count}: a requeued job resumes from its newest checkpoint");
+                    Some("auto".to_string())
+                }
+                _ => None,
+            };
+            if let Some(resume) = &resume {
                 let value = match resume.as_str() {
                     "auto" | "none" => resume.clone(),
                     path => absolute(Path::new(path))?.to_string_lossy().into_owned(),
@@ -310,19 +340,30 @@ fn run(cli: Cli, cuda_load_error: Option<&str>) -> anyhow::Result<i32> {
                     cli.launch.ranks_per_gpu.unwrap_or(1)
                 );
             }
+            let stem = config.file_stem().map(|stem| stem.to_string_lossy().into_owned()).unwrap_or("job".into());
+            let out_dir = match &cli.launch.out {
+                Some(out) => out.clone(),
+                None => default_out_dir(&cli.launch, &stem)?,
+            };
             anyhow::ensure!(
-                !(cli.resume.as_deref() == Some("auto") && cli.launch.out.is_none() && job.checkpoint.dir.is_none()),
+                !(resume.as_deref() == Some("auto")
+                    && cli.launch.out.is_none()
+                    && job.checkpoint.dir.is_none()
+                    && std::env::var_os("SLURM_JOB_ID").is_none()),
                 "--resume auto looks for checkpoints in the run's output directory: give the run's --out DIR \
                  (or set checkpoint.dir)"
             );
-            let stem = config.file_stem().map(|stem| stem.to_string_lossy().into_owned()).unwrap_or("job".into());
-            let out_dir = cli.launch.out.clone().unwrap_or_else(|| launch::default_out_dir(&stem));
             let mut worker_args: Vec<OsString> = vec!["worker".into(), "--out".into(), out_dir.clone().into()];
             for key_value in &overrides {
                 worker_args.extend(["--set".into(), key_value.into()]);
             }
             worker_args.push(config.into());
-            launch_job(&cli.launch, out_dir, worker_args, cuda_load_error)
+            let worker = WorkerCommand {
+                args: worker_args,
+                restart_args: Some(vec!["--set".into(), format!("checkpoint.resume={}", toml_string("auto")).into()]),
+                agreement: toml::to_string(&job).context("serialising the resolved config")?,
+            };
+            launch_job(&cli.launch, out_dir, worker, cuda_load_error)
         }
         Some(command) => {
             if let Some(config) = &cli.config {
@@ -344,7 +385,13 @@ fn run_command(command: Command, top_launch: &LaunchArgs, cuda_load_error: Optio
             if let Some(json) = json {
                 worker_args.extend(["--json".into(), absolute(&json)?.into()]);
             }
-            launch_job(&launch, out_dir, worker_args, cuda_load_error)
+            let agreement = format!("{worker_args:?}");
+            launch_job(
+                &launch,
+                out_dir,
+                WorkerCommand { args: worker_args, restart_args: None, agreement },
+                cuda_load_error,
+            )
         }
         Command::Bench { which: BenchCommand::Sharding { batch_per_domain, max_ranks } } => {
             // One test domain held out of each dataset's domains, as in a DomainBed sweep.
@@ -421,11 +468,13 @@ fn run_command(command: Command, top_launch: &LaunchArgs, cuda_load_error: Optio
             let out_dir = top_launch.out.clone().unwrap_or_else(|| launch::default_out_dir("selftest"));
             let mut worker_args: Vec<OsString> = vec!["selftest-worker".into()];
             worker_args.extend(args.to_args().into_iter().map(OsString::from));
-            launch_job(top_launch, out_dir, worker_args, cuda_load_error)
+            let agreement = format!("{worker_args:?}");
+            let worker = WorkerCommand { args: worker_args, restart_args: Some(Vec::new()), agreement };
+            launch_job(top_launch, out_dir, worker, cuda_load_error)
         }
         Command::Worker { out, overrides, config } => {
-            mgrun_trainer::run_worker(&mgrun_trainer::WorkerArgs { config, overrides, out_dir: out })?;
-            Ok(0)
+            let outcome = mgrun_trainer::run_worker(&mgrun_trainer::WorkerArgs { config, overrides, out_dir: out })?;
+            Ok(outcome.exit_code())
         }
         Command::BenchWorker { max_bytes, json } => {
             mgrun_collectives::bench::bench_worker_main(max_bytes, json.as_deref())?;
@@ -561,53 +610,107 @@ impl LaunchArgs {
             ranks_per_gpu: if device_given { self.ranks_per_gpu } else { fallback.ranks_per_gpu },
             cpus: if device_given { self.cpus } else { fallback.cpus },
             out: self.out.or_else(|| fallback.out.clone()),
-            port: self.port.or(fallback.port),
-            host_addr: self.host_addr.or(fallback.host_addr),
+            nnodes: self.nnodes.or(fallback.nnodes),
+            node_rank: self.node_rank.or(fallback.node_rank),
+            master_addr: self.master_addr.or_else(|| fallback.master_addr.clone()),
+            master_port: self.master_port.or(fallback.master_port),
+            rdzv_timeout_s: self.rdzv_timeout_s.or(fallback.rdzv_timeout_s),
+            max_restarts: self.max_restarts.or(fallback.max_restarts),
+            slurm_task: self.slurm_task || fallback.slurm_task,
             grace_s: self.grace_s.or(fallback.grace_s),
         }
     }
 }
 
+/// What the ranks of a job run, and what must agree across the launchers of a multi-node job.
+struct WorkerCommand {
+    args: Vec<OsString>,
+    /// Added to `args` when the ranks are restarted after a failure (resume from the newest checkpoint).
+    restart_args: Option<Vec<OsString>>,
+    /// Text whose hash every launcher compares at the rendezvous (the resolved config, say).
+    agreement: String,
+}
+
 fn launch_job(
     launch: &LaunchArgs,
     out_dir: PathBuf,
-    worker_args: Vec<OsString>,
+    worker: WorkerCommand,
     cuda_load_error: Option<&str>,
 ) -> anyhow::Result<i32> {
     let ranks_per_gpu = launch.ranks_per_gpu.unwrap_or(1);
-    anyhow::ensure!(ranks_per_gpu > 0, "--ranks-per-gpu must be at least 1");
-    let (world_size, device) = match (launch.gpus, launch.cpus) {
-        (Some(gpus), _) => {
-            anyhow::ensure!(gpus > 0, "--gpus must be at least 1");
-            cuda::check_gpus(gpus, ranks_per_gpu, cuda_load_error)?;
-            (gpus, DeviceKind::Cuda)
-        }
-        (None, Some(cpus)) => {
-            anyhow::ensure!(cpus > 0, "--cpus must be at least 1");
-            (cpus, DeviceKind::Cpu)
-        }
-        (None, None) => (1, DeviceKind::Cpu),
+    let slurm = placement::SlurmContext::from_env()?;
+    let request = placement::PlacementRequest {
+        gpus: launch.gpus,
+        cpus: launch.cpus,
+        ranks_per_gpu,
+        nnodes: launch.nnodes,
+        node_rank: launch.node_rank,
+        master_addr: launch.master_addr.clone(),
+        master_port: launch.master_port,
+        rdzv_timeout_s: launch.rdzv_timeout_s,
+        slurm_task: launch.slurm_task,
     };
+    let place = placement::place(&request, slurm.as_ref())?;
+    if place.device == DeviceKind::Cuda {
+        let gpus_here = place.local.iter().map(|rank| rank.cuda_device + 1).max().unwrap_or(1);
+        if launch.slurm_task {
+            cuda::check_gpus(gpus_here, 1, cuda_load_error)?;
+        } else {
+            cuda::check_gpus(place.per_node, ranks_per_gpu, cuda_load_error)?;
+        }
+    }
+    if !place.source.is_empty() {
+        println!("mgrun: {}", place.source);
+    }
     let grace_s = launch.grace_s.unwrap_or(DEFAULT_GRACE_S);
     anyhow::ensure!(
         grace_s.is_finite() && grace_s >= 0.0,
         "--grace-s must be a non-negative number of seconds, got {grace_s}"
     );
-    let (bind_ip, master_addr) = match launch.host_addr {
-        Some(host_addr) => (IpAddr::V4(Ipv4Addr::UNSPECIFIED), host_addr.to_string()),
-        None => (IpAddr::V4(Ipv4Addr::LOCALHOST), Ipv4Addr::LOCALHOST.to_string()),
+    let job_hash = {
+        use sha2::Digest;
+        let described = format!(
+            "{}\n{:?} {} per node, {} ranks, ranks per GPU {ranks_per_gpu}\nout {}\n",
+            worker.agreement,
+            place.device,
+            place.per_node,
+            place.world_size,
+            out_dir.display()
+        );
+        let digest = sha2::Sha256::digest(described.as_bytes());
+        digest.iter().take(8).map(|byte| format!("{byte:02x}")).collect::<String>()
     };
     let plan = LaunchPlan {
-        world_size,
-        device,
+        world_size: place.world_size,
+        device: place.device,
         ranks_per_gpu,
+        local: place.local,
+        local_world_size: place.local_world_size,
+        group_rank: place.group_rank,
+        group_world_size: place.group_world_size,
         out_dir,
-        worker_args,
-        store_bind: SocketAddr::new(bind_ip, launch.port.unwrap_or(0)),
-        master_addr,
+        worker_args: worker.args,
+        restart_args: worker.restart_args,
+        rendezvous: place.rendezvous,
+        job_hash,
+        max_restarts: launch.max_restarts.unwrap_or(0),
+        requeue_target: place.requeue_target,
         grace: Duration::from_secs_f64(grace_s),
     };
     launch::launch(&plan)
+}
+
+/// `runs/<stem>-slurm<job id>` inside Slurm (the same on every node, and again after a requeue), else
+/// `runs/<stem>-<time>` on one node; several nodes need a shared `--out`.
+fn default_out_dir(launch: &LaunchArgs, stem: &str) -> anyhow::Result<PathBuf> {
+    if let Ok(job_id) = std::env::var("SLURM_JOB_ID") {
+        return Ok(PathBuf::from("runs").join(format!("{stem}-slurm{job_id}")));
+    }
+    anyhow::ensure!(
+        launch.nnodes.unwrap_or(1) == 1,
+        "--nnodes > 1: give --out DIR, the same directory (on a shared file system) on every node"
+    );
+    Ok(launch::default_out_dir(stem))
 }
 
 /// Workers share the launcher's working directory, but an absolute path survives a worker that changes it.

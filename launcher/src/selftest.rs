@@ -8,12 +8,15 @@ use anyhow::Context;
 use mgrun_collectives::store::StoreClient;
 
 /// Environment variables a rank reports, torchrun's contract plus mgrun's own.
-const REPORTED_ENV: [&str; 11] = [
+const REPORTED_ENV: [&str; 14] = [
     "RANK",
     "LOCAL_RANK",
     "WORLD_SIZE",
     "LOCAL_WORLD_SIZE",
     "GROUP_RANK",
+    "GROUP_WORLD_SIZE",
+    "MGRUN_RESTART_COUNT",
+    "MGRUN_STORE_NAMESPACE",
     "MASTER_ADDR",
     "MASTER_PORT",
     "MGRUN_DEVICE",
@@ -42,6 +45,9 @@ pub struct SelftestArgs {
     pub fail_after_ms: u64,
     #[arg(long, value_enum, default_value_t = FailHow::Exit)]
     pub fail_how: FailHow,
+    /// The failing rank fails only in the first N attempts (MGRUN_RESTART_COUNT < N) [default: in all].
+    #[arg(long, value_name = "N")]
+    pub fail_attempts: Option<usize>,
     /// How long the healthy ranks keep running after the barrier.
     #[arg(long, default_value_t = 200)]
     pub run_ms: u64,
@@ -65,6 +71,9 @@ impl SelftestArgs {
         ];
         if let Some(rank) = self.fail_rank {
             args.extend(["--fail-rank".to_string(), rank.to_string()]);
+        }
+        if let Some(attempts) = self.fail_attempts {
+            args.extend(["--fail-attempts".to_string(), attempts.to_string()]);
         }
         args
     }
@@ -101,7 +110,8 @@ pub fn selftest_worker_main(args: &SelftestArgs) -> anyhow::Result<()> {
     store.get("selftest/all_arrived").context("selftest worker: barrier wait")?;
     println!("selftest rank {rank}: passed the barrier");
 
-    if args.fail_rank == Some(rank) {
+    let attempt = std::env::var("MGRUN_RESTART_COUNT").ok().and_then(|v| v.parse::<usize>().ok()).unwrap_or(0);
+    if args.fail_rank == Some(rank) && args.fail_attempts.is_none_or(|attempts| attempt < attempts) {
         std::thread::sleep(Duration::from_millis(args.fail_after_ms));
         match args.fail_how {
             FailHow::Exit => {
