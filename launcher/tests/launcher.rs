@@ -232,6 +232,93 @@ fn rank_exit_code_and_last_stderr_line_are_reported_last() {
 }
 
 #[test]
+fn max_restarts_starts_every_rank_again_with_the_restart_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    // Rank 1 fails in the first attempt only; the restart succeeds.
+    let args = [
+        "--cpus",
+        "2",
+        "--max-restarts",
+        "2",
+        "--out",
+        path_str(&out),
+        "selftest",
+        "--fail-rank",
+        "1",
+        "--fail-attempts",
+        "1",
+        "--run-ms",
+        "200",
+    ];
+    let finished = run_mgrun(&args, Duration::from_secs(30));
+    assert!(finished.status.success(), "{}", finished.stderr);
+    assert!(finished.stderr.contains("restarting all 2 rank(s) from the newest checkpoint (restart 1 of 2)"));
+    assert!(finished.stdout.contains("all 2 rank(s) finished successfully after 1 restart(s)"), "{}", finished.stdout);
+    // The second attempt's ranks know it, and have their own store keys.
+    let env_lines: Vec<&str> = finished.stdout.lines().filter(|l| l.contains("selftest env")).collect();
+    assert_eq!(env_lines.len(), 4, "{}", finished.stdout);
+    assert_eq!(env_lines.iter().filter(|l| l.contains(" MGRUN_RESTART_COUNT=1 ")).count(), 2);
+    let namespaces: std::collections::BTreeSet<&str> =
+        env_lines.iter().filter_map(|l| l.split(" MGRUN_STORE_NAMESPACE=").nth(1)?.split(' ').next()).collect();
+    assert_eq!(namespaces.len(), 2, "one store namespace per attempt: {namespaces:?}");
+    // The log of the failed rank keeps both attempts.
+    let log = std::fs::read_to_string(out.join("logs/rank1.log")).unwrap();
+    assert!(log.contains("failing on purpose") && log.contains("=== mgrun: restart 1 ==="), "{log}");
+    // The summary still names the failure that caused the restart.
+    assert!(finished.stderr.contains("attempt 0: root cause: rank 1"), "{}", finished.stderr);
+}
+
+#[test]
+fn restarts_run_out_and_every_failure_is_listed_root_cause_last() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let args = [
+        "--cpus",
+        "2",
+        "--max-restarts",
+        "1",
+        "--out",
+        path_str(&out),
+        "selftest",
+        "--fail-rank",
+        "0",
+        "--run-ms",
+        "60000",
+    ];
+    let finished = run_mgrun(&args, Duration::from_secs(30));
+    assert_eq!(finished.status.code(), Some(1), "{}", finished.stderr);
+    assert!(finished.elapsed < Duration::from_secs(15), "took {:?}", finished.elapsed);
+    let summary =
+        finished.stderr.split("rank failure(s) in 2 attempt(s), root cause last:").nth(1).expect(&finished.stderr);
+    let attempts: Vec<&str> = summary.lines().filter(|l| l.trim_start().starts_with("attempt")).collect();
+    assert_eq!(attempts.len(), 2, "{summary}");
+    assert!(attempts[0].contains("attempt 0: root cause: rank 0") && attempts[0].contains("exit code 3"), "{summary}");
+    assert!(attempts[1].contains("attempt 1: root cause: rank 0"), "{summary}");
+    let last_line = finished.stderr.trim_end().lines().last().unwrap();
+    assert_eq!(last_line.trim(), "selftest rank 0: failing on purpose with exit code 3");
+}
+
+#[test]
+fn sigusr1_is_passed_to_the_ranks() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let watched = start_watched(&["--cpus", "2", "--out", path_str(&out), "selftest", "--run-ms", "60000"], false);
+    let pids = watched.wait_for_ranks(2);
+    let mut child = watched.child;
+    // SAFETY: kill(2) on a child of this test.
+    unsafe { libc::kill(child.id() as i32, libc::SIGUSR1) };
+    // The launcher itself does not stop for it; the selftest ranks do not handle it, so its default
+    // action ends them, which shows that they received it.
+    let status = wait_with_limit(&mut child, Duration::from_secs(20));
+    let stderr = watched.stderr_reader.join().unwrap();
+    assert!(stderr.contains("received SIGUSR1; passing it to 2 rank(s)"), "{stderr}");
+    assert!(stderr.contains("killed by signal 10 (SIGUSR1)"), "the ranks must have received SIGUSR1: {stderr}");
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert_gone_soon(&pids);
+}
+
+#[test]
 fn rank_ignoring_sigterm_is_killed_after_the_grace_period() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");
