@@ -394,3 +394,47 @@ fn sigusr1_checkpoints_requeues_and_the_requeued_job_finishes_the_same() {
         resumed_at.elapsed().as_secs_f64()
     );
 }
+
+#[test]
+fn sigterm_during_the_preemption_checkpoint_never_corrupts_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = job(dir.path(), 4);
+    let reference = reference_run(dir.path(), &cfg);
+    let out = dir.path().join("terminated");
+    let args = strings(&["--cpus", "2", "--out", out.to_str().unwrap(), "--resume", "auto", cfg.to_str().unwrap()]);
+    // SIGUSR1, then SIGTERM (the scheduler's end of the grace period) 0 to 60 ms later, so that it lands
+    // before, during or after the preemption checkpoint; each time the job resumes from what is on disk.
+    let mut outcomes = Vec::new();
+    for (round, delay_ms) in [0u64, 15, 30, 60].into_iter().enumerate() {
+        let launcher = mgrun_command(dir.path(), &args).spawn().unwrap();
+        let reached = steps_done(&out) + 2;
+        if reached >= STEPS {
+            finish(launcher, Duration::from_secs(60));
+            break;
+        }
+        wait_for_steps(&out, reached, Duration::from_secs(60));
+        // SAFETY: plain kill(2) of our child.
+        unsafe {
+            libc::kill(launcher.id() as i32, libc::SIGUSR1);
+        }
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        // SAFETY: as above.
+        unsafe {
+            libc::kill(launcher.id() as i32, libc::SIGTERM);
+        }
+        let (status, log) = finish(launcher, Duration::from_secs(60));
+        assert!(matches!(status.code(), Some(75 | 143) | None), "round {round}: {status}\n{log}");
+        assert!(
+            !log.contains("skipping invalid checkpoint"),
+            "round {round}: a committed checkpoint is corrupt:\n{log}"
+        );
+        outcomes.push(status.code());
+    }
+    // A SIGTERM well after the notice is held until the checkpoint is committed: a clean preemption.
+    assert!(outcomes.contains(&Some(75)), "no round ended as a clean preemption: {outcomes:?}");
+    let (status, log) = finish(mgrun_command(dir.path(), &args).spawn().unwrap(), Duration::from_secs(120));
+    assert!(status.success(), "{log}");
+    assert!(!log.contains("skipping invalid checkpoint"), "{log}");
+    assert_same_run(&out, &reference, "SIGUSR1 then SIGTERM, resumed");
+    eprintln!("exit codes of the interrupted rounds: {outcomes:?}");
+}

@@ -657,7 +657,9 @@ fn report(plan: &LaunchPlan, ranks: &[RankProcess], stop_reason: Option<StopReas
     let finished = |outcome| LauncherReport { launcher: launcher.clone(), outcome, failures: Vec::new() };
     match stop_reason {
         None if all_succeeded => return finished(LocalOutcome::Finished),
-        None if all_preempted => return finished(LocalOutcome::Preempted),
+        // A SIGTERM after the preemption notice (the scheduler's grace period ending) is held by the
+        // ranks until their checkpoint is committed: still a clean preemption.
+        None | Some(StopReason::Signal(_)) if all_preempted => return finished(LocalOutcome::Preempted),
         _ => {}
     }
 

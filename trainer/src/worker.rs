@@ -267,6 +267,9 @@ pub fn run_worker(args: &WorkerArgs) -> Result<WorkerOutcome> {
                     checkpoint_root.display()
                 );
             }
+            if preemption.terminated_after_notice() {
+                eprintln!("rank {}: SIGTERM arrived after the preemption notice; held until the checkpoint", env.rank);
+            }
             world.barrier().context("final barrier after the preemption checkpoint")?;
             return Ok(WorkerOutcome::Preempted { step: step + 1 });
         }
