@@ -10,7 +10,7 @@ export MGRUN_PYTHON ?= $(CURDIR)/$(VENV)/bin/python
 CARGO ?= cargo
 MGRUN := target/release/mgrun
 
-.PHONY: all venv build demo test lint fmt bench-comm gpu-package gpu-check clean
+.PHONY: all venv build demo test lint fmt bench-comm gpu-package gpu-check slurm clean
 
 all: build
 
@@ -28,8 +28,11 @@ build: venv
 demo: build
 	$(MGRUN) --cpus 2 --out runs/quickstart configs/quickstart.toml
 
+# The Slurm tests need a running Slurm: scripts/slurm-local.sh installs (root, apt) and starts one. If it
+# cannot, the rest of the suite still runs and the Slurm tests fail, saying that Slurm is missing.
 test: venv
 	$(CARGO) build --release --workspace --all-targets
+	bash scripts/slurm-local.sh start || echo "make test: no local Slurm (see above): the Slurm tests will fail"
 	$(CARGO) test --release --workspace --no-fail-fast
 
 lint: venv
@@ -49,6 +52,9 @@ gpu-package: venv
 
 gpu-check:
 	bash scripts/gpu-check.sh
+
+slurm:
+	bash scripts/slurm-local.sh start
 
 clean:
 	$(CARGO) clean
