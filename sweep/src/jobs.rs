@@ -3,10 +3,15 @@
 //!
 //! Layout of a sweep directory `OUT`:
 //! - `OUT/<run>/config.toml`: the base config with the run's overrides, `OUT/<run>/run.json`: its
-//!   DomainBed args, hyperparameters and command; the trainer then writes `results.jsonl` there and
-//!   the launcher a `done` marker when the run succeeded.
+//!   DomainBed args, hyperparameters and command; the trainer then writes `results.jsonl` and its
+//!   checkpoints there, and whoever ran the command (`--run`, the Slurm script, a `commands.txt`
+//!   line) a `done` marker once the command succeeded.
 //! - `OUT/sweep.json` (options and runs), `OUT/runs.txt` (one run directory a line) and
-//!   `OUT/commands.txt` (the matching command lines).
+//!   `OUT/commands.txt` (the matching shell lines, each marking its run done when it succeeds).
+//!
+//! Every run's command resumes (`--resume auto --out RUN_DIR`): run again after a kill, a preemption
+//! or a requeue, it continues from the run's newest checkpoint, and starts at step 0 when there is
+//! none.
 
 use crate::plan::{RunSpec, SweepOptions};
 use anyhow::{bail, Context, Result};
@@ -17,7 +22,17 @@ use std::process::Command;
 /// The marker a finished run leaves in its directory (DomainBed's name).
 pub const DONE_FILE: &str = "done";
 
-/// How a run is launched: `exe launch_args... --out DIR DIR/config.toml`.
+/// The arguments that make every run's command resume from its newest checkpoint, if any.
+pub const RESUME_ARGS: [&str; 2] = ["--resume", "auto"];
+
+/// Seconds before the time limit at which the Slurm script asks for SIGUSR1, unless told otherwise.
+pub const DEFAULT_SIGNAL_LEAD_S: u32 = 90;
+
+/// The exit status of an mgrun job whose ranks stopped for preemption after writing a checkpoint
+/// (the launcher's `PREEMPTED_EXIT_CODE`, `EX_TEMPFAIL`).
+pub const PREEMPTED_EXIT_STATUS: i32 = 75;
+
+/// How a run is launched: `exe launch_args... --resume auto --out DIR DIR/config.toml`.
 #[derive(Debug, Clone)]
 pub struct Launcher {
     pub exe: PathBuf,
@@ -43,7 +58,7 @@ pub struct WrittenRun {
 }
 
 impl WrittenRun {
-    /// The command line for a shell, marking the run done when it succeeds.
+    /// The command line for a shell (a `commands.txt` line), marking the run done when it succeeds.
     pub fn shell_line(&self) -> String {
         let argv: Vec<String> = self.argv.iter().map(|a| shell_quote(a)).collect();
         format!("{} && touch {}", argv.join(" "), shell_quote(&self.dir.join(DONE_FILE).to_string_lossy()))
@@ -89,6 +104,7 @@ pub fn write_sweep(
             .with_context(|| format!("run {}: serialising its config", run.name))?;
         let mut argv = vec![launcher.exe.to_string_lossy().into_owned()];
         argv.extend(launcher.launch_args.iter().cloned());
+        argv.extend(RESUME_ARGS.map(String::from));
         argv.extend(["--out".into(), dir.to_string_lossy().into_owned(), config_path.to_string_lossy().into_owned()]);
         let state = run_state(&dir);
         if state == RunState::Done {
@@ -133,29 +149,114 @@ fn write_text(path: &Path, text: &str) -> Result<()> {
     std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
 }
 
-/// A Slurm job-array script: task `i` runs line `i + 1` of `OUT/commands.txt` unless that run is
-/// already done. `directives` are extra `#SBATCH` options (e.g. `--gres=gpu:1`).
-pub fn slurm_script(out: &Path, n_runs: usize, directives: &[String]) -> Result<String> {
-    if n_runs == 0 {
+/// What the Slurm array script asks of Slurm beyond one task per run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlurmOptions {
+    /// Extra `#SBATCH` options, e.g. `--gres=gpu:1`.
+    pub directives: Vec<String>,
+    /// Seconds before the time limit at which Slurm sends SIGUSR1 (`--signal=B:USR1@N`).
+    pub signal_lead_s: u32,
+}
+
+impl Default for SlurmOptions {
+    fn default() -> Self {
+        Self { directives: Vec::new(), signal_lead_s: DEFAULT_SIGNAL_LEAD_S }
+    }
+}
+
+/// A Slurm job-array script for `runs` (written under `out`): task `i` runs run `i` (line `i + 1`
+/// of `OUT/runs.txt` and `OUT/commands.txt`), unless that run is already done, and marks it done
+/// only when its command exits 0. Preemption works as the script's header says: Slurm signals the
+/// batch shell, which passes SIGUSR1 on to mgrun; mgrun checkpoints, requeues the task itself and
+/// exits with 75; the requeued task resumes the run (`--resume auto`). The commands are part of the
+/// script, so that a requeued task runs what was submitted even if the sweep is written again.
+pub fn slurm_script(out: &Path, runs: &[WrittenRun], options: &SlurmOptions) -> Result<String> {
+    if runs.is_empty() {
         bail!("no runs to put in a Slurm array");
     }
-    let out_q = shell_quote(&out.to_string_lossy());
+    // sbatch takes sig_time in 0..=65535; 0 would signal at the time limit itself, too late to checkpoint.
+    if !(1..=65535).contains(&options.signal_lead_s) {
+        bail!("--signal-lead-s {}: must be 1..65535 seconds", options.signal_lead_s);
+    }
+    let lead = options.signal_lead_s;
     let mut s = String::from("#!/bin/bash\n");
     s += "#SBATCH --job-name=mgrun-sweep\n";
-    s += &format!("#SBATCH --array=0-{}\n", n_runs - 1);
+    s += &format!("#SBATCH --array=0-{}\n", runs.len() - 1);
     s += &format!("#SBATCH --output={}/slurm-%A_%a.out\n", out.to_string_lossy());
-    for d in directives {
+    // A requeued task appends to its log instead of truncating what the preempted attempt wrote.
+    s += "#SBATCH --open-mode=append\n";
+    s += "#SBATCH --requeue\n";
+    s += &format!("#SBATCH --signal=B:USR1@{lead}\n");
+    for d in &options.directives {
         s += &format!("#SBATCH {d}\n");
     }
-    s += "# Generated by `mgrun sweep`; submit with `sbatch` (add partition/account/time directives above).\n";
-    s += "set -euo pipefail\n";
-    s += &format!("SWEEP_DIR={out_q}\n");
-    s += "LINE=$((SLURM_ARRAY_TASK_ID + 1))\n";
-    s += "RUN_DIR=$(sed -n \"${LINE}p\" \"$SWEEP_DIR/runs.txt\")\n";
-    s += "COMMAND=$(sed -n \"${LINE}p\" \"$SWEEP_DIR/commands.txt\")\n";
-    s += &format!("if [ -e \"$RUN_DIR/{DONE_FILE}\" ]; then echo \"$RUN_DIR is done\"; exit 0; fi\n");
-    s += "echo \"$COMMAND\"\n";
-    s += "eval \"$COMMAND\"\n";
+    s += &format!(
+        r#"# Generated by `mgrun sweep --slurm`: one array task per run of the sweep in {out} ({n} runs).
+# Submit with `sbatch THIS_FILE`; add partition, account and time directives above.
+#
+# Preemption and requeue (the time limit, or a preemption with a grace period):
+# - {lead} s before the end, Slurm sends SIGUSR1 to this script (`B:`: the batch shell only; mgrun
+#   runs in the batch step, not under srun, so no other process would get it); the script passes it
+#   on to mgrun.
+# - On SIGUSR1, mgrun's ranks write a checkpoint at their next step boundary; mgrun then requeues
+#   this array task itself (`scontrol requeue <SLURM_ARRAY_JOB_ID>_<SLURM_ARRAY_TASK_ID>`) and exits
+#   with status {preempted}. This script never requeues, and marks a run done only when its command
+#   exits 0 (never after {preempted}, or any other failure).
+# - Every command carries `--resume auto --out RUN_DIR`: the requeued task continues from the run's
+#   newest checkpoint (a run without one starts at step 0). A task whose run is done exits 0 at once.
+# - SIGTERM (the end of the job) reaches every process of the job, mgrun included; the script does
+#   not pass it on, it waits for mgrun, which finishes committing its checkpoint first.
+set -euo pipefail
+"#,
+        out = out.to_string_lossy(),
+        n = runs.len(),
+        preempted = PREEMPTED_EXIT_STATUS,
+    );
+    s += "case \"${SLURM_ARRAY_TASK_ID:?is not set: submit this script with sbatch}\" in\n";
+    for (i, run) in runs.iter().enumerate() {
+        let argv: Vec<String> = run.argv.iter().map(|a| shell_quote(a)).collect();
+        s += &format!("{i})\n    RUN_DIR={}\n", shell_quote(&run.dir.to_string_lossy()));
+        s += &format!("    set -- {}\n    ;;\n", argv.join(" "));
+    }
+    s += "*)\n    echo \"sweep: no run for array task $SLURM_ARRAY_TASK_ID (0-";
+    s += &format!("{})\" >&2\n    exit 2\n    ;;\nesac\n", runs.len() - 1);
+    s += &format!(
+        r#"if [ -e "$RUN_DIR/{DONE_FILE}" ]; then
+    echo "sweep: $RUN_DIR is done"
+    exit 0
+fi
+child=
+preempted=0
+# USR1 before mgrun has started is passed on as soon as it has.
+trap 'preempted=1; if [ -n "$child" ]; then kill -USR1 "$child" 2>/dev/null || true; fi' USR1
+trap 'echo "sweep: SIGTERM: waiting for mgrun to stop" >&2' TERM
+echo "sweep: task $SLURM_ARRAY_TASK_ID (restart ${{SLURM_RESTART_COUNT:-0}}): $*"
+"$@" &
+child=$!
+if [ "$preempted" = 1 ]; then kill -USR1 "$child" 2>/dev/null || true; fi
+# `wait` returns early when a trapped signal arrives: wait again until mgrun has exited.
+while :; do
+    status=0
+    wait "$child" || status=$?
+    kill -0 "$child" 2>/dev/null && continue
+    # mgrun has ended; if it did while a trap cut `wait` short, ask for its own status again.
+    if [ "$status" -gt 128 ]; then
+        status=0
+        wait "$child" || status=$?
+    fi
+    break
+done
+if [ "$status" -eq 0 ]; then
+    printf done > "$RUN_DIR/{DONE_FILE}"
+    echo "sweep: $RUN_DIR is done"
+elif [ "$status" -eq {PREEMPTED_EXIT_STATUS} ]; then
+    echo "sweep: $RUN_DIR was preempted after a checkpoint (status {PREEMPTED_EXIT_STATUS}); inside Slurm mgrun has requeued this task" >&2
+else
+    echo "sweep: $RUN_DIR failed (status $status); it is not marked done" >&2
+fi
+exit "$status"
+"#
+    );
     Ok(s)
 }
 
@@ -169,7 +270,8 @@ pub struct LocalSummary {
 }
 
 /// Runs the runs one after another (DomainBed's `local` launcher), skipping those already done and
-/// marking each successful one done. A failed run is reported and the sweep goes on.
+/// marking each successful one done. A failed (or preempted) run is reported and the sweep goes on;
+/// running the sweep again resumes it from its newest checkpoint.
 pub fn run_locally(runs: &[WrittenRun]) -> Result<LocalSummary> {
     let mut summary = LocalSummary::default();
     for (i, run) in runs.iter().enumerate() {
@@ -187,6 +289,13 @@ pub fn run_locally(runs: &[WrittenRun]) -> Result<LocalSummary> {
         if status.success() {
             let done = run.dir.join(DONE_FILE);
             std::fs::write(&done, "done").with_context(|| format!("writing {}", done.display()))?;
+        } else if status.code() == Some(PREEMPTED_EXIT_STATUS) {
+            eprintln!(
+                "sweep: run {} was preempted after writing a checkpoint; run the sweep again to resume it from {}",
+                run.name,
+                run.dir.display()
+            );
+            summary.failed.push(run.name.clone());
         } else {
             eprintln!("sweep: run {} failed ({status}); its outputs are in {}", run.name, run.dir.display());
             summary.failed.push(run.name.clone());
@@ -198,6 +307,170 @@ pub fn run_locally(runs: &[WrittenRun]) -> Result<LocalSummary> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::process::Output;
+    use std::time::{Duration, Instant};
+
+    /// A stand-in for mgrun: records its arguments in `$FAKE_LOG`, then, by `$FAKE_MODE`, succeeds,
+    /// fails as a preempted job (75), or waits for SIGUSR1 and then exits 75 as mgrun does.
+    const FAKE_MGRUN: &str = r#"#!/bin/bash
+echo "args: $*" >> "$FAKE_LOG"
+case "$FAKE_MODE" in
+ok) exit 0 ;;
+preempted) exit 75 ;;
+wait_usr1)
+    trap 'echo "got SIGUSR1" >> "$FAKE_LOG"; exit 75' USR1
+    touch "$FAKE_LOG.ready"
+    for _ in $(seq 600); do sleep 0.05; done
+    exit 3
+    ;;
+esac
+exit 9
+"#;
+
+    struct Fixture {
+        _tmp: tempfile::TempDir,
+        out: PathBuf,
+        log: PathBuf,
+        runs: Vec<WrittenRun>,
+        script: PathBuf,
+    }
+
+    /// Two runs in a sweep directory whose "mgrun" is [`FAKE_MGRUN`], and their Slurm script.
+    fn fixture() -> Fixture {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("sweep dir");
+        let exe = tmp.path().join("fake-mgrun");
+        std::fs::write(&exe, FAKE_MGRUN).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let launcher = Launcher { exe, launch_args: vec!["--cpus".into(), "1".into()] };
+        let runs: Vec<WrittenRun> = ["erm-test0-hp00-trial0", "erm-test1-hp00-trial0"]
+            .iter()
+            .map(|name| {
+                let dir = out.join(name);
+                std::fs::create_dir_all(&dir).unwrap();
+                let mut argv = vec![launcher.exe.to_string_lossy().into_owned()];
+                argv.extend(launcher.launch_args.iter().cloned());
+                argv.extend(RESUME_ARGS.map(String::from));
+                argv.extend(["--out".into(), dir.to_string_lossy().into_owned()]);
+                argv.push(dir.join("config.toml").to_string_lossy().into_owned());
+                WrittenRun { name: name.to_string(), dir, argv, state: RunState::NotLaunched }
+            })
+            .collect();
+        let options = SlurmOptions { directives: vec!["--gres=gpu:1".into()], signal_lead_s: 120 };
+        let script = tmp.path().join("sweep.sbatch");
+        std::fs::write(&script, slurm_script(&out, &runs, &options).unwrap()).unwrap();
+        let log = tmp.path().join("fake.log");
+        Fixture { _tmp: tmp, out, log, runs, script }
+    }
+
+    impl Fixture {
+        fn task(&self, task: usize, mode: &str) -> Command {
+            let mut command = Command::new("bash");
+            command
+                .arg(&self.script)
+                .env("SLURM_ARRAY_TASK_ID", task.to_string())
+                .env("FAKE_MODE", mode)
+                .env("FAKE_LOG", &self.log);
+            command
+        }
+
+        fn run_task(&self, task: usize, mode: &str) -> Output {
+            self.task(task, mode).output().unwrap()
+        }
+
+        fn done(&self, task: usize) -> bool {
+            self.runs[task].dir.join(DONE_FILE).exists()
+        }
+
+        fn log(&self) -> String {
+            std::fs::read_to_string(&self.log).unwrap_or_default()
+        }
+    }
+
+    fn said(output: &Output) -> String {
+        format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr))
+    }
+
+    #[test]
+    fn slurm_script_asks_for_requeue_and_an_early_signal_and_resumes_every_run() {
+        let f = fixture();
+        let text = std::fs::read_to_string(&f.script).unwrap();
+        for directive in [
+            "#SBATCH --array=0-1\n",
+            "#SBATCH --requeue\n",
+            "#SBATCH --signal=B:USR1@120\n",
+            "#SBATCH --open-mode=append\n",
+            "#SBATCH --gres=gpu:1\n",
+        ] {
+            assert!(text.contains(directive), "missing {directive:?} in\n{text}");
+        }
+        assert!(text.contains(&format!("#SBATCH --output={}/slurm-%A_%a.out", f.out.display())), "{text}");
+        // Every #SBATCH line comes before the first command, or sbatch ignores it.
+        let first_command = text.lines().position(|l| !l.starts_with('#')).unwrap();
+        assert!(text.lines().skip(first_command).all(|l| !l.starts_with("#SBATCH")), "{text}");
+        for run in &f.runs {
+            let dir = shell_quote(&run.dir.to_string_lossy());
+            assert!(text.contains(&format!("--resume auto --out {dir} ")), "{text}");
+        }
+        // The header documents the contract; the script itself never requeues.
+        assert!(text.contains("scontrol requeue <SLURM_ARRAY_JOB_ID>_<SLURM_ARRAY_TASK_ID>"), "{text}");
+        assert!(text.lines().filter(|l| !l.starts_with('#')).all(|l| !l.contains("scontrol")), "{text}");
+        // `done` is written in the success branch only.
+        let write = text.find("printf done >").unwrap();
+        let success = text.find("if [ \"$status\" -eq 0 ]; then").unwrap();
+        let other = text.find("elif [ \"$status\" -eq 75 ]").unwrap();
+        assert!(success < write && write < other, "{text}");
+        assert_eq!(text.matches("printf done >").count(), 1);
+        assert!(slurm_script(&f.out, &f.runs, &SlurmOptions { signal_lead_s: 0, ..SlurmOptions::default() }).is_err());
+        assert!(slurm_script(&f.out, &[], &SlurmOptions::default()).is_err());
+    }
+
+    #[test]
+    fn slurm_task_marks_done_only_on_success_and_skips_done_runs() {
+        let f = fixture();
+        // A preempted run (75): no marker, status 75 passed on.
+        let preempted = f.run_task(1, "preempted");
+        assert_eq!(preempted.status.code(), Some(75), "{}", said(&preempted));
+        assert!(!f.done(1));
+        assert!(said(&preempted).contains("was preempted after a checkpoint"), "{}", said(&preempted));
+        // Any other failure: no marker either.
+        assert_eq!(f.run_task(1, "other").status.code(), Some(9));
+        assert!(!f.done(1));
+        // The requeued task runs the same command again; this time it succeeds.
+        let ok = f.run_task(1, "ok");
+        assert!(ok.status.success(), "{}", said(&ok));
+        assert!(f.done(1) && !f.done(0));
+        let dir = f.runs[1].dir.to_string_lossy().into_owned();
+        assert!(f.log().contains(&format!("--cpus 1 --resume auto --out {dir} {dir}/config.toml")), "{}", f.log());
+        // Once done, a task (e.g. requeued after its run finished) exits 0 without running anything.
+        let calls = f.log().lines().count();
+        let again = f.run_task(1, "preempted");
+        assert!(again.status.success(), "{}", said(&again));
+        assert!(said(&again).contains("is done"), "{}", said(&again));
+        assert_eq!(f.log().lines().count(), calls, "a done run ran again");
+        // A task id outside the array is an error.
+        assert_eq!(f.run_task(2, "ok").status.code(), Some(2));
+    }
+
+    #[test]
+    fn slurm_task_passes_sigusr1_on_to_mgrun_and_waits_for_it() {
+        let f = fixture();
+        let mut child = f.task(0, "wait_usr1").stdout(std::process::Stdio::piped()).spawn().unwrap();
+        let ready = f.log.with_extension("log.ready");
+        let started = Instant::now();
+        while !ready.exists() {
+            assert!(started.elapsed() < Duration::from_secs(20), "the fake mgrun never started");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // What Slurm does with --signal=B:USR1@N: signal the batch shell only.
+        let kill = Command::new("kill").args(["-USR1", &child.id().to_string()]).status().unwrap();
+        assert!(kill.success());
+        let status = child.wait().unwrap();
+        assert_eq!(status.code(), Some(75), "log:\n{}", f.log());
+        assert!(f.log().contains("got SIGUSR1"), "{}", f.log());
+        assert!(!f.done(0));
+    }
 
     #[test]
     fn quoting_survives_spaces_and_quotes() {
