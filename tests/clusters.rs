@@ -438,3 +438,32 @@ fn sigterm_during_the_preemption_checkpoint_never_corrupts_it() {
     assert_same_run(&out, &reference, "SIGUSR1 then SIGTERM, resumed");
     eprintln!("exit codes of the interrupted rounds: {outcomes:?}");
 }
+
+#[test]
+fn a_node_whose_launcher_dies_takes_the_job_down_and_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = job(dir.path(), 4);
+    let out = dir.path().join("lost");
+    let port = free_port();
+    let extra = ["--max-restarts", "1", cfg.to_str().unwrap()];
+    let node0 = mgrun_command(dir.path(), &node_args(2, 0, port, 1, &out, &extra)).spawn().unwrap();
+    let mut node1 = mgrun_command(dir.path(), &node_args(2, 1, port, 1, &out, &extra)).spawn().unwrap();
+    let node1_rank = rank_pids(node1.id(), 1)[&1];
+    wait_for_steps(&out, 3, Duration::from_secs(60));
+    // The whole node goes: its launcher, and with it (PR_SET_PDEATHSIG) its rank.
+    let killed = Instant::now();
+    node1.kill().unwrap();
+    node1.wait().unwrap();
+    let (status, log) = finish(node0, Duration::from_secs(90));
+    let took = killed.elapsed();
+    assert!(!status.success(), "{log}");
+    // No restart without the lost node: the job fails, naming it last, as the root cause.
+    assert!(!log.contains("restarting all"), "{log}");
+    let last_failure = log.lines().rfind(|l| l.contains("attempt 0:")).unwrap_or_default();
+    assert!(last_failure.contains("node 1's launcher did not report"), "{log}");
+    // The peer's loss is seen at once; then node 0 waits --grace-s (3 s) + 20 s for node 1's report.
+    assert!(took < Duration::from_secs(40), "took {took:?}:\n{log}");
+    let stat = std::fs::read_to_string(format!("/proc/{node1_rank}/stat")).unwrap_or_default();
+    assert!(stat.is_empty() || stat.contains(") Z "), "node 1's rank outlived its launcher: {stat}");
+    eprintln!("node 1 lost: node 0's launcher exited {:.1} s later", took.as_secs_f64());
+}

@@ -33,6 +33,9 @@ use crate::rendezvous::{
 const STDERR_TAIL_LINES: usize = 20;
 /// After SIGKILL, how long to wait for the kernel to reap the ranks before giving up on them.
 const KILL_REAP_TIMEOUT: Duration = Duration::from_secs(2);
+/// Beyond the grace period, how long a launcher waits for the others' reports of an attempt (their
+/// teardown, reaping and output draining take a few seconds) before it counts them as lost.
+const REPORT_SLACK: Duration = Duration::from_secs(20);
 /// How long to wait for the output of exited ranks to drain before reporting.
 const OUTPUT_DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -153,7 +156,7 @@ pub fn launch(plan: &LaunchPlan) -> anyhow::Result<i32> {
             attempt,
         };
         let mine = runtime.block_on(supervise(plan, &rank_env, &store, &mut signals, &logs_dir))?;
-        let reports = store.gather_reports(attempt, &mine)?;
+        let reports = store.gather_reports(attempt, &mine, plan.grace + REPORT_SLACK)?;
         let decision = decide(&reports, attempt, plan.max_restarts);
         history.push((attempt, reports));
         match decision {
@@ -240,7 +243,8 @@ fn print_failures(history: &[(usize, Vec<LauncherReport>)]) {
     let mut message = format!("mgrun: {failures} rank failure(s) in {} attempt(s), root cause last:\n", history.len());
     for (attempt, reports) in history {
         let mut failures: Vec<&RankFailure> = reports.iter().flat_map(|report| &report.failures).collect();
-        failures.sort_by_key(|failure| failure.root_cause);
+        // A lost node is where the trouble began; the rest followed from it.
+        failures.sort_by_key(|failure| (failure.root_cause, failure.rank == usize::MAX));
         for failure in failures {
             let rank = if failure.rank == usize::MAX { String::new() } else { format!("rank {} ", failure.rank) };
             let host = if failure.hostname.is_empty() { String::new() } else { format!(", {}", failure.hostname) };

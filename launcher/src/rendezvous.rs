@@ -266,20 +266,21 @@ impl JobStore {
     }
 
     /// Publishes this launcher's report of `attempt` and returns every launcher's, by launcher rank.
-    /// A launcher that does not report within the rendezvous timeout is reported as lost.
-    pub fn gather_reports(&self, attempt: usize, mine: &LauncherReport) -> Result<Vec<LauncherReport>> {
+    /// A launcher that does not report within `wait` (its ranks' teardown takes at most the grace
+    /// period and the reaping) is reported as lost.
+    pub fn gather_reports(&self, attempt: usize, mine: &LauncherReport, wait: Duration) -> Result<Vec<LauncherReport>> {
         if self.plan.launchers == 1 {
             return Ok(vec![mine.clone()]);
         }
         let key = |rank: usize| format!("attempt{attempt}/report/{rank}");
         self.client.set(&key(self.plan.launcher_rank), &serde_json::to_vec(mine)?)?;
-        let deadline = Instant::now() + self.plan.timeout;
+        let deadline = Instant::now() + wait;
         let mut reports = Vec::with_capacity(self.plan.launchers);
         for rank in 0..self.plan.launchers {
             let report = match wait_key(&self.client, &key(rank), deadline) {
                 Ok(Some(bytes)) => serde_json::from_slice(&bytes)
                     .with_context(|| format!("malformed report of {} for attempt {attempt}", self.plan.label(rank)))?,
-                Ok(None) | Err(_) => LauncherReport::lost(&self.plan.label(rank), self.plan.timeout),
+                Ok(None) | Err(_) => LauncherReport::lost(&self.plan.label(rank), wait),
             };
             reports.push(report);
         }
