@@ -195,7 +195,10 @@ pub fn launch(plan: &LaunchPlan) -> anyhow::Result<i32> {
             }
         }
     };
-    store.close();
+    let live = history
+        .last()
+        .map_or(0, |(_, reports)| reports.iter().filter(|report| report.outcome != LocalOutcome::Lost).count());
+    store.close(live);
     Ok(code)
 }
 

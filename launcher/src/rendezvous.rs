@@ -287,16 +287,16 @@ impl JobStore {
         Ok(reports)
     }
 
-    /// The end of the job: launcher 0 waits (briefly) until every launcher has read the outcome, then
-    /// stops the store; the token file goes with it.
-    pub fn close(self) {
+    /// The end of the job: launcher 0 waits (briefly) until the `live` launchers (those that reported
+    /// the last attempt) have read the outcome, then stops the store; the token file goes with it.
+    pub fn close(self, live: usize) {
         if self.plan.launchers > 1 {
             let _ = self.client.add("final/read", 1);
             if self.server.is_some() {
                 let deadline = Instant::now() + FINAL_BARRIER_TIMEOUT;
                 while Instant::now() < deadline {
                     let count = self.client.add("final/read", 0).unwrap_or(0);
-                    if count >= self.plan.launchers as i64 {
+                    if count >= live as i64 {
                         break;
                     }
                     std::thread::sleep(Duration::from_millis(50));
