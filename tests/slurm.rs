@@ -275,3 +275,85 @@ fn a_killed_rank_restarts_from_its_checkpoint_with_max_restarts_1() {
     assert_same_run(&out, &expected, "Slurm, a rank killed and restarted", &log);
     eprintln!("kill: SIGKILL of rank 1 to the end of the job: {:.1} s", recovered.as_secs_f64());
 }
+
+#[test]
+fn a_sweep_array_task_is_preempted_requeued_resumed_and_done_runs_are_skipped() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    slurm_nodes();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = job_config(dir.path(), 0);
+    let sweep = dir.path().join("sweep");
+    let script = dir.path().join("array.sbatch");
+    let args = [
+        "sweep",
+        cfg.to_str().unwrap(),
+        "--algorithms",
+        "erm",
+        "--n-hparams",
+        "1",
+        "--n-trials",
+        "1",
+        "--cpus",
+        "1",
+        "--out",
+        sweep.to_str().unwrap(),
+        "--slurm",
+        script.to_str().unwrap(),
+    ];
+    let written = run_mgrun(&args, dir.path());
+    assert!(written.status.success(), "{}{}", text(&written.stdout), text(&written.stderr));
+    let runs: Vec<PathBuf> =
+        std::fs::read_to_string(sweep.join("runs.txt")).unwrap().lines().map(PathBuf::from).collect();
+    assert_eq!(runs.len(), 4, "one run per test domain");
+
+    let submitted = Command::new("sbatch").arg("--parsable").arg(&script).current_dir(dir.path()).output().unwrap();
+    assert!(submitted.status.success(), "{}", text(&submitted.stderr));
+    let array = text(&submitted.stdout).trim().split(';').next().unwrap_or_default().to_string();
+    let task0 = format!("{array}_0");
+    let task0_log = || std::fs::read_to_string(sweep.join(format!("slurm-{array}_0.out"))).unwrap_or_default();
+    wait_for_steps(&runs[0], 4, &task0, dir.path());
+    // `B:USR1`: the signal goes to the batch shell, which passes it on to mgrun.
+    let (ok, said) = slurm_command("scancel", &["--signal=USR1", "--batch", &task0]);
+    assert!(ok, "scancel --signal=USR1 --batch {task0}: {said}");
+    let deadline = Instant::now() + JOB_LIMIT;
+    loop {
+        let fields = job_fields(&task0);
+        if fields.get("Restarts").map(String::as_str) == Some("1")
+            && fields.get("JobState").map(String::as_str) == Some("PENDING")
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "task {task0} was not requeued: {fields:?}\n{}", task0_log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (ok, said) = slurm_command("scontrol", &["update", &format!("JobId={task0}"), "StartTime=now"]);
+    assert!(ok, "{said}");
+    // The whole array ends: every run done.
+    let deadline = Instant::now() + JOB_LIMIT;
+    while runs.iter().any(|run| !run.join("done").exists())
+        || !slurm_command("squeue", &["-h", "-j", &array]).1.trim().is_empty()
+    {
+        assert!(Instant::now() < deadline, "the array did not finish:\n{}", task0_log());
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let log = task0_log();
+    assert!(
+        log.contains("preempted: stopped after step") && log.contains(&format!("requeued Slurm job {task0}")),
+        "{log}"
+    );
+    assert!(log.contains("restart 1") && log.contains("resuming from"), "{log}");
+
+    // The preempted run ends exactly as the same run uninterrupted.
+    let expected = reference(dir.path(), &runs[0].join("config.toml"));
+    assert_same_run(&runs[0], &expected, "sweep run preempted in Slurm", &log);
+
+    // Submitted again, every task finds its run done and exits at once.
+    let again =
+        Command::new("sbatch").arg("--wait").arg("--parsable").arg(&script).current_dir(dir.path()).output().unwrap();
+    assert!(again.status.success(), "{}", text(&again.stderr));
+    let array = text(&again.stdout).trim().split(';').next().unwrap_or_default().to_string();
+    for task in 0..runs.len() {
+        let log = std::fs::read_to_string(sweep.join(format!("slurm-{array}_{task}.out"))).unwrap_or_default();
+        assert!(log.contains("is done") && !log.contains("sweep: task"), "task {task} ran again:\n{log}");
+    }
+}
