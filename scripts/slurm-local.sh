@@ -90,8 +90,13 @@ write_config() {
     done
 }
 
+munge_works() {
+    munge -n </dev/null 2>/dev/null | unmunge >/dev/null 2>&1
+}
+
 start_munge() {
-    if pgrep -x munged >/dev/null; then
+    # Ask munged itself: a process named munged may be a zombie.
+    if munge_works; then
         return
     fi
     if [ ! -s /etc/munge/munge.key ]; then
@@ -107,6 +112,11 @@ start_munge() {
     chown munge:munge /run/munge /var/log/munge /var/lib/munge
     # munged refuses to run as root: as its own user, as the package's service does.
     su -s /bin/sh munge -c /usr/sbin/munged || die "munged did not start"
+    local deadline=$((SECONDS + 10))
+    until munge_works; do
+        [ $SECONDS -lt $deadline ] || die "munged started but does not answer on /run/munge"
+        sleep 0.2
+    done
 }
 
 nodes_idle() {
@@ -118,7 +128,7 @@ nodes_idle() {
 start() {
     local started=$SECONDS
     install_packages
-    if pgrep -x slurmctld >/dev/null && nodes_idle; then
+    if munge_works && pgrep -x slurmctld >/dev/null && nodes_idle; then
         say "already running: $(sinfo -h -o '%D nodes %N %t' | tr '\n' ' ')"
         return
     fi

@@ -111,7 +111,7 @@ enum Command {
     /// List the training methods, their hyperparameters and defaults (`[method.<name>]` keys).
     Methods,
     /// DomainBed's sweep: run directories for every test domain (and pair), hparams seed and trial;
-    /// then runs them here (--run) or writes a Slurm job array (--slurm FILE).
+    /// then runs them here (--run), writes a Slurm job array (--slurm FILE) or estimates their cost (--estimate).
     Sweep(sweep_cmd::SweepArgs),
     /// DomainBed's result tables (training-domain, leave-one-domain-out and oracle selection) of a sweep.
     Collect(sweep_cmd::CollectArgs),
