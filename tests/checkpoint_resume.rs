@@ -5,7 +5,6 @@
 //! dropout resumed on another number of ranks is exact too.
 
 use mgrun_tests::*;
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 const STEPS: usize = 12;
@@ -28,19 +27,11 @@ keep_last = 0
     write_tiny_job(&dir.join("job.toml"), data_root, STEPS, 7, rest)
 }
 
-type Params = BTreeMap<String, Vec<f64>>;
-
 fn mgrun_ok(args: &[&str], dir: &Path) -> String {
     let out = run_mgrun(args, dir);
     let log = format!("{}{}", text(&out.stdout), text(&out.stderr));
     assert!(out.status.success(), "mgrun {args:?} failed:\n{log}");
     log
-}
-
-fn outputs(out_dir: &Path) -> (Vec<(u64, f64)>, Params) {
-    let steps = read_jsonl(&out_dir.join("steps.jsonl")).unwrap();
-    let losses = steps.iter().map(|r| (r["step"].as_u64().unwrap(), r["loss"].as_f64().unwrap())).collect();
-    (losses, read_tensors(&out_dir.join("model.safetensors")).unwrap())
 }
 
 fn assert_matches(what: &str, losses: &[(u64, f64)], params: &Params, ref_losses: &[(u64, f64)], ref_params: &Params) {
@@ -65,7 +56,7 @@ fn resume_on_another_number_of_ranks_equals_the_uninterrupted_run() {
     let cfg_s = cfg.to_str().unwrap();
     let reference = dir.path().join("reference");
     mgrun_ok(&["--cpus", "1", "--out", reference.to_str().unwrap(), cfg_s], dir.path());
-    let (ref_losses, ref_params) = outputs(&reference);
+    let (ref_losses, ref_params) = run_outputs(&reference);
     assert_eq!(ref_losses.len(), STEPS);
     assert!(ref_losses[0].1 != ref_losses[STEPS - 1].1, "the parameters must move");
 
@@ -87,7 +78,7 @@ fn resume_on_another_number_of_ranks_equals_the_uninterrupted_run() {
             dir.path(),
         );
         assert!(log.contains(&format!("resuming from {}", checkpoint.display())), "{log}");
-        let (losses, params) = outputs(&second);
+        let (losses, params) = run_outputs(&second);
         let steps: Vec<u64> = losses.iter().map(|(s, _)| *s).collect();
         assert_eq!(steps, (at..STEPS as u64).collect::<Vec<_>>());
         assert_matches(&format!("{before}->{after} ranks at step {at}"), &losses, &params, &ref_losses, &ref_params);
@@ -103,7 +94,7 @@ fn resume_on_another_number_of_ranks_equals_the_uninterrupted_run() {
     std::fs::create_dir_all(run.join("checkpoints").join(".tmp-step9")).unwrap();
     let log = mgrun_ok(&["--cpus", "3", "--out", run.to_str().unwrap(), "--resume", "auto", cfg_s], dir.path());
     assert!(log.contains("resuming from") && log.contains("step6"), "{log}");
-    let (losses, params) = outputs(&run);
+    let (losses, params) = run_outputs(&run);
     let steps: Vec<u64> = losses.iter().map(|(s, _)| *s).collect();
     assert_eq!(steps, (0..STEPS as u64).collect::<Vec<_>>(), "steps.jsonl must continue without duplicates");
     assert_matches("auto resume 2->3", &losses, &params, &ref_losses, &ref_params);
@@ -116,7 +107,7 @@ fn resume_on_another_number_of_ranks_equals_the_uninterrupted_run() {
     let dropout = ["--set", "model.dropout=0.3"];
     let full = dir.path().join("dropout-full");
     mgrun_ok(&[&["--cpus", "2", "--out", full.to_str().unwrap()][..], &dropout, &[cfg_s]].concat(), dir.path());
-    let (full_losses, full_params) = outputs(&full);
+    let (full_losses, full_params) = run_outputs(&full);
     assert!(
         full_losses.iter().zip(&ref_losses).any(|(a, b)| (a.1 - b.1).abs() > 1e-4),
         "dropout must change the run, or this proves nothing"
@@ -132,7 +123,7 @@ fn resume_on_another_number_of_ranks_equals_the_uninterrupted_run() {
         .concat(),
         dir.path(),
     );
-    let (losses, params) = outputs(&resumed);
+    let (losses, params) = run_outputs(&resumed);
     assert_matches("dropout, 2->3 ranks at step 3", &losses, &params, &full_losses, &full_params);
 
     // A different learning rate is refused, naming the key.

@@ -6,26 +6,15 @@
 use mgrun_tests::*;
 use std::collections::BTreeMap;
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 const STEPS: usize = 16;
 
-type Params = BTreeMap<String, Vec<f64>>;
-
 fn free_port() -> u16 {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("binding a free port");
     listener.local_addr().expect("local address").port()
-}
-
-fn job(dir: &Path, checkpoint_every: usize) -> PathBuf {
-    let data = synthetic_dataset(dir, 6, 16);
-    let rest = format!(
-        "\n[eval]\nevery_steps = 1000\n\n[checkpoint]\nevery_steps = {checkpoint_every}\nkeep_last = 2\n\n\
-         [method]\nname = \"erm\"\n"
-    );
-    write_tiny_job(&dir.join("job.toml"), &data, STEPS, 5, &rest)
 }
 
 fn mgrun_command(dir: &Path, args: &[String]) -> Command {
@@ -73,14 +62,8 @@ fn drain(child: &mut Child) -> (String, String) {
     (out, err)
 }
 
-fn outputs(out_dir: &Path) -> (Vec<(u64, f64)>, Params) {
-    let steps = read_jsonl(&out_dir.join("steps.jsonl")).unwrap();
-    let losses = steps.iter().map(|r| (r["step"].as_u64().unwrap(), r["loss"].as_f64().unwrap())).collect();
-    (losses, read_tensors(&out_dir.join("model.safetensors")).unwrap())
-}
-
 fn assert_same_run(out_dir: &Path, reference: &(Vec<(u64, f64)>, Params), what: &str) {
-    let (losses, params) = outputs(out_dir);
+    let (losses, params) = run_outputs(out_dir);
     assert_eq!(losses.len(), STEPS, "{what}: steps.jsonl has {} records", losses.len());
     assert_eq!(losses, reference.0, "{what}: per-step losses differ from the uninterrupted run");
     for (name, values) in &params {
@@ -94,7 +77,7 @@ fn reference_run(dir: &Path, cfg: &Path) -> (Vec<(u64, f64)>, Params) {
     let args = strings(&["--cpus", "1", "--out", out.to_str().unwrap(), cfg.to_str().unwrap()]);
     let (status, log) = finish(mgrun_command(dir, &args).spawn().unwrap(), Duration::from_secs(120));
     assert!(status.success(), "reference run failed:\n{log}");
-    let reference = outputs(&out);
+    let reference = run_outputs(&out);
     assert!(reference.0[0].1 != reference.0[STEPS - 1].1, "the loss did not change: equality would prove nothing");
     reference
 }
@@ -120,13 +103,9 @@ fn node_args(nnodes: usize, node: usize, port: u16, per_node: usize, out: &Path,
     args
 }
 
-fn steps_done(out_dir: &Path) -> usize {
-    std::fs::read_to_string(out_dir.join("steps.jsonl")).map(|s| s.lines().count()).unwrap_or(0)
-}
-
 fn wait_for_steps(out_dir: &Path, steps: usize, limit: Duration) {
     let deadline = Instant::now() + limit;
-    while steps_done(out_dir) < steps {
+    while steps_recorded(out_dir) < steps {
         assert!(Instant::now() < deadline, "the run did not reach step {steps} within {limit:?}");
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -151,7 +130,7 @@ fn rank_pids(launcher: u32, expected: usize) -> BTreeMap<usize, u32> {
 #[test]
 fn two_launchers_on_loopback_train_exactly_as_one() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = job(dir.path(), 0);
+    let cfg = tiny_erm_job(dir.path(), STEPS, 5, 0);
     let reference = reference_run(dir.path(), &cfg);
 
     // 2 nodes x 2 ranks: global ranks 0..4 across two launchers that meet at node 0's store.
@@ -280,7 +259,7 @@ fn bad_rendezvous_input_fails_within_seconds_naming_it() {
 #[test]
 fn nodes_with_different_configs_are_refused_at_the_rendezvous() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = job(dir.path(), 0);
+    let cfg = tiny_erm_job(dir.path(), STEPS, 5, 0);
     let out = dir.path().join("mismatch");
     let port = free_port();
     let cfg_arg = cfg.to_str().unwrap();
@@ -303,7 +282,7 @@ fn nodes_with_different_configs_are_refused_at_the_rendezvous() {
 #[test]
 fn a_killed_rank_restarts_every_node_from_the_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = job(dir.path(), 4);
+    let cfg = tiny_erm_job(dir.path(), STEPS, 5, 4);
     let reference = reference_run(dir.path(), &cfg);
 
     let out = dir.path().join("restarted");
@@ -321,7 +300,7 @@ fn a_killed_rank_restarts_every_node_from_the_checkpoint() {
         libc::kill(victim as i32, libc::SIGKILL);
     }
     // Recovery: the restarted ranks write their first step record (the log keeps the steps before).
-    let killed_at_step = steps_done(&out);
+    let killed_at_step = steps_recorded(&out);
     let (status1, log1) = finish(node1, Duration::from_secs(120));
     let (status0, log0) = finish(node0, Duration::from_secs(120));
     let total = killed_at.elapsed();
@@ -343,7 +322,7 @@ fn a_killed_rank_restarts_every_node_from_the_checkpoint() {
 fn sigusr1_checkpoints_requeues_and_the_requeued_job_finishes_the_same() {
     let dir = tempfile::tempdir().unwrap();
     // No periodic checkpoints: the preemption writes its own.
-    let cfg = job(dir.path(), 0);
+    let cfg = tiny_erm_job(dir.path(), STEPS, 5, 0);
     let reference = reference_run(dir.path(), &cfg);
 
     // A stand-in for Slurm's scontrol that records what it was asked.
@@ -375,7 +354,7 @@ fn sigusr1_checkpoints_requeues_and_the_requeued_job_finishes_the_same() {
     assert!(log.contains("preempted: stopped after step"), "{log}");
     assert!(log.contains("requeued Slurm job 4242"), "{log}");
     assert_eq!(std::fs::read_to_string(&record).unwrap().trim(), "requeue 4242");
-    let stopped_at = steps_done(&out);
+    let stopped_at = steps_recorded(&out);
     assert!(stopped_at < STEPS, "the job ran to the end ({stopped_at} steps): the signal came too late");
 
     // The requeued job: the same command; Slurm sets SLURM_RESTART_COUNT, and mgrun resumes by itself.
@@ -398,7 +377,7 @@ fn sigusr1_checkpoints_requeues_and_the_requeued_job_finishes_the_same() {
 #[test]
 fn sigterm_during_the_preemption_checkpoint_never_corrupts_it() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = job(dir.path(), 4);
+    let cfg = tiny_erm_job(dir.path(), STEPS, 5, 4);
     let reference = reference_run(dir.path(), &cfg);
     let out = dir.path().join("terminated");
     let args = strings(&["--cpus", "2", "--out", out.to_str().unwrap(), "--resume", "auto", cfg.to_str().unwrap()]);
@@ -407,7 +386,7 @@ fn sigterm_during_the_preemption_checkpoint_never_corrupts_it() {
     let mut outcomes = Vec::new();
     for (round, delay_ms) in [0u64, 15, 30, 60].into_iter().enumerate() {
         let launcher = mgrun_command(dir.path(), &args).spawn().unwrap();
-        let reached = steps_done(&out) + 2;
+        let reached = steps_recorded(&out) + 2;
         if reached >= STEPS {
             finish(launcher, Duration::from_secs(60));
             break;
@@ -442,7 +421,7 @@ fn sigterm_during_the_preemption_checkpoint_never_corrupts_it() {
 #[test]
 fn a_node_whose_launcher_dies_takes_the_job_down_and_is_named() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = job(dir.path(), 4);
+    let cfg = tiny_erm_job(dir.path(), STEPS, 5, 4);
     let out = dir.path().join("lost");
     let port = free_port();
     let extra = ["--max-restarts", "1", cfg.to_str().unwrap()];

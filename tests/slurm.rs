@@ -20,8 +20,6 @@ const JOB_LIMIT: Duration = Duration::from_secs(240);
 /// One job at a time: the local cluster has few CPUs, and timings stay readable.
 static SERIAL: Mutex<()> = Mutex::new(());
 
-type Params = BTreeMap<String, Vec<f64>>;
-
 fn slurm_command(program: &str, args: &[&str]) -> (bool, String) {
     match Command::new(program).args(args).output() {
         Ok(output) => (
@@ -45,21 +43,6 @@ fn slurm_nodes() -> Vec<String> {
     nodes
 }
 
-fn job_config(dir: &Path, checkpoint_every: usize) -> PathBuf {
-    let data = synthetic_dataset(dir, 6, 16);
-    let rest = format!(
-        "\n[eval]\nevery_steps = 1000\n\n[checkpoint]\nevery_steps = {checkpoint_every}\nkeep_last = 2\n\n\
-         [method]\nname = \"erm\"\n"
-    );
-    write_tiny_job(&dir.join("job.toml"), &data, STEPS, 9, &rest)
-}
-
-fn outputs(out_dir: &Path) -> (Vec<(u64, f64)>, Params) {
-    let steps = read_jsonl(&out_dir.join("steps.jsonl")).unwrap();
-    let losses = steps.iter().map(|r| (r["step"].as_u64().unwrap(), r["loss"].as_f64().unwrap())).collect();
-    (losses, read_tensors(&out_dir.join("model.safetensors")).unwrap())
-}
-
 /// The uninterrupted local one-rank run: what every Slurm job must reproduce bit for bit.
 fn reference(dir: &Path, cfg: &Path) -> (Vec<(u64, f64)>, Params) {
     let out = dir.join("reference");
@@ -70,11 +53,11 @@ fn reference(dir: &Path, cfg: &Path) -> (Vec<(u64, f64)>, Params) {
     }
     let output = command.output().unwrap();
     assert!(output.status.success(), "reference run: {}{}", text(&output.stdout), text(&output.stderr));
-    outputs(&out)
+    run_outputs(&out)
 }
 
 fn assert_same_run(out_dir: &Path, reference: &(Vec<(u64, f64)>, Params), what: &str, log: &str) {
-    let (losses, params) = outputs(out_dir);
+    let (losses, params) = run_outputs(out_dir);
     assert_eq!(losses, reference.0, "{what}: per-step losses differ from the local run\n{log}");
     for (name, values) in &params {
         assert!(values == &reference.1[name], "{what}: parameter {name} differs from the local run\n{log}");
@@ -125,13 +108,9 @@ fn job_log(dir: &Path, job: &str) -> String {
     std::fs::read_to_string(dir.join(format!("slurm-{job}.out"))).unwrap_or_else(|e| format!("(no job log: {e})"))
 }
 
-fn steps_done(out_dir: &Path) -> usize {
-    std::fs::read_to_string(out_dir.join("steps.jsonl")).map(|s| s.lines().count()).unwrap_or(0)
-}
-
 fn wait_for_steps(out_dir: &Path, steps: usize, job: &str, dir: &Path) {
     let deadline = Instant::now() + JOB_LIMIT;
-    while steps_done(out_dir) < steps {
+    while steps_recorded(out_dir) < steps {
         assert!(Instant::now() < deadline, "job {job} did not reach step {steps}:\n{}", job_log(dir, job));
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -142,7 +121,7 @@ fn a_two_rank_cpu_job_runs_end_to_end() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     slurm_nodes();
     let dir = tempfile::tempdir().unwrap();
-    let cfg = job_config(dir.path(), 0);
+    let cfg = tiny_erm_job(dir.path(), STEPS, 9, 0);
     let expected = reference(dir.path(), &cfg);
     let out = dir.path().join("two-ranks");
     let job = submit(dir.path(), "cpu.sbatch", &[], &out, &cfg, "");
@@ -160,7 +139,7 @@ fn a_job_across_two_node_names_runs_end_to_end() {
     let nodes = slurm_nodes();
     assert!(nodes.len() >= 2, "the local Slurm has one node name ({nodes:?}); scripts/slurm-local.sh starts two");
     let dir = tempfile::tempdir().unwrap();
-    let cfg = job_config(dir.path(), 0);
+    let cfg = tiny_erm_job(dir.path(), STEPS, 9, 0);
     let expected = reference(dir.path(), &cfg);
     let out = dir.path().join("two-nodes");
     let job = submit(dir.path(), "cpu.sbatch", &["--nodes=2"], &out, &cfg, ",RANKS_PER_NODE=1");
@@ -179,7 +158,7 @@ fn one_slurm_task_per_rank_runs_end_to_end() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     slurm_nodes();
     let dir = tempfile::tempdir().unwrap();
-    let cfg = job_config(dir.path(), 0);
+    let cfg = tiny_erm_job(dir.path(), STEPS, 9, 0);
     let expected = reference(dir.path(), &cfg);
     let out = dir.path().join("tasks");
     let job = submit(dir.path(), "cpu-task-per-rank.sbatch", &[], &out, &cfg, "");
@@ -198,7 +177,7 @@ fn a_preempted_job_checkpoints_requeues_and_resumes_to_the_same_model() {
     slurm_nodes();
     let dir = tempfile::tempdir().unwrap();
     // No periodic checkpoint: the one written on SIGUSR1 is the only one.
-    let cfg = job_config(dir.path(), 0);
+    let cfg = tiny_erm_job(dir.path(), STEPS, 9, 0);
     let expected = reference(dir.path(), &cfg);
     let out = dir.path().join("preempted");
     let job = submit(dir.path(), "cpu.sbatch", &[], &out, &cfg, "");
@@ -243,7 +222,7 @@ fn a_killed_rank_restarts_from_its_checkpoint_with_max_restarts_1() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     slurm_nodes();
     let dir = tempfile::tempdir().unwrap();
-    let cfg = job_config(dir.path(), 4);
+    let cfg = tiny_erm_job(dir.path(), STEPS, 9, 4);
     let expected = reference(dir.path(), &cfg);
     let out = dir.path().join("killed");
     let job = submit(dir.path(), "cpu.sbatch", &[], &out, &cfg, "");
@@ -281,7 +260,7 @@ fn a_sweep_array_task_is_preempted_requeued_resumed_and_done_runs_are_skipped() 
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     slurm_nodes();
     let dir = tempfile::tempdir().unwrap();
-    let cfg = job_config(dir.path(), 0);
+    let cfg = tiny_erm_job(dir.path(), STEPS, 9, 0);
     let sweep = dir.path().join("sweep");
     let script = dir.path().join("array.sbatch");
     let args = [

@@ -9,12 +9,9 @@
 //! same thread count whatever rank runs it, and the gradients are summed in one fixed order.
 
 use mgrun_tests::*;
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 const STEPS: usize = 12;
-
-type Params = BTreeMap<String, Vec<f64>>;
 
 struct Job {
     dataset: &'static str,
@@ -41,18 +38,12 @@ fn run(dir: &Path, cfg: &Path, world: usize, extra_args: &[&str]) -> (PathBuf, S
     (out_dir, log)
 }
 
-fn outputs(out_dir: &Path) -> (Vec<(u64, f64)>, Params) {
-    let steps = read_jsonl(&out_dir.join("steps.jsonl")).unwrap();
-    let losses = steps.iter().map(|r| (r["step"].as_u64().unwrap(), r["loss"].as_f64().unwrap())).collect();
-    (losses, read_tensors(&out_dir.join("model.safetensors")).unwrap())
-}
-
 /// Every world size's losses and parameters are exactly the one-rank run's.
 fn check_invariance(job: &Job, worlds: &[usize], method: &str, extra: &str) {
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path(), job, method, extra, "");
     let (reference, _) = run(dir.path(), &cfg, 1, &[]);
-    let (ref_losses, ref_params) = outputs(&reference);
+    let (ref_losses, ref_params) = run_outputs(&reference);
     assert_eq!(ref_losses.len(), STEPS);
     assert!(ref_losses.iter().all(|(_, l)| l.is_finite()));
     // The parameters must actually move, or equality would prove nothing.
@@ -60,7 +51,7 @@ fn check_invariance(job: &Job, worlds: &[usize], method: &str, extra: &str) {
     for &world in worlds {
         let (out_dir, log) = run(dir.path(), &cfg, world, &[]);
         assert!(log.contains("sharding plan") && log.contains("micro-batches of 2"), "{log}");
-        let (losses, params) = outputs(&out_dir);
+        let (losses, params) = run_outputs(&out_dir);
         assert_eq!(losses, ref_losses, "{method}: {world} ranks: per-step losses differ from 1 rank");
         assert_eq!(params.keys().collect::<Vec<_>>(), ref_params.keys().collect::<Vec<_>>());
         for (name, values) in &params {
@@ -109,17 +100,17 @@ fn resume_from_5_ranks_on_2_is_exact() {
     let cfg = config(dir.path(), &job, "dsp_reg", DSP_REG, checkpoints);
     let dropout = ["--set", "model.dropout=0.3"];
     let (uninterrupted, _) = run(dir.path(), &cfg, 1, &dropout);
-    let (ref_losses, ref_params) = outputs(&uninterrupted);
+    let (ref_losses, ref_params) = run_outputs(&uninterrupted);
     let (no_dropout, _) = run(dir.path(), &cfg, 1, &[]);
-    assert!(outputs(&no_dropout).0 != ref_losses, "dropout must change the run, or this proves nothing");
+    assert!(run_outputs(&no_dropout).0 != ref_losses, "dropout must change the run, or this proves nothing");
 
     let (five, _) = run(dir.path(), &cfg, 5, &dropout);
-    assert_eq!(outputs(&five).0, ref_losses, "5 ranks differ from 1");
+    assert_eq!(run_outputs(&five).0, ref_losses, "5 ranks differ from 1");
     let checkpoint = five.join("checkpoints").join("step4");
     let checkpoint = checkpoint.to_str().unwrap();
     let (resumed, log) = run(dir.path(), &cfg, 2, &[&dropout[..], &["--resume", checkpoint]].concat());
     assert!(log.contains("resuming from") && log.contains("written on 5 rank(s)"), "{log}");
-    let (losses, params) = outputs(&resumed);
+    let (losses, params) = run_outputs(&resumed);
     let expected: Vec<(u64, f64)> = ref_losses.iter().filter(|(s, _)| *s >= 4).copied().collect();
     assert_eq!(losses, expected, "resumed on 2 ranks: losses differ from the uninterrupted run");
     assert!(params == ref_params, "resumed on 2 ranks: parameters differ from the uninterrupted run");
@@ -139,7 +130,7 @@ fn fast_path_runs_uneven_plans() {
             let (out_dir, log) = run(dir.path(), &cfg, world, &fast);
             assert!(log.contains("split domains") && log.contains("groups of the"), "{method}, {world} ranks:\n{log}");
             assert!(!log.contains("micro-batches"), "{log}");
-            let (losses, _) = outputs(&out_dir);
+            let (losses, _) = run_outputs(&out_dir);
             assert_eq!(losses.len(), STEPS);
             assert!(losses.iter().all(|(_, l)| l.is_finite()), "{method}, {world} ranks: {losses:?}");
         }

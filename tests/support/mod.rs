@@ -180,3 +180,32 @@ pub fn six_domain_dataset(dir: &Path, images_per_class: usize, image_size: u32) 
     }
     root
 }
+
+/// Every parameter of a model file, by name.
+pub type Params = BTreeMap<String, Vec<f64>>;
+
+/// A run's per-step losses (`steps.jsonl`) and final parameters (`model.safetensors`).
+pub fn run_outputs(out_dir: &Path) -> (Vec<(u64, f64)>, Params) {
+    let steps = read_jsonl(&out_dir.join("steps.jsonl")).expect("reading steps.jsonl");
+    let losses = steps
+        .iter()
+        .map(|r| (r["step"].as_u64().expect("a step number"), r["loss"].as_f64().expect("a loss")))
+        .collect();
+    (losses, read_tensors(&out_dir.join("model.safetensors")).expect("reading model.safetensors"))
+}
+
+/// How many step records a run has written so far.
+pub fn steps_recorded(out_dir: &Path) -> usize {
+    std::fs::read_to_string(out_dir.join("steps.jsonl")).map(|s| s.lines().count()).unwrap_or(0)
+}
+
+/// [`write_tiny_job`] of ERM on a fresh synthetic dataset under `dir` (`dir/job.toml`): evaluation only
+/// at the end, a checkpoint every `checkpoint_every` steps (0: none), the last 2 kept.
+pub fn tiny_erm_job(dir: &Path, steps: usize, seed: u64, checkpoint_every: usize) -> PathBuf {
+    let data = synthetic_dataset(dir, 6, 16);
+    let rest = format!(
+        "\n[eval]\nevery_steps = 1000\n\n[checkpoint]\nevery_steps = {checkpoint_every}\nkeep_last = 2\n\n\
+         [method]\nname = \"erm\"\n"
+    );
+    write_tiny_job(&dir.join("job.toml"), &data, steps, seed, &rest)
+}
