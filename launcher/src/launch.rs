@@ -530,9 +530,10 @@ fn spawn_rank(
         .stderr(Stdio::piped())
         .kill_on_drop(true);
     if plan.device == DeviceKind::Cpu && std::env::var_os("OMP_NUM_THREADS").is_none() {
-        // Ranks share the cores; without a cap each libtorch would start one thread per core.
+        // The node's ranks share its cores (with --slurm-task, across launchers); without a cap each
+        // libtorch would start one thread per core.
         let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-        command.env("OMP_NUM_THREADS", (cores / plan.local.len().max(1)).max(1).to_string());
+        command.env("OMP_NUM_THREADS", (cores / plan.local_world_size.max(1)).max(1).to_string());
     }
     if plan.device == DeviceKind::Cuda {
         command
