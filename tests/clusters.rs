@@ -446,3 +446,27 @@ fn a_node_whose_launcher_dies_takes_the_job_down_and_is_named() {
     assert!(stat.is_empty() || stat.contains(") Z "), "node 1's rank outlived its launcher: {stat}");
     eprintln!("node 1 lost: node 0's launcher exited {:.1} s later", took.as_secs_f64());
 }
+
+#[test]
+fn a_preempted_slurm_job_without_scontrol_says_it_cannot_requeue() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tiny_erm_job(dir.path(), STEPS, 5, 0);
+    let out = dir.path().join("no-scontrol");
+    let args = strings(&["--cpus", "1", "--out", out.to_str().unwrap(), cfg.to_str().unwrap()]);
+    let mut command = mgrun_command(dir.path(), &args);
+    // Inside a Slurm job as far as mgrun can tell, but with no scontrol to be found.
+    let empty = dir.path().join("empty-bin");
+    std::fs::create_dir_all(&empty).unwrap();
+    command.env("PATH", &empty).env("SLURM_JOB_ID", "77").env("SLURM_JOB_NODELIST", "localhost");
+    let launcher = command.spawn().unwrap();
+    wait_for_steps(&out, 3, Duration::from_secs(60));
+    // SAFETY: plain kill(2) of our child.
+    unsafe {
+        libc::kill(launcher.id() as i32, libc::SIGUSR1);
+    }
+    let (status, log) = finish(launcher, Duration::from_secs(60));
+    assert_eq!(status.code(), Some(75), "{log}");
+    assert!(log.contains("the job cannot be requeued") && log.contains("is Slurm's scontrol on PATH?"), "{log}");
+    assert!(log.contains("resubmit the job, it resumes with --resume auto"), "{log}");
+    assert!(out.join("checkpoints/latest").exists(), "the preemption checkpoint is missing");
+}
