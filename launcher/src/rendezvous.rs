@@ -212,7 +212,16 @@ impl JobStore {
                 plan.timeout.as_secs_f64()
             );
         }
-        check_agreement(plan, &launchers)?;
+        let agreement = check_agreement(plan, &launchers);
+        // Launcher 0 hosts the store: it waits until every launcher has checked the records, so that
+        // one that finds a mismatch and exits never cuts the others short of the same finding.
+        client.add("rdzv/checked", 1)?;
+        if plan.launcher_rank == 0 {
+            while client.add("rdzv/checked", 0)? < plan.launchers as i64 && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        agreement?;
         Ok(JobStore { plan: plan.clone(), client, server, token, job_id, port, launchers, token_file })
     }
 
