@@ -223,7 +223,7 @@ fn estimate(
         None => (tch::Device::Cpu, Resource::Cpu, args.cpus.unwrap_or(1)),
     };
     anyhow::ensure!(ranks >= 1, "--gpus/--cpus must be at least 1");
-    let threads = (!device.is_cuda()).then(|| cpu_threads_per_rank(config, ranks));
+    let threads = (!device.is_cuda()).then(|| config.train.threads_per_rank(true, ranks));
     if let Some(threads) = threads {
         tch::set_num_threads(threads as i32);
     }
@@ -455,22 +455,6 @@ fn ensure_gpu_visible(requested: usize) -> Result<()> {
          here (no CUDA driver, or libtorch_cuda cannot be loaded); run it on a machine with a GPU, or estimate \
          CPU-hours with --cpus N{detail}"
     )
-}
-
-/// Intra-op threads of one CPU rank among `ranks` on this machine, chosen as the worker chooses them
-/// (`configure_torch` in trainer/src/worker.rs).
-fn cpu_threads_per_rank(config: &mgrun_trainer::JobConfig, ranks: usize) -> usize {
-    if config.train.threads > 0 {
-        return config.train.threads;
-    }
-    if config.train.deterministic {
-        return 1;
-    }
-    if let Some(threads) = std::env::var("OMP_NUM_THREADS").ok().and_then(|v| v.parse::<usize>().ok()) {
-        return threads.max(1);
-    }
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    (cores / ranks.max(1)).max(1)
 }
 
 /// Seconds to load one evaluation image (resized and normalised, as the evaluator loads them): the

@@ -98,6 +98,24 @@ impl Default for TrainConfig {
 }
 
 impl TrainConfig {
+    /// Intra-op threads of one rank among `ranks_on_node` on this machine: `threads` when set; 1 for a
+    /// CPU rank in deterministic mode (libtorch's CPU kernels split their sums by thread count, so a
+    /// fixed count keeps the bits the same whatever the number of ranks); else OMP_NUM_THREADS (the
+    /// launcher sets it), else the node's cores shared among its ranks.
+    pub fn threads_per_rank(&self, cpu_rank: bool, ranks_on_node: usize) -> usize {
+        if self.threads > 0 {
+            return self.threads;
+        }
+        if self.deterministic && cpu_rank {
+            return 1;
+        }
+        if let Some(threads) = std::env::var("OMP_NUM_THREADS").ok().and_then(|v| v.parse::<usize>().ok()) {
+            return threads.max(1);
+        }
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        (cores / ranks_on_node.max(1)).max(1)
+    }
+
     /// `train.precision` as the models' [`mgrun_models::Precision`].
     pub fn precision(&self) -> Result<mgrun_models::Precision> {
         match self.precision.as_str() {
