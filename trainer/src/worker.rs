@@ -228,7 +228,9 @@ pub fn run_worker(args: &WorkerArgs) -> Result<WorkerOutcome> {
         }
 
         let periodic = config.checkpoint.every_steps > 0 && (step + 1) % config.checkpoint.every_steps == 0;
-        if periodic {
+        // Preemption: every rank asks at every step boundary, so that all stop at the same step.
+        let preempted = !last && preemption.requested_anywhere(world.as_ref())?;
+        if periodic || preempted {
             let stall = Instant::now();
             let snapshot =
                 snapshot_state(step + 1, &config_keys, &config, &env, model.as_ref(), &optimizer, method.as_ref())?;
@@ -246,17 +248,7 @@ pub fn run_worker(args: &WorkerArgs) -> Result<WorkerOutcome> {
                 report_checkpoint(previous.as_ref());
             }
         }
-
-        // Preemption: every rank asks at every step boundary, so that all stop at the same step.
-        if !last && preemption.requested_anywhere(world.as_ref())? {
-            if !periodic {
-                let snapshot =
-                    snapshot_state(step + 1, &config_keys, &config, &env, model.as_ref(), &optimizer, method.as_ref())?;
-                let previous = checkpoint_writer.save(snapshot)?;
-                if is_main {
-                    report_checkpoint(previous.as_ref());
-                }
-            }
+        if preempted {
             let written = checkpoint_writer.wait().context("committing the preemption checkpoint")?;
             if is_main {
                 report_checkpoint(written.as_ref());
@@ -297,18 +289,7 @@ pub fn run_worker(args: &WorkerArgs) -> Result<WorkerOutcome> {
 }
 
 fn configure_torch(config: &JobConfig, env: &RankEnv) -> Result<()> {
-    let threads = if config.train.threads > 0 {
-        config.train.threads
-    } else if config.train.deterministic && env.device_kind == "cpu" {
-        // libtorch's CPU kernels split their sums by thread count: a fixed count keeps the bits
-        // the same whatever the number of ranks on the node.
-        1
-    } else if let Some(n) = std::env::var("OMP_NUM_THREADS").ok().and_then(|v| v.parse::<usize>().ok()) {
-        n
-    } else {
-        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-        (cores / env.local_world_size.max(1)).max(1)
-    };
+    let threads = config.train.threads_per_rank(env.device_kind == "cpu", env.local_world_size);
     tch::set_num_threads(threads.max(1) as i32);
     if config.train.deterministic {
         // cuBLAS reads this at its first handle creation (after this point): fixed workspaces
