@@ -103,6 +103,12 @@ fn node_args(nnodes: usize, node: usize, port: u16, per_node: usize, out: &Path,
     args
 }
 
+/// Two launchers as nodes 0 and 1 of one job on loopback, each with `per_node` CPU ranks.
+fn start_two_nodes(dir: &Path, port: u16, per_node: usize, out: &Path, extra: &[&str]) -> (Child, Child) {
+    let start = |node| mgrun_command(dir, &node_args(2, node, port, per_node, out, extra)).spawn().unwrap();
+    (start(0), start(1))
+}
+
 fn wait_for_steps(out_dir: &Path, steps: usize, limit: Duration) {
     let deadline = Instant::now() + limit;
     while steps_recorded(out_dir) < steps {
@@ -137,8 +143,7 @@ fn two_launchers_on_loopback_train_exactly_as_one() {
     let out = dir.path().join("two-nodes");
     let port = free_port();
     let cfg_arg = cfg.to_str().unwrap();
-    let node0 = mgrun_command(dir.path(), &node_args(2, 0, port, 2, &out, &[cfg_arg])).spawn().unwrap();
-    let node1 = mgrun_command(dir.path(), &node_args(2, 1, port, 2, &out, &[cfg_arg])).spawn().unwrap();
+    let (node0, node1) = start_two_nodes(dir.path(), port, 2, &out, &[cfg_arg]);
     let (status1, log1) = finish(node1, Duration::from_secs(120));
     let (status0, log0) = finish(node0, Duration::from_secs(120));
     assert!(status0.success() && status1.success(), "node 0:\n{log0}\nnode 1:\n{log1}");
@@ -155,8 +160,7 @@ fn ranks_of_two_nodes_get_torchruns_environment_and_no_token_on_a_command_line()
     let out = dir.path().join("selftest");
     let port = free_port();
     let selftest = ["selftest", "--run-ms", "1500"];
-    let node0 = mgrun_command(dir.path(), &node_args(2, 0, port, 2, &out, &selftest)).spawn().unwrap();
-    let node1 = mgrun_command(dir.path(), &node_args(2, 1, port, 2, &out, &selftest)).spawn().unwrap();
+    let (node0, node1) = start_two_nodes(dir.path(), port, 2, &out, &selftest);
     let launchers = [node0.id(), node1.id()];
 
     // While the ranks run: the token file is private, and no process shows the token in its arguments.
@@ -289,8 +293,7 @@ fn a_killed_rank_restarts_every_node_from_the_checkpoint() {
     let port = free_port();
     let cfg_arg = cfg.to_str().unwrap();
     let extra = ["--max-restarts", "1", cfg_arg];
-    let node0 = mgrun_command(dir.path(), &node_args(2, 0, port, 1, &out, &extra)).spawn().unwrap();
-    let node1 = mgrun_command(dir.path(), &node_args(2, 1, port, 1, &out, &extra)).spawn().unwrap();
+    let (node0, node1) = start_two_nodes(dir.path(), port, 1, &out, &extra);
     let victim = rank_pids(node1.id(), 1)[&1];
     // After the checkpoint of step 4 and before the end.
     wait_for_steps(&out, 6, Duration::from_secs(60));
@@ -425,8 +428,7 @@ fn a_node_whose_launcher_dies_takes_the_job_down_and_is_named() {
     let out = dir.path().join("lost");
     let port = free_port();
     let extra = ["--max-restarts", "1", cfg.to_str().unwrap()];
-    let node0 = mgrun_command(dir.path(), &node_args(2, 0, port, 1, &out, &extra)).spawn().unwrap();
-    let mut node1 = mgrun_command(dir.path(), &node_args(2, 1, port, 1, &out, &extra)).spawn().unwrap();
+    let (node0, mut node1) = start_two_nodes(dir.path(), port, 1, &out, &extra);
     let node1_rank = rank_pids(node1.id(), 1)[&1];
     wait_for_steps(&out, 3, Duration::from_secs(60));
     // The whole node goes: its launcher, and with it (PR_SET_PDEATHSIG) its rank.

@@ -108,6 +108,16 @@ fn job_log(dir: &Path, job: &str) -> String {
     std::fs::read_to_string(dir.join(format!("slurm-{job}.out"))).unwrap_or_else(|e| format!("(no job log: {e})"))
 }
 
+/// Waits until Slurm has requeued `job` once (`Restarts=1`); returns the time since `since`.
+fn wait_for_requeue(job: &str, since: Instant, log: impl Fn() -> String) -> Duration {
+    let deadline = Instant::now() + JOB_LIMIT;
+    while job_fields(job).get("Restarts").map(String::as_str) != Some("1") {
+        assert!(Instant::now() < deadline, "job {job} was not requeued: {:?}\n{}", job_fields(job), log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    since.elapsed()
+}
+
 fn wait_for_steps(out_dir: &Path, steps: usize, job: &str, dir: &Path) {
     let deadline = Instant::now() + JOB_LIMIT;
     while steps_recorded(out_dir) < steps {
@@ -188,15 +198,7 @@ fn a_preempted_job_checkpoints_requeues_and_resumes_to_the_same_model() {
     // The requeued job waits for Slurm's credential expiry before it starts again (AuthInfo=cred_expire,
     // 10 s in scripts/slurm-local.sh against 120 s by default); no `scontrol update StartTime=now`,
     // which can revoke the job's credential when it lands in the second of the requeue.
-    let deadline = Instant::now() + JOB_LIMIT;
-    let requeued = loop {
-        let fields = job_fields(&job);
-        if fields.get("Restarts").map(String::as_str) == Some("1") {
-            break signalled.elapsed();
-        }
-        assert!(Instant::now() < deadline, "job {job} was not requeued:\n{fields:?}\n{}", job_log(dir.path(), &job));
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let requeued = wait_for_requeue(&job, signalled, || job_log(dir.path(), &job));
     let fields = wait_for_end(&job, dir.path());
     let recovered = signalled.elapsed();
     let log = job_log(dir.path(), &job);
@@ -290,11 +292,7 @@ fn a_sweep_array_task_is_preempted_requeued_resumed_and_done_runs_are_skipped() 
     // `B:USR1`: the signal goes to the batch shell, which passes it on to mgrun.
     let (ok, said) = slurm_command("scancel", &["--signal=USR1", "--batch", &task0]);
     assert!(ok, "scancel --signal=USR1 --batch {task0}: {said}");
-    let deadline = Instant::now() + JOB_LIMIT;
-    while job_fields(&task0).get("Restarts").map(String::as_str) != Some("1") {
-        assert!(Instant::now() < deadline, "task {task0} was not requeued:\n{}", task0_log());
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for_requeue(&task0, Instant::now(), task0_log);
     // The whole array ends: every run done.
     let deadline = Instant::now() + JOB_LIMIT;
     while runs.iter().any(|run| !run.join("done").exists())
