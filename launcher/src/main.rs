@@ -4,6 +4,7 @@
 
 mod cuda;
 mod launch;
+mod methods_cmd;
 mod placement;
 mod rendezvous;
 mod selftest;
@@ -456,12 +457,7 @@ fn run_command(command: Command, top_launch: &LaunchArgs, cuda_load_error: Optio
         Command::Sweep(args) => sweep_cmd::sweep(args),
         Command::Collect(args) => sweep_cmd::collect(args),
         Command::Methods => {
-            for info in mgrun_methods::registry::describe() {
-                println!("{}: {}", info.name, info.summary);
-                for (key, default, doc) in &info.hyperparameters {
-                    println!("    {key} = {default}    # {doc}");
-                }
-            }
+            methods_cmd::print_methods()?;
             Ok(0)
         }
         Command::Selftest(args) => {

@@ -3,15 +3,17 @@
 //!
 //! Per step: per-domain gradients g_e ([`gradients::domain_gradients`]: one backward per shard; a
 //! domain split over ranks is summed within its domain group), the cross-domain moments
-//! m = mean_e g_e and v = var_e g_e per scalar parameter (from one world all-reduce of
-//! [sum g_e; sum g_e^2]), bias-corrected EMAs V and M, a sensitivity score s and a detached weight w.
+//! m = mean_e g_e and v = var_e g_e per scalar parameter ([`cross_domain_moments`]: one world
+//! all-reduce of [sum g_e; sum g_e^2]), bias-corrected EMAs V and M, a sensitivity score s and a detached weight w.
 //! The update gradient is the ERM gradient m plus an anchor/shrink penalty gradient
 //! 2 lambda_t w (theta - theta0), or the gated (1 - gamma_t w) m. All statistics are fp32 tensors on
 //! the model's device, computed on flat buffers.
 
-use crate::common::{all_reduce_grad, check_shards};
-use crate::gradients::{self, DomainGradients, Pass};
-use crate::{CrossRankStat, DomainShard, Method, StepStats, Topology, UpdateContext};
+use crate::common::check_shards;
+use crate::descriptor::{CrossRankStat, Hyperparameter, MessageSize, MethodDef, Search};
+use crate::gradients::{self, Pass};
+use crate::moments::{cross_domain_moments, CrossDomainMoments};
+use crate::{DomainShard, Method, StepStats, UpdateContext};
 use anyhow::{bail, Context, Result};
 use mgrun_models::{Model, ParamKind};
 use serde::{Deserialize, Serialize};
@@ -65,41 +67,25 @@ pub enum VarianceDenominator {
     K,
 }
 
-/// DSP-Reg hyperparameters (methods.md section 1.3).
+/// DSP-Reg hyperparameters (methods.md section 1.3), documented in [`DspReg`]'s `HYPERPARAMETERS`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DspRegConfig {
-    /// `anchor`, `shrink` or `gate`.
     pub mode: DspMode,
-    /// EMA decay of the gradient moments V and M.
     pub beta: f64,
-    /// Penalty strength of `anchor` and `shrink`.
     pub lambda: f64,
-    /// Gate strength of `gate`, in [0, 1].
     pub gamma: f64,
-    /// `ratio`, `layer_norm` or `rank`.
     pub score: DspScore,
-    /// `linear` or `sigmoid`.
     pub weight: DspWeight,
-    /// Threshold of the sigmoid weight.
     pub tau: f64,
-    /// Temperature of the sigmoid weight (> 0).
     pub temperature: f64,
-    /// Added to score denominators.
     pub epsilon: f64,
-    /// `k_minus_1` (unbiased) or `k`.
     pub variance_denominator: VarianceDenominator,
-    /// Fraction of the run's steps that use the plain ERM gradient while the EMAs fill.
     pub warmup_frac: f64,
-    /// Fraction of the run's steps over which lambda (or gamma) then ramps linearly from 0.
     pub ramp_frac: f64,
-    /// Exclude normalisation-layer affine parameters (weight 0).
     pub exclude_norm: bool,
-    /// Exclude the biases of convolutions and linear layers (weight 0).
     pub exclude_bias: bool,
-    /// Parameter-name prefixes to exclude, e.g. `["fc."]`.
     pub exclude: Vec<String>,
-    /// Ask the trainer to write the per-parameter sensitivity (see [`DspReg::sensitivity_tensors`]).
     pub dump_sensitivity: bool,
 }
 
@@ -127,27 +113,6 @@ impl Default for DspRegConfig {
 }
 
 impl DspRegConfig {
-    pub fn validate(&self) -> Result<()> {
-        let check = |field: &str, value: f64, ok: bool, expected: &str| -> Result<()> {
-            if !(value.is_finite() && ok) {
-                bail!("method.dsp_reg.{field} must be {expected}, got {value}");
-            }
-            Ok(())
-        };
-        check("beta", self.beta, (0.0..1.0).contains(&self.beta), "in [0, 1)")?;
-        check("lambda", self.lambda, self.lambda >= 0.0, ">= 0")?;
-        check("gamma", self.gamma, (0.0..=1.0).contains(&self.gamma), "in [0, 1]")?;
-        check("tau", self.tau, true, "finite")?;
-        check("temperature", self.temperature, self.temperature > 0.0, "> 0")?;
-        check("epsilon", self.epsilon, self.epsilon >= 0.0, ">= 0")?;
-        check("warmup_frac", self.warmup_frac, (0.0..=1.0).contains(&self.warmup_frac), "in [0, 1]")?;
-        check("ramp_frac", self.ramp_frac, (0.0..=1.0).contains(&self.ramp_frac), "in [0, 1]")?;
-        if let Some(empty) = self.exclude.iter().position(|p| p.is_empty()) {
-            bail!("method.dsp_reg.exclude[{empty}] is an empty prefix (it would exclude every parameter)");
-        }
-        Ok(())
-    }
-
     /// Steps of plain ERM, then of the linear ramp: `round(frac * total_steps)` each.
     pub fn schedule_steps(&self, total_steps: u64) -> (u64, u64) {
         let steps = |frac: f64| (frac * total_steps as f64).round() as u64;
@@ -175,25 +140,6 @@ impl DspRegConfig {
             DspMode::Gate => self.gamma,
         }
     }
-
-    pub(crate) const FIELD_DOCS: &'static [(&'static str, &'static str)] = &[
-        ("mode", "\"anchor\": + lambda*sum w(theta-theta0)^2; \"shrink\": theta0 = 0; \"gate\": update (1-gamma*w)*m"),
-        ("beta", "EMA decay of the cross-domain gradient variance V and squared mean M"),
-        ("lambda", "penalty strength (anchor, shrink)"),
-        ("gamma", "gate strength in [0, 1] (gate)"),
-        ("score", "\"ratio\": V/(V+M+epsilon); \"layer_norm\": V/mean_tensor(V); \"rank\": ratio ranked per tensor"),
-        ("weight", "\"linear\": w = s; \"sigmoid\": w = sigmoid((s - tau)/temperature)"),
-        ("tau", "threshold of the sigmoid weight"),
-        ("temperature", "temperature of the sigmoid weight"),
-        ("epsilon", "added to score denominators"),
-        ("variance_denominator", "\"k_minus_1\" (unbiased) or \"k\" in the cross-domain variance"),
-        ("warmup_frac", "fraction of steps with the plain ERM gradient while the EMAs fill"),
-        ("ramp_frac", "fraction of steps over which lambda/gamma then ramps linearly from 0"),
-        ("exclude_norm", "give normalisation affine parameters weight 0"),
-        ("exclude_bias", "give conv/linear biases weight 0"),
-        ("exclude", "parameter-name prefixes with weight 0, e.g. [\"fc.\"]"),
-        ("dump_sensitivity", "write the per-parameter sensitivity s to a safetensors file at evaluations"),
-    ];
 }
 
 /// Name and place of one parameter tensor in the flat buffer.
@@ -234,10 +180,66 @@ pub struct DspReg {
     theta0: Option<Tensor>,
 }
 
-impl DspReg {
+impl MethodDef for DspReg {
+    type Config = DspRegConfig;
+    const NAME: &'static str = "dsp_reg";
+    const DOMAINBED_NAME: &'static str = "DSPReg";
+    const SUMMARY: &'static str = "Domain-Sensitive Parameter Regularization: per-parameter cross-domain gradient \
+                                   variance (EMA) weights an anchor/shrink penalty or gates the update; one backward \
+                                   per domain.";
+    const REFERENCE: &'static str = "arXiv 2601.19394 (formulas inferred: methods.md section 1.3)";
+    // Searched in the registry's style: log-uniform strength, a choice of decays (drawn in this order).
+    const HYPERPARAMETERS: &'static [Hyperparameter] = &[
+        Hyperparameter::fixed("mode", "\"anchor\": + lambda*sum w(theta-theta0)^2; \"shrink\": theta0 = 0; \"gate\": update (1-gamma*w)*m"),
+        Hyperparameter::searched("lambda", "penalty strength (anchor, shrink)", "dsp_lambda", Search::LogUniform { low: -3.0, high: 0.0 }),
+        Hyperparameter::searched("beta", "EMA decay of the cross-domain gradient variance V and squared mean M", "dsp_beta", Search::Choice(&[0.9, 0.95, 0.99])),
+        Hyperparameter::fixed("gamma", "gate strength in [0, 1] (gate)"),
+        Hyperparameter::fixed("score", "\"ratio\": V/(V+M+epsilon); \"layer_norm\": V/mean_tensor(V); \"rank\": ratio ranked per tensor"),
+        Hyperparameter::fixed("weight", "\"linear\": w = s; \"sigmoid\": w = sigmoid((s - tau)/temperature)"),
+        Hyperparameter::fixed("tau", "threshold of the sigmoid weight"),
+        Hyperparameter::fixed("temperature", "temperature of the sigmoid weight"),
+        Hyperparameter::fixed("epsilon", "added to score denominators"),
+        Hyperparameter::fixed("variance_denominator", "\"k_minus_1\" (unbiased) or \"k\" in the cross-domain variance"),
+        Hyperparameter::fixed("warmup_frac", "fraction of steps with the plain ERM gradient while the EMAs fill"),
+        Hyperparameter::fixed("ramp_frac", "fraction of steps over which lambda/gamma then ramps linearly from 0"),
+        Hyperparameter::fixed("exclude_norm", "give normalisation affine parameters weight 0"),
+        Hyperparameter::fixed("exclude_bias", "give conv/linear biases weight 0"),
+        Hyperparameter::fixed("exclude", "parameter-name prefixes with weight 0, e.g. [\"fc.\"]"),
+        Hyperparameter::fixed("dump_sensitivity", "write the per-parameter sensitivity s to a safetensors file at evaluations"),
+    ];
+
+    fn validate(cfg: &DspRegConfig) -> Result<()> {
+        let check = |field: &str, value: f64, ok: bool, expected: &str| -> Result<()> {
+            if !(value.is_finite() && ok) {
+                bail!("method.dsp_reg.{field} must be {expected}, got {value}");
+            }
+            Ok(())
+        };
+        check("beta", cfg.beta, (0.0..1.0).contains(&cfg.beta), "in [0, 1)")?;
+        check("lambda", cfg.lambda, cfg.lambda >= 0.0, ">= 0")?;
+        check("gamma", cfg.gamma, (0.0..=1.0).contains(&cfg.gamma), "in [0, 1]")?;
+        check("tau", cfg.tau, true, "finite")?;
+        check("temperature", cfg.temperature, cfg.temperature > 0.0, "> 0")?;
+        check("epsilon", cfg.epsilon, cfg.epsilon >= 0.0, ">= 0")?;
+        check("warmup_frac", cfg.warmup_frac, (0.0..=1.0).contains(&cfg.warmup_frac), "in [0, 1]")?;
+        check("ramp_frac", cfg.ramp_frac, (0.0..=1.0).contains(&cfg.ramp_frac), "in [0, 1]")?;
+        if let Some(empty) = cfg.exclude.iter().position(|p| p.is_empty()) {
+            bail!("method.dsp_reg.exclude[{empty}] is an empty prefix (it would exclude every parameter)");
+        }
+        Ok(())
+    }
+
+    fn cross_rank_statistics(_cfg: &DspRegConfig) -> Vec<CrossRankStat> {
+        vec![
+            CrossRankStat::domain_group_sum("domain gradient (only when a domain is split over ranks)"),
+            CrossRankStat::world_sum("gradient moments [sum_e g_e; sum_e g_e^2]", MessageSize::PerParameter(2)),
+            CrossRankStat::LOSS,
+        ]
+    }
+
     /// Builds the state for `model`'s parameters; `num_domains` is the number of training domains K.
-    pub fn new(cfg: &DspRegConfig, model: &dyn Model, num_domains: usize) -> Result<Self> {
-        cfg.validate()?;
+    fn new(cfg: &DspRegConfig, model: &dyn Model, num_domains: usize) -> Result<Self> {
+        Self::validate(cfg)?;
         if num_domains < 2 {
             bail!(
                 "method.dsp_reg needs at least 2 training domains to measure cross-domain gradient variance, got \
@@ -301,6 +303,9 @@ impl DspReg {
         })
     }
 
+}
+
+impl DspReg {
     fn segments(slots: &[ParamSlot], device: Device) -> Segments {
         let counts: Vec<i64> = slots.iter().map(|s| s.numel).collect();
         let starts: Vec<i64> = slots.iter().map(|s| s.offset).collect();
@@ -316,18 +321,9 @@ impl DspReg {
         }
     }
 
-    pub fn config(&self) -> &DspRegConfig {
-        &self.cfg
-    }
-
     /// `[P]` f32: 1 where the weight applies, 0 for excluded parameters.
     pub fn weight_mask(&self) -> &Tensor {
         &self.mask
-    }
-
-    /// Number of statistics updates so far.
-    pub fn statistics_updates(&self) -> u64 {
-        self.t
     }
 
     /// Sensitivity score s `[P]` from the current EMAs (zeros before the first update).
@@ -387,39 +383,12 @@ impl DspReg {
         Ok(model.store().params().iter().map(|p| (p.name.clone(), p.unflatten(&score).contiguous())).collect())
     }
 
-    /// m = mean_e g_e and v = var_e g_e per parameter, from [sum_e g_e; sum_e g_e^2] over the
-    /// domains this rank leads, summed over the world unless every rank holds every domain.
-    fn cross_domain_moments(
-        &self,
-        grads: &DomainGradients,
-        topology: &Topology<'_>,
-        numel: i64,
-    ) -> Result<(Tensor, Tensor)> {
-        let k = self.num_domains as f64;
-        let device = self.mask.device();
-        let mut moments = Tensor::zeros([2 * numel], (Kind::Float, device));
-        for domain in grads.domains.iter().filter(|d| d.leader) {
-            let _ = moments.narrow(0, 0, numel).f_add_(&domain.grad)?;
-            let _ = moments.narrow(0, numel, numel).f_add_(&(&domain.grad * &domain.grad))?;
-        }
-        if !grads.replicated {
-            all_reduce_grad(topology.world, &mut moments, topology.bucket_bytes, "DSP-Reg gradient moments")?;
-        }
-        let mean = moments.narrow(0, 0, numel) / k;
-        let denominator = match self.cfg.variance_denominator {
-            VarianceDenominator::KMinus1 => k - 1.0,
-            VarianceDenominator::K => k,
-        };
-        let variance = ((moments.narrow(0, numel, numel) - &mean * &mean * k) / denominator).clamp_min(0.0);
-        Ok((mean, variance))
-    }
-
     /// One EMA update of V (with v) and M (with m^2).
-    fn update_statistics(&mut self, mean: &Tensor, variance: Tensor) -> Result<()> {
+    fn update_statistics(&mut self, moments: &CrossDomainMoments) -> Result<()> {
         let beta = self.cfg.beta;
         self.t += 1;
-        let _ = self.ema_variance.f_mul_scalar_(beta)?.f_add_(&(variance * (1.0 - beta)))?;
-        let _ = self.ema_mean_sq.f_mul_scalar_(beta)?.f_add_(&(mean * mean * (1.0 - beta)))?;
+        let _ = self.ema_variance.f_mul_scalar_(beta)?.f_add_(&(&moments.variance * (1.0 - beta)))?;
+        let _ = self.ema_mean_sq.f_mul_scalar_(beta)?.f_add_(&(&moments.mean * &moments.mean * (1.0 - beta)))?;
         Ok(())
     }
 
@@ -438,6 +407,39 @@ impl DspReg {
         })
     }
 
+    /// The shards, the domain count and the parameter count match what the method was built for.
+    fn check_layout(&self, ctx: &UpdateContext<'_>, shards: &[DomainShard]) -> Result<()> {
+        check_shards("dsp_reg", ctx.topology, shards)?;
+        if ctx.topology.num_domains() != self.num_domains {
+            bail!(
+                "method.dsp_reg was built for {} training domains but the topology has {}",
+                self.num_domains,
+                ctx.topology.num_domains()
+            );
+        }
+        let numel = ctx.model.store().numel() as i64;
+        if numel != self.mask.numel() as i64 {
+            bail!("method.dsp_reg: model has {numel} parameters, the method was built for {}", self.mask.numel());
+        }
+        Ok(())
+    }
+
+    fn variance_denominator(&self) -> f64 {
+        let k = self.num_domains as f64;
+        match self.cfg.variance_denominator {
+            VarianceDenominator::KMinus1 => k - 1.0,
+            VarianceDenominator::K => k,
+        }
+    }
+
+    /// Mean score over the included parameters (0 when every parameter is excluded).
+    fn mean_sensitivity(&self, score: &Tensor) -> Result<f64> {
+        if self.included == 0.0 {
+            return Ok(0.0);
+        }
+        Ok((score * &self.mask).sum(Kind::Double).f_double_value(&[])? / self.included)
+    }
+
     fn check_state_tensor(name: &str, t: &Tensor, numel: i64) -> Result<()> {
         if t.size() != [numel] {
             bail!("DSP-Reg state: {name:?} has shape {:?}, expected [{numel}]", t.size());
@@ -447,69 +449,34 @@ impl DspReg {
 }
 
 impl Method for DspReg {
-    fn name(&self) -> &'static str {
-        "dsp_reg"
-    }
-
-    fn cross_rank_statistics(&self) -> Vec<CrossRankStat> {
-        vec![
-            CrossRankStat {
-                name: "domain gradient (only when a domain is split over ranks)",
-                collective: "all_reduce_sum",
-                size: "P",
-                group: "domain_group",
-            },
-            CrossRankStat {
-                name: "gradient moments [sum_e g_e; sum_e g_e^2]",
-                collective: "all_reduce_sum",
-                size: "2P",
-                group: "world",
-            },
-            CrossRankStat { name: "loss", collective: "all_reduce_sum", size: "1", group: "world" },
-        ]
-    }
-
     fn needs_domain_gradients(&self) -> bool {
         true
     }
 
+    /// Three phases: per-domain gradients and their cross-domain moments; the statistics, score
+    /// and weight; the regularised optimizer step.
     fn update(&mut self, ctx: &mut UpdateContext<'_>, shards: &[DomainShard]) -> Result<StepStats> {
-        let topology = ctx.topology;
-        check_shards("dsp_reg", topology, shards)?;
-        if topology.num_domains() != self.num_domains {
-            bail!(
-                "method.dsp_reg was built for {} training domains but the topology has {}",
-                self.num_domains,
-                topology.num_domains()
-            );
-        }
-        let numel = ctx.model.store().numel() as i64;
-        if numel != self.mask.numel() as i64 {
-            bail!("method.dsp_reg: model has {numel} parameters, the method was built for {}", self.mask.numel());
-        }
+        self.check_layout(ctx, shards)?;
         if self.cfg.mode == DspMode::Anchor && self.theta0.is_none() {
             self.theta0 = Some(ctx.model.store().flat().detach().copy());
         }
 
-        let grads = gradients::domain_gradients(ctx.model, topology, shards, &Pass::plain(ctx.step, 0))?;
+        let grads = gradients::domain_gradients(ctx.model, ctx.topology, shards, &Pass::plain(ctx.step, 0))?;
         let _guard = tch::no_grad_guard();
-        let (mean, variance) = self.cross_domain_moments(&grads, topology, numel)?;
-        self.update_statistics(&mean, variance)?;
+        let theta = ctx.model.store().flat();
+        let moments = cross_domain_moments(&grads, ctx.topology, theta, self.num_domains, self.variance_denominator())?;
+
+        self.update_statistics(&moments)?;
         let score = self.sensitivity()?;
         let weight = self.weight_of(&score);
+
         let strength = self.cfg.strength() * self.cfg.penalty_fraction(ctx.step, ctx.total_steps);
-        let theta = ctx.model.store().flat();
-        let update = self.regularized_gradient(mean, &weight, theta, strength)?;
-        let mean_sensitivity = if self.included > 0.0 {
-            (&score * &self.mask).sum(Kind::Double).f_double_value(&[])? / self.included
-        } else {
-            0.0
-        };
+        let update = self.regularized_gradient(moments.mean, &weight, theta, strength)?;
         ctx.optimizer.step(theta, &update)?;
 
         let mut extra = BTreeMap::new();
         extra.insert("dsp_lambda".to_string(), strength);
-        extra.insert("dsp_mean_sensitivity".to_string(), mean_sensitivity);
+        extra.insert("dsp_mean_sensitivity".to_string(), self.mean_sensitivity(&score)?);
         Ok(StepStats { loss: grads.loss, extra })
     }
 

@@ -5,8 +5,10 @@
 
 use crate::common::check_shards;
 use crate::gradients::{self, Pass};
-use crate::{CrossRankStat, DomainShard, Method, StepStats, UpdateContext};
+use crate::descriptor::{CrossRankStat, MessageSize, MethodDef};
+use crate::{DomainShard, Method, StepStats, UpdateContext};
 use anyhow::Result;
+use mgrun_models::Model;
 use serde::{Deserialize, Serialize};
 
 /// ERM has no hyperparameters of its own (the learning rate and weight decay are `train.*`).
@@ -17,24 +19,25 @@ pub struct ErmConfig {}
 #[derive(Debug, Default)]
 pub struct Erm;
 
-impl Erm {
-    pub fn new(_cfg: &ErmConfig) -> Self {
-        Self
+impl MethodDef for Erm {
+    type Config = ErmConfig;
+    const NAME: &'static str = "erm";
+    const DOMAINBED_NAME: &'static str = "ERM";
+    const SUMMARY: &'static str =
+        "Empirical risk minimisation: mean cross-entropy over all training domains, one backward per step.";
+    const REFERENCE: &'static str = "Vapnik 1998; DomainBed's ERM (Gulrajani & Lopez-Paz, ICLR 2021)";
+    const HYPERPARAMETERS: &'static [crate::Hyperparameter] = &[];
+
+    fn cross_rank_statistics(_config: &ErmConfig) -> Vec<CrossRankStat> {
+        vec![CrossRankStat::world_sum("gradient", MessageSize::PerParameter(1)), CrossRankStat::LOSS]
+    }
+
+    fn new(_config: &ErmConfig, _model: &dyn Model, _num_domains: usize) -> Result<Self> {
+        Ok(Self)
     }
 }
 
 impl Method for Erm {
-    fn name(&self) -> &'static str {
-        "erm"
-    }
-
-    fn cross_rank_statistics(&self) -> Vec<CrossRankStat> {
-        vec![
-            CrossRankStat { name: "gradient", collective: "all_reduce_sum", size: "P", group: "world" },
-            CrossRankStat { name: "loss", collective: "all_reduce_sum", size: "1", group: "world" },
-        ]
-    }
-
     fn update(&mut self, ctx: &mut UpdateContext<'_>, shards: &[DomainShard]) -> Result<StepStats> {
         check_shards("erm", ctx.topology, shards)?;
         let batch = gradients::batch_gradient(ctx.model, ctx.topology, shards, &Pass::plain(ctx.step, 0))?;

@@ -9,17 +9,33 @@
 
 pub mod adam;
 mod common;
-pub mod dsp_reg;
-pub mod erm;
+pub mod descriptor;
 pub mod gradients;
+pub mod moments;
 pub mod registry;
-pub mod sam;
 pub mod sharding;
 
+/// Declares each method's module and lists its descriptor in [`METHODS`]: adding a method is a new
+/// file `src/<module>.rs` with a type implementing [`MethodDef`], plus one line here.
+macro_rules! methods {
+    ($($module:ident :: $method:ident),* $(,)?) => {
+        $(pub mod $module;)*
+        /// Every method, in the order `mgrun methods` lists them.
+        pub const METHODS: &[MethodDescriptor] = &[$(MethodDescriptor::of::<$module::$method>()),*];
+    };
+}
+
+methods! {
+    erm::Erm,
+    sam::Sam,
+    dsp_reg::DspReg,
+}
+
 pub use adam::{Adam, AdamConfig};
+pub use descriptor::{CrossRankStat, Hyperparameter, MethodDef, MethodDescriptor, Search};
 pub use dsp_reg::{DspReg, DspRegConfig};
 pub use erm::{Erm, ErmConfig};
-pub use registry::{available, build, describe, MethodConfig, MethodInfo};
+pub use registry::{available, build, descriptor, MethodConfig};
 pub use sam::{Sam, SamConfig, SamPerturb};
 pub use sharding::{domain_groups, DomainGroup, Piece, ShardingPlan};
 
@@ -102,23 +118,9 @@ pub struct StepStats {
     pub extra: BTreeMap<String, f64>,
 }
 
-/// A statistic that a method reduces across ranks, for documentation, logs and benchmarks.
-#[derive(Debug, Clone, PartialEq)]
-pub struct CrossRankStat {
-    pub name: &'static str,
-    /// "all_reduce_sum", "all_reduce_avg", ...
-    pub collective: &'static str,
-    /// Size of the message: "P" (one value per parameter), "2P", "1" ...
-    pub size: &'static str,
-    /// The communicator it runs on: "world" or "domain_group".
-    pub group: &'static str,
-}
-
+/// A method's step and state; its names, hyperparameters and what crosses ranks are declared by
+/// [`MethodDef`] on the same type.
 pub trait Method: Send {
-    fn name(&self) -> &'static str;
-    /// Statistics exchanged across ranks at every step on the fast path (deterministic mode
-    /// all-gathers micro-batch gradients instead, see [`gradients`]).
-    fn cross_rank_statistics(&self) -> Vec<CrossRankStat>;
     /// True when the method needs each domain's exact gradient (so the trainer builds the groups
     /// of split domains); ERM and global SAM need only the sum over the batch.
     fn needs_domain_gradients(&self) -> bool {

@@ -1,108 +1,162 @@
-//! The `[method]` config section, the table of methods, and the constructor the trainer calls.
+//! The `[method]` config section over the method list ([`crate::METHODS`]): which method trains the
+//! model, and a `[method.<name>]` section per method, parsed and validated by that method's
+//! descriptor.
 
-use crate::dsp_reg::{DspReg, DspRegConfig};
-use crate::erm::{Erm, ErmConfig};
-use crate::sam::{Sam, SamConfig};
-use crate::Method;
-use anyhow::{bail, Context, Result};
+use crate::descriptor::{CrossRankStat, MethodDef, MethodDescriptor};
+use crate::{Method, METHODS};
+use anyhow::{anyhow, Context, Result};
 use mgrun_models::Model;
-use serde::{Deserialize, Serialize};
+use serde::de::{self, MapAccess, Visitor};
+use serde::ser::SerializeMap;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::fmt;
 
-/// `[method]`: which method trains the model and every method's hyperparameters.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+/// Names of the available methods, in list order.
+pub fn available() -> Vec<&'static str> {
+    METHODS.iter().map(|m| m.name).collect()
+}
+
+/// The descriptor of method `name`; the error lists the available ones.
+pub fn descriptor(name: &str) -> Result<&'static MethodDescriptor> {
+    METHODS
+        .iter()
+        .find(|m| m.name == name)
+        .ok_or_else(|| anyhow!("key `method.name`: unknown method {name:?} (available: {})", available().join(", ")))
+}
+
+/// `[method]`: the method's name and every method's section, each complete (defaults filled in)
+/// and validated, so that a resolved config shows every value a run used.
+#[derive(Debug, Clone, PartialEq)]
 pub struct MethodConfig {
-    /// `erm`, `sam` or `dsp_reg` (see `mgrun methods`).
+    /// A name from [`available`] (see `mgrun methods`).
     pub name: String,
-    pub erm: ErmConfig,
-    pub dsp_reg: DspRegConfig,
-    pub sam: SamConfig,
+    /// Method name -> its section, as its descriptor normalised it.
+    sections: BTreeMap<&'static str, Value>,
 }
 
 impl Default for MethodConfig {
     fn default() -> Self {
-        Self {
-            name: "erm".to_string(),
-            erm: ErmConfig::default(),
-            dsp_reg: DspRegConfig::default(),
-            sam: SamConfig::default(),
-        }
+        Self::named("erm")
     }
 }
 
-/// One entry of `mgrun methods`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct MethodInfo {
-    pub name: &'static str,
-    pub summary: &'static str,
-    /// (config key such as `method.sam.rho`, default value as JSON text, description).
-    pub hyperparameters: Vec<(String, String, String)>,
-}
+impl MethodConfig {
+    /// Method `name` with every section at its defaults (`name` is checked when the method is built).
+    pub fn named(name: &str) -> Self {
+        // Defaults are plain serde structs: serialising them cannot fail (the unit tests check it).
+        let sections = METHODS.iter().map(|m| (m.name, m.defaults().unwrap_or(Value::Null))).collect();
+        Self { name: name.to_string(), sections }
+    }
 
-const METHODS: &[(&str, &str)] = &[
-    ("erm", "Empirical risk minimisation: mean cross-entropy over all training domains, one backward per step."),
-    (
-        "sam",
-        "Sharpness-aware minimisation (SAM/ASAM): gradient at theta + rho*g/||g||, two passes per step; \
-         perturbation from the global or per-rank gradient.",
-    ),
-    (
-        "dsp_reg",
-        "Domain-Sensitive Parameter Regularization: per-parameter cross-domain gradient variance (EMA) weights \
-         an anchor/shrink penalty or gates the update; one backward per domain.",
-    ),
-];
+    /// Method `M` with `config` as its section (every other section at its defaults).
+    pub fn of<M: MethodDef>(config: &M::Config) -> Result<Self> {
+        let mut out = Self::named(M::NAME);
+        let section = serde_json::to_value(config).with_context(|| format!("serialising method.{}", M::NAME))?;
+        out.set_section(M::NAME, &section)?;
+        Ok(out)
+    }
 
-/// Names of the available methods.
-pub fn available() -> Vec<&'static str> {
-    METHODS.iter().map(|(name, _)| *name).collect()
+    /// Sets method `name`'s section from `section` (validated; missing fields take defaults).
+    pub fn set_section(&mut self, name: &str, section: &Value) -> Result<()> {
+        let descriptor = descriptor(name).with_context(|| format!("section [method.{name}]"))?;
+        self.sections.insert(descriptor.name, descriptor.normalize(section)?);
+        Ok(())
+    }
+
+    /// The typed config of method `M`.
+    pub fn config_of<M: MethodDef>(&self) -> Result<M::Config> {
+        let section = self.section(M::NAME)?;
+        serde_json::from_value(section.clone()).with_context(|| format!("method.{}", M::NAME))
+    }
+
+    /// Method `name`'s complete section.
+    pub fn section(&self, name: &str) -> Result<&Value> {
+        self.sections.get(name).ok_or_else(|| anyhow!("no section [method.{name}]"))
+    }
+
+    /// The descriptor of the configured method.
+    pub fn descriptor(&self) -> Result<&'static MethodDescriptor> {
+        descriptor(&self.name)
+    }
+
+    /// What the configured method exchanges across ranks at every step.
+    pub fn cross_rank_statistics(&self) -> Result<Vec<CrossRankStat>> {
+        let descriptor = self.descriptor()?;
+        descriptor.cross_rank_statistics(self.section(descriptor.name)?)
+    }
+
+    /// The values of the configured method's searched hyperparameters under their DomainBed-style
+    /// names (`sam_rho`, `dsp_lambda`, ...), as results records' `hparams` hold them.
+    pub fn searched_values(&self) -> Result<Vec<(&'static str, Value)>> {
+        let descriptor = self.descriptor()?;
+        let section = self.section(descriptor.name)?;
+        Ok(descriptor
+            .hyperparameters
+            .iter()
+            .filter_map(|h| h.search.map(|(name, _)| (name, section.get(h.field).cloned().unwrap_or(Value::Null))))
+            .collect())
+    }
 }
 
 /// Builds the configured method for `model` trained on `num_domains` training domains.
 pub fn build(cfg: &MethodConfig, model: &dyn Model, num_domains: usize) -> Result<Box<dyn Method>> {
-    match cfg.name.as_str() {
-        "erm" => Ok(Box::new(Erm::new(&cfg.erm))),
-        "sam" => Ok(Box::new(Sam::new(&cfg.sam)?)),
-        "dsp_reg" => Ok(Box::new(DspReg::new(&cfg.dsp_reg, model, num_domains)?)),
-        other => bail!("method.name: unknown method {other:?} (available: {})", available().join(", ")),
+    let descriptor = cfg.descriptor()?;
+    descriptor.build(cfg.section(descriptor.name)?, model, num_domains)
+}
+
+impl Serialize for MethodConfig {
+    fn serialize<S: Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(Some(1 + self.sections.len()))?;
+        map.serialize_entry("name", &self.name)?;
+        for (name, section) in &self.sections {
+            map.serialize_entry(name, section)?;
+        }
+        map.end()
     }
 }
 
-/// Every method with its hyperparameters, defaults (taken from the config's `Default`) and docs.
-pub fn describe() -> Vec<MethodInfo> {
-    METHODS
-        .iter()
-        .map(|&(name, summary)| {
-            let hyperparameters = match name {
-                "sam" => hyperparameters("sam", &SamConfig::default(), SamConfig::FIELD_DOCS),
-                "dsp_reg" => hyperparameters("dsp_reg", &DspRegConfig::default(), DspRegConfig::FIELD_DOCS),
-                _ => Ok(Vec::new()),
-            };
-            // Defaults are plain serde structs: serialisation cannot fail, and the unit tests
-            // check that every field has a doc entry.
-            MethodInfo { name, summary, hyperparameters: hyperparameters.unwrap_or_default() }
-        })
-        .collect()
+impl<'de> Deserialize<'de> for MethodConfig {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
+        deserializer.deserialize_map(MethodConfigVisitor)
+    }
 }
 
-/// (key, default, doc) for every field of `defaults`, in the docs' order.
-fn hyperparameters<T: Serialize>(
-    method: &str,
-    defaults: &T,
-    docs: &[(&str, &str)],
-) -> Result<Vec<(String, String, String)>> {
-    let value = serde_json::to_value(defaults).with_context(|| format!("serialising method.{method} defaults"))?;
-    let fields = value.as_object().with_context(|| format!("method.{method} defaults are not a table"))?;
-    if fields.len() != docs.len() {
-        bail!("method.{method}: {} fields but {} documented", fields.len(), docs.len());
+struct MethodConfigVisitor;
+
+impl<'de> Visitor<'de> for MethodConfigVisitor {
+    type Value = MethodConfig;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "a table with `name` and sections named after methods ({})", available().join(", "))
     }
-    docs.iter()
-        .map(|(field, doc)| {
-            let default =
-                fields.get(*field).with_context(|| format!("method.{method}.{field}: documented, no such field"))?;
-            Ok((format!("method.{method}.{field}"), default.to_string(), doc.to_string()))
-        })
-        .collect()
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<MethodConfig, A::Error> {
+        let mut config = MethodConfig::default();
+        let mut name = None;
+        while let Some(key) = map.next_key::<String>()? {
+            if key == "name" {
+                let value: String = map.next_value()?;
+                descriptor(&value).map_err(|e| de::Error::custom(format!("{e:#}")))?;
+                name = Some(value);
+                continue;
+            }
+            if !METHODS.iter().any(|m| m.name == key) {
+                let expected: Vec<&str> = std::iter::once("name").chain(available()).collect();
+                return Err(de::Error::custom(format!(
+                    "unknown field `{key}`, expected one of {}",
+                    expected.iter().map(|k| format!("`{k}`")).collect::<Vec<_>>().join(", ")
+                )));
+            }
+            let section: Value = map.next_value()?;
+            config.set_section(&key, &section).map_err(|e| de::Error::custom(format!("{e:#}")))?;
+        }
+        if let Some(name) = name {
+            config.name = name;
+        }
+        Ok(config)
+    }
 }
 
 #[cfg(test)]
@@ -110,8 +164,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_field_is_documented() {
-        hyperparameters("sam", &SamConfig::default(), SamConfig::FIELD_DOCS).unwrap();
-        hyperparameters("dsp_reg", &DspRegConfig::default(), DspRegConfig::FIELD_DOCS).unwrap();
+    fn every_method_documents_every_field_and_nothing_else() {
+        for method in METHODS {
+            let defaults = method.defaults().unwrap();
+            let fields = defaults.as_object().unwrap();
+            let documented = method.documented_defaults().unwrap();
+            assert_eq!(fields.len(), documented.len(), "{}: fields {fields:?}", method.name);
+            assert!(method.hyperparameters.iter().all(|h| !h.doc.is_empty()), "{}", method.name);
+            method.normalize(&defaults).unwrap();
+            method.cross_rank_statistics(&defaults).unwrap();
+        }
+    }
+
+    #[test]
+    fn names_are_unique() {
+        let mut names = available();
+        names.extend(METHODS.iter().map(|m| m.domainbed_name));
+        let count = names.len();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), count, "{names:?}");
     }
 }

@@ -11,9 +11,11 @@
 
 use crate::common::check_shards;
 use crate::gradients::{self, Pass};
-use crate::{CrossRankStat, DomainShard, Method, StepStats, UpdateContext};
+use crate::descriptor::{CrossRankStat, Hyperparameter, MessageSize, MethodDef, Search};
+use crate::{DomainShard, Method, StepStats, UpdateContext};
 use anyhow::{bail, Context, Result};
 use mgrun_collectives::{scalars, ReduceOp};
+use mgrun_models::Model;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use tch::Tensor;
@@ -29,17 +31,13 @@ pub enum SamPerturb {
     Local,
 }
 
-/// SAM / ASAM hyperparameters.
+/// SAM / ASAM hyperparameters (documented in [`Sam`]'s `HYPERPARAMETERS`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SamConfig {
-    /// Radius of the perturbation (DomainBed default 0.05; ASAM typically uses ~10x more).
     pub rho: f64,
-    /// `global` (the whole batch's gradient) or `local` (each domain's gradient for its own images).
     pub perturb: SamPerturb,
-    /// ASAM: scale the perturbation element-wise by T = |theta| + eta.
     pub adaptive: bool,
-    /// ASAM's offset in T = |theta| + eta.
     pub eta: f64,
 }
 
@@ -49,37 +47,61 @@ impl Default for SamConfig {
     }
 }
 
-impl SamConfig {
-    pub fn validate(&self) -> Result<()> {
-        if !(self.rho.is_finite() && self.rho >= 0.0) {
-            bail!("method.sam.rho must be a finite number >= 0, got {}", self.rho);
-        }
-        if !(self.eta.is_finite() && self.eta >= 0.0) {
-            bail!("method.sam.eta must be a finite number >= 0, got {}", self.eta);
-        }
-        Ok(())
-    }
-
-    pub(crate) const FIELD_DOCS: &'static [(&'static str, &'static str)] = &[
-        ("rho", "perturbation radius"),
-        (
-            "perturb",
-            "\"global\": eps from the whole batch's gradient; \"local\": each domain's eps from its own gradient",
-        ),
-        ("adaptive", "ASAM: scale eps element-wise by T = |theta| + eta"),
-        ("eta", "ASAM offset in T = |theta| + eta"),
-    ];
-}
-
 pub struct Sam {
     cfg: SamConfig,
 }
 
-impl Sam {
-    pub fn new(cfg: &SamConfig) -> Result<Self> {
-        cfg.validate()?;
+impl MethodDef for Sam {
+    type Config = SamConfig;
+    const NAME: &'static str = "sam";
+    const DOMAINBED_NAME: &'static str = "SAM";
+    const SUMMARY: &'static str = "Sharpness-aware minimisation (SAM/ASAM): gradient at theta + rho*g/||g||, two passes per \
+                                   step; perturbation from the global or per-domain gradient.";
+    const REFERENCE: &'static str = "Foret et al., ICLR 2021 (SAM); Kwon et al., ICML 2021 (ASAM)";
+    const HYPERPARAMETERS: &'static [Hyperparameter] = &[
+        // DomainBed has no SAM entry; a log-uniform radius in the registry's style.
+        Hyperparameter::searched("rho", "perturbation radius", "sam_rho", Search::LogUniform { low: -2.0, high: -0.5 }),
+        Hyperparameter::fixed(
+            "perturb",
+            "\"global\": eps from the whole batch's gradient; \"local\": each domain's eps from its own gradient",
+        ),
+        Hyperparameter::fixed("adaptive", "ASAM: scale eps element-wise by T = |theta| + eta"),
+        Hyperparameter::fixed("eta", "ASAM offset in T = |theta| + eta"),
+    ];
+
+    fn validate(cfg: &SamConfig) -> Result<()> {
+        if !(cfg.rho.is_finite() && cfg.rho >= 0.0) {
+            bail!("method.sam.rho must be a finite number >= 0, got {}", cfg.rho);
+        }
+        if !(cfg.eta.is_finite() && cfg.eta >= 0.0) {
+            bail!("method.sam.eta must be a finite number >= 0, got {}", cfg.eta);
+        }
+        Ok(())
+    }
+
+    fn cross_rank_statistics(cfg: &SamConfig) -> Vec<CrossRankStat> {
+        let perturbed = CrossRankStat::world_sum("perturbed gradient", MessageSize::PerParameter(1));
+        match cfg.perturb {
+            SamPerturb::Global => vec![
+                CrossRankStat::world_sum("first-pass gradient", MessageSize::PerParameter(1)),
+                perturbed,
+                CrossRankStat::LOSS,
+            ],
+            SamPerturb::Local => vec![
+                CrossRankStat::domain_group_sum("first-pass domain gradient (only for a domain split over ranks)"),
+                perturbed,
+                CrossRankStat::LOSS,
+                CrossRankStat::world_sum("sum of the domains' gradient norms", MessageSize::Scalars(1)),
+            ],
+        }
+    }
+
+    fn new(cfg: &SamConfig, _model: &dyn Model, _num_domains: usize) -> Result<Self> {
         Ok(Self { cfg: cfg.clone() })
     }
+}
+
+impl Sam {
 
     /// eps = rho * T^2 g / (||T g|| + 1e-12) at parameters `theta`, and ||T g||.
     fn perturbation(&self, theta: &Tensor, grad: &Tensor) -> Result<(Tensor, f64)> {
@@ -100,40 +122,6 @@ impl Sam {
 }
 
 impl Method for Sam {
-    fn name(&self) -> &'static str {
-        "sam"
-    }
-
-    fn cross_rank_statistics(&self) -> Vec<CrossRankStat> {
-        let first_pass = match self.cfg.perturb {
-            SamPerturb::Global => {
-                CrossRankStat { name: "first-pass gradient", collective: "all_reduce_sum", size: "P", group: "world" }
-            }
-            SamPerturb::Local => CrossRankStat {
-                name: "first-pass domain gradient (only for a domain split over ranks)",
-                collective: "all_reduce_sum",
-                size: "P",
-                group: "domain_group",
-            },
-        };
-        let scalars = match self.cfg.perturb {
-            SamPerturb::Global => {
-                CrossRankStat { name: "loss", collective: "all_reduce_sum", size: "1", group: "world" }
-            }
-            SamPerturb::Local => CrossRankStat {
-                name: "loss, then the sum of the domains' gradient norms",
-                collective: "all_reduce_sum",
-                size: "1 + 1",
-                group: "world",
-            },
-        };
-        vec![
-            first_pass,
-            CrossRankStat { name: "perturbed gradient", collective: "all_reduce_sum", size: "P", group: "world" },
-            scalars,
-        ]
-    }
-
     fn needs_domain_gradients(&self) -> bool {
         self.cfg.perturb == SamPerturb::Local
     }

@@ -8,7 +8,8 @@
 use mgrun_collectives::SingleRank;
 use mgrun_methods::dsp_reg::{DspMode, DspScore, DspWeight, VarianceDenominator};
 use mgrun_methods::{
-    build, Adam, AdamConfig, DomainShard, ExactMode, MethodConfig, SamPerturb, ShardingPlan, Topology, UpdateContext,
+    build, Adam, AdamConfig, DomainShard, DspReg, DspRegConfig, ExactMode, MethodConfig, Sam, SamConfig, SamPerturb,
+    ShardingPlan, Topology, UpdateContext,
 };
 use mgrun_models::ModelSpec;
 use std::collections::{BTreeMap, HashMap};
@@ -43,79 +44,77 @@ struct Case {
 }
 
 fn cases() -> Vec<Case> {
-    let method = |name: &str| MethodConfig { name: name.into(), ..MethodConfig::default() };
-    let dsp = |edit: &dyn Fn(&mut MethodConfig)| {
-        let mut m = method("dsp_reg");
+    let method = |name: &str| MethodConfig::named(name);
+    let dsp = |edit: &dyn Fn(&mut DspRegConfig)| {
         // Warm-up of 1 step, then a 1-step ramp: the penalty is active at steps 1 and 2.
-        m.dsp_reg.warmup_frac = 1.0 / 3.0;
-        m.dsp_reg.ramp_frac = 1.0 / 3.0;
+        let mut m = DspRegConfig { warmup_frac: 1.0 / 3.0, ramp_frac: 1.0 / 3.0, ..DspRegConfig::default() };
         edit(&mut m);
-        m
+        MethodConfig::of::<DspReg>(&m).unwrap()
     };
-    let sam = |edit: &dyn Fn(&mut MethodConfig)| {
-        let mut m = method("sam");
+    let sam = |edit: &dyn Fn(&mut SamConfig)| {
+        let mut m = SamConfig::default();
         edit(&mut m);
-        m
+        MethodConfig::of::<Sam>(&m).unwrap()
     };
     vec![
         Case { name: "erm", method: method("erm"), adam: adam() },
         Case { name: "erm_wd", method: method("erm"), adam: AdamConfig { weight_decay: 0.1, ..adam() } },
         Case { name: "sam_global", method: sam(&|_| {}), adam: adam() },
         // Each domain perturbed by its own gradient.
-        Case { name: "sam_local", method: sam(&|m| m.sam.perturb = SamPerturb::Local), adam: adam() },
+        Case { name: "sam_local", method: sam(&|m| m.perturb = SamPerturb::Local), adam: adam() },
         Case {
             name: "asam_local",
             method: sam(&|m| {
-                m.sam.perturb = SamPerturb::Local;
-                m.sam.adaptive = true;
-                m.sam.rho = 0.5;
+                m.perturb = SamPerturb::Local;
+                m.adaptive = true;
+                m.rho = 0.5;
             }),
             adam: adam(),
         },
         Case {
             name: "sam_adaptive",
             method: sam(&|m| {
-                m.sam.adaptive = true;
-                m.sam.rho = 0.5;
+                m.adaptive = true;
+                m.rho = 0.5;
             }),
             adam: adam(),
         },
-        Case { name: "dsp_anchor", method: dsp(&|m| m.dsp_reg.lambda = 10.0), adam: adam() },
+        Case { name: "dsp_anchor", method: dsp(&|m| m.lambda = 10.0), adam: adam() },
         Case {
             name: "dsp_shrink",
             method: dsp(&|m| {
-                m.dsp_reg.mode = DspMode::Shrink;
-                m.dsp_reg.lambda = 1.0;
+                m.mode = DspMode::Shrink;
+                m.lambda = 1.0;
             }),
             adam: adam(),
         },
         Case {
             name: "dsp_gate",
             method: dsp(&|m| {
-                m.dsp_reg.mode = DspMode::Gate;
-                m.dsp_reg.gamma = 0.9;
-                m.dsp_reg.ramp_frac = 2.0 / 3.0;
+                m.mode = DspMode::Gate;
+                m.gamma = 0.9;
+                m.ramp_frac = 2.0 / 3.0;
             }),
             adam: adam(),
         },
         Case {
             name: "dsp_sigmoid_k",
             method: dsp(&|m| {
-                m.dsp_reg.lambda = 10.0;
-                m.dsp_reg.weight = DspWeight::Sigmoid;
-                m.dsp_reg.tau = 0.3;
-                m.dsp_reg.variance_denominator = VarianceDenominator::K;
-                m.dsp_reg.exclude_bias = false;
-                m.dsp_reg.exclude = vec!["fc.".into()];
+                m.lambda = 10.0;
+                m.weight = DspWeight::Sigmoid;
+                m.tau = 0.3;
+                m.variance_denominator = VarianceDenominator::K;
+                m.exclude_bias = false;
+                m.exclude = vec!["fc.".into()];
             }),
             adam: adam(),
         },
         Case {
             name: "dsp_layer_norm",
             method: dsp(&|m| {
-                m.dsp_reg.mode = DspMode::Shrink;
-                m.dsp_reg.lambda = 1.0;
-                m.dsp_reg.score = DspScore::LayerNorm;
+                m.mode = DspMode::Shrink;
+                m.lambda = 1.0;
+                m.score = DspScore::LayerNorm;
             }),
             adam: adam(),
         },
@@ -127,11 +126,11 @@ fn cases() -> Vec<Case> {
             // compared at RANK_TOLERANCE; the rank computation itself is checked exactly against a
             // brute-force count in tests/units.rs.
             method: dsp(&|m| {
-                m.dsp_reg.mode = DspMode::Gate;
-                m.dsp_reg.gamma = 0.9;
-                m.dsp_reg.ramp_frac = 2.0 / 3.0;
-                m.dsp_reg.score = DspScore::Rank;
-                m.dsp_reg.exclude_norm = false;
+                m.mode = DspMode::Gate;
+                m.gamma = 0.9;
+                m.ramp_frac = 2.0 / 3.0;
+                m.score = DspScore::Rank;
+                m.exclude_norm = false;
             }),
             adam: adam(),
         },
@@ -179,8 +178,8 @@ fn fixture() -> &'static Fixture {
                     "name": c.name,
                     "method": c.method.name,
                     "adam": c.adam,
-                    "sam": c.method.sam,
-                    "dsp_reg": c.method.dsp_reg,
+                    "sam": c.method.section("sam").unwrap(),
+                    "dsp_reg": c.method.section("dsp_reg").unwrap(),
                     "total_steps": STEPS,
                 })
             })

@@ -16,8 +16,8 @@ use mgrun_collectives::Communicator;
 use mgrun_methods::dsp_reg::DspMode;
 use mgrun_methods::gradients::{batch_gradient, domain_gradients, Pass};
 use mgrun_methods::{
-    build, domain_groups, Adam, AdamConfig, DomainShard, DspRegConfig, ExactMode, MethodConfig, SamPerturb,
-    ShardingPlan, Topology, UpdateContext,
+    build, domain_groups, Adam, AdamConfig, DomainShard, DspReg, DspRegConfig, ExactMode, MethodConfig, Sam, SamConfig,
+    SamPerturb, ShardingPlan, Topology, UpdateContext,
 };
 use mgrun_models::ModelSpec;
 use std::time::Duration;
@@ -142,19 +142,18 @@ fn check_invariance(cfg: MethodConfig) {
 
 #[test]
 fn erm_is_invariant_to_sharding() {
-    check_invariance(MethodConfig { name: "erm".into(), ..MethodConfig::default() });
+    check_invariance(MethodConfig::named("erm"));
 }
 
 #[test]
 fn sam_global_is_invariant_to_sharding() {
-    check_invariance(MethodConfig { name: "sam".into(), ..MethodConfig::default() });
+    check_invariance(MethodConfig::named("sam"));
 }
 
 #[test]
 fn sam_local_is_invariant_to_sharding() {
-    let mut cfg = MethodConfig { name: "sam".into(), ..MethodConfig::default() };
-    cfg.sam.perturb = SamPerturb::Local;
-    check_invariance(cfg);
+    let sam = SamConfig { perturb: SamPerturb::Local, ..SamConfig::default() };
+    check_invariance(MethodConfig::of::<Sam>(&sam).unwrap());
 }
 
 #[test]
@@ -166,7 +165,7 @@ fn dsp_reg_is_invariant_to_sharding() {
         ramp_frac: 0.0,
         ..DspRegConfig::default()
     };
-    check_invariance(MethodConfig { name: "dsp_reg".into(), dsp_reg, ..MethodConfig::default() });
+    check_invariance(MethodConfig::of::<DspReg>(&dsp_reg).unwrap());
 }
 
 /// What one rank of the fast path computed at step 0: the batch gradient and its domain gradients.

@@ -1,7 +1,7 @@
 //! Unit tests of the methods crate's pieces that the reference comparison does not isolate.
 
 use mgrun_methods::dsp_reg::{DspMode, DspScore};
-use mgrun_methods::{DspReg, DspRegConfig, Method};
+use mgrun_methods::{DspReg, DspRegConfig, Method, MethodDef};
 use mgrun_models::{Model, ModelSpec};
 use tch::{Device, Kind, Tensor};
 
@@ -50,7 +50,7 @@ fn rank_score_counts_smaller_scores_within_each_tensor() {
 
 use mgrun_collectives::SingleRank;
 use mgrun_methods::{
-    build, describe, Adam, AdamConfig, DomainShard, MethodConfig, ShardingPlan, Topology, UpdateContext,
+    build, Adam, AdamConfig, DomainShard, MethodConfig, ShardingPlan, Topology, UpdateContext, METHODS,
 };
 
 #[test]
@@ -110,7 +110,7 @@ fn warmup_then_linear_ramp() {
 #[test]
 fn dsp_reg_needs_two_domains() {
     let model = small_cnn();
-    let cfg = MethodConfig { name: "dsp_reg".into(), ..MethodConfig::default() };
+    let cfg = MethodConfig::named("dsp_reg");
     let err = build(&cfg, &*model, 1).err().unwrap().to_string();
     assert!(err.contains("method.dsp_reg") && err.contains("data.test_domains"), "{err}");
     assert!(build(&cfg, &*model, 2).is_ok());
@@ -119,29 +119,32 @@ fn dsp_reg_needs_two_domains() {
 #[test]
 fn unknown_method_lists_the_available_ones() {
     let model = small_cnn();
-    let cfg = MethodConfig { name: "fishr".into(), ..MethodConfig::default() };
+    let cfg = MethodConfig::named("fishr");
     let err = build(&cfg, &*model, 3).err().unwrap().to_string();
+    assert!(err.contains("fishr") && err.contains("erm, sam, dsp_reg"), "{err}");
+    let err = serde_json::from_str::<MethodConfig>(r#"{"name": "fishr"}"#).unwrap_err().to_string();
     assert!(err.contains("fishr") && err.contains("erm, sam, dsp_reg"), "{err}");
 }
 
 #[test]
-fn describe_lists_methods_with_their_defaults() {
-    let infos = describe();
-    let names: Vec<&str> = infos.iter().map(|m| m.name).collect();
+fn descriptors_list_methods_with_their_defaults() {
+    let names: Vec<&str> = METHODS.iter().map(|m| m.name).collect();
     assert_eq!(names, ["erm", "sam", "dsp_reg"]);
-    let find = |method: &str, key: &str| {
-        let info = infos.iter().find(|m| m.name == method).unwrap();
-        info.hyperparameters.iter().find(|(k, _, _)| k == key).unwrap_or_else(|| panic!("{key} missing")).clone()
-    };
-    assert_eq!(find("sam", "method.sam.rho").1, "0.05");
-    assert_eq!(find("sam", "method.sam.perturb").1, "\"global\"");
-    assert_eq!(find("dsp_reg", "method.dsp_reg.beta").1, "0.95");
-    assert_eq!(find("dsp_reg", "method.dsp_reg.mode").1, "\"anchor\"");
-    assert_eq!(find("dsp_reg", "method.dsp_reg.variance_denominator").1, "\"k_minus_1\"");
-    assert_eq!(find("dsp_reg", "method.dsp_reg.epsilon").1, "1e-20");
-    let dsp = infos.iter().find(|m| m.name == "dsp_reg").unwrap();
+    let documented: Vec<(String, String, &str)> =
+        METHODS.iter().flat_map(|m| m.documented_defaults().unwrap()).collect();
+    let find =
+        |key: &str| documented.iter().find(|(k, _, _)| k == key).unwrap_or_else(|| panic!("{key} missing")).1.clone();
+    assert_eq!(find("method.sam.rho"), "0.05");
+    assert_eq!(find("method.sam.perturb"), "\"global\"");
+    assert_eq!(find("method.dsp_reg.beta"), "0.95");
+    assert_eq!(find("method.dsp_reg.mode"), "\"anchor\"");
+    assert_eq!(find("method.dsp_reg.variance_denominator"), "\"k_minus_1\"");
+    assert_eq!(find("method.dsp_reg.epsilon"), "1e-20");
+    let dsp = mgrun_methods::descriptor("dsp_reg").unwrap();
     assert_eq!(dsp.hyperparameters.len(), 16);
-    assert!(dsp.hyperparameters.iter().all(|(_, _, doc)| !doc.is_empty()));
+    assert_eq!(dsp.domainbed_name, "DSPReg");
+    let searched: Vec<&str> = dsp.hyperparameters.iter().filter_map(|h| h.search.map(|(name, _)| name)).collect();
+    assert_eq!(searched, ["dsp_lambda", "dsp_beta"]);
 }
 
 #[test]
@@ -151,19 +154,21 @@ fn configs_parse_names_and_reject_unknown_fields() {
             "variance_denominator": "k", "exclude": ["fc."]}, "sam": {"perturb": "local"}}"#,
     )
     .unwrap();
-    assert_eq!(cfg.dsp_reg.mode, DspMode::Gate);
-    assert_eq!(cfg.dsp_reg.score, DspScore::LayerNorm);
-    assert_eq!(cfg.dsp_reg.beta, 0.95);
-    assert_eq!(cfg.sam.perturb, mgrun_methods::SamPerturb::Local);
+    let dsp = cfg.config_of::<DspReg>().unwrap();
+    assert_eq!(dsp.mode, DspMode::Gate);
+    assert_eq!(dsp.score, DspScore::LayerNorm);
+    assert_eq!(dsp.beta, 0.95);
+    assert_eq!(cfg.config_of::<mgrun_methods::Sam>().unwrap().perturb, mgrun_methods::SamPerturb::Local);
     assert!(serde_json::from_str::<MethodConfig>(r#"{"dsp_reg": {"lamda": 1.0}}"#).is_err());
     assert!(serde_json::from_str::<MethodConfig>(r#"{"sam": {"perturb": "per_rank"}}"#).is_err());
     assert!(serde_json::from_str::<AdamConfig>(r#"{"lr": 1e-3, "momentum": 0.9}"#).is_err());
-    let bad = MethodConfig {
-        name: "dsp_reg".into(),
-        dsp_reg: DspRegConfig { beta: 1.0, ..DspRegConfig::default() },
-        ..MethodConfig::default()
-    };
-    let err = build(&bad, &*small_cnn(), 3).err().unwrap().to_string();
+    // Values are checked when the config is read, and again by a method built directly.
+    let err = serde_json::from_str::<MethodConfig>(r#"{"name": "dsp_reg", "dsp_reg": {"beta": 1.0}}"#).unwrap_err();
+    assert!(err.to_string().contains("method.dsp_reg.beta"), "{err}");
+    let bad = DspRegConfig { beta: 1.0, ..DspRegConfig::default() };
+    let err = MethodConfig::of::<DspReg>(&bad).unwrap_err().to_string();
+    assert!(err.contains("method.dsp_reg.beta"), "{err}");
+    let err = DspReg::new(&bad, &*small_cnn(), 3).err().unwrap().to_string();
     assert!(err.contains("method.dsp_reg.beta"), "{err}");
 }
 
@@ -207,11 +212,8 @@ fn run_steps(
 #[test]
 fn dsp_reg_and_adam_state_round_trip_continue_identically() {
     let shards: Vec<Vec<DomainShard>> = (0..4).map(random_shards).collect();
-    let cfg = MethodConfig {
-        name: "dsp_reg".into(),
-        dsp_reg: DspRegConfig { warmup_frac: 0.25, ramp_frac: 0.25, lambda: 5.0, ..DspRegConfig::default() },
-        ..MethodConfig::default()
-    };
+    let dsp = DspRegConfig { warmup_frac: 0.25, ramp_frac: 0.25, lambda: 5.0, ..DspRegConfig::default() };
+    let cfg = MethodConfig::of::<DspReg>(&dsp).unwrap();
     let adam_cfg = AdamConfig { lr: 1e-2, ..AdamConfig::default() };
     let mut model = small_cnn();
     let numel = model.store().numel();

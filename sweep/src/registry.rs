@@ -1,5 +1,6 @@
 //! DomainBed's hyperparameter registry (`hparams_registry._hparams`) for the hyperparameters mgrun
-//! has, mapped onto mgrun config keys, plus registry-style entries for mgrun's own methods.
+//! has, mapped onto mgrun config keys; each method's own entries come from its descriptor
+//! ([`mgrun_methods::Hyperparameter::search`]).
 //!
 //! Every entry is (default, random distribution). `hparams_seed == 0` means "defaults", which here
 //! are the base config's values (the shipped dataset configs carry DomainBed's published defaults);
@@ -7,6 +8,7 @@
 //! (algorithm, dataset, hparams_seed, trial_seed) gives DomainBed's values bit for bit.
 
 use anyhow::{bail, Context, Result};
+use mgrun_methods::{MethodDescriptor, Search, METHODS};
 use mgrun_nprand::{seed_hash, PyArg, RandomState};
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -56,6 +58,13 @@ impl HValue {
             _ => None,
         }
     }
+
+    fn from_json(value: &serde_json::Value) -> Option<HValue> {
+        match value.as_i64() {
+            Some(v) if !value.is_f64() => Some(HValue::Int(v)),
+            _ => value.as_f64().map(HValue::Float),
+        }
+    }
 }
 
 impl fmt::Display for HValue {
@@ -90,18 +99,11 @@ pub fn domainbed_dataset_name(dataset: &str) -> &str {
     }
 }
 
-/// DomainBed-style algorithm class name for an mgrun `method.name` (ERM is DomainBed's own).
+/// DomainBed's algorithm class name for an mgrun `method.name` (from the method's descriptor);
+/// unknown names pass through.
 pub fn domainbed_algorithm_name(method: &str) -> &str {
-    match method {
-        "erm" => "ERM",
-        "sam" => "SAM",
-        "dsp_reg" => "DSPReg",
-        other => other,
-    }
+    METHODS.iter().find(|m| m.name == method).map_or(method, |m| m.domainbed_name)
 }
-
-/// The algorithms the registry knows (mgrun method names).
-pub const ALGORITHMS: &[&str] = &["erm", "sam", "dsp_reg"];
 
 /// Draws values in DomainBed's way for one (hparams_seed, trial_seed).
 struct Sampler<'a> {
@@ -156,6 +158,31 @@ fn choice(r: &mut RandomState, items: &[f64]) -> Result<HValue> {
     Ok(HValue::Float(*r.choice(items).context("drawing a choice")?))
 }
 
+fn draw(r: &mut RandomState, search: Search) -> Result<HValue> {
+    Ok(match search {
+        Search::LogUniform { low, high } => log_uniform(r, low, high),
+        Search::Uniform { low, high } => HValue::Float(r.uniform(low, high)),
+        // Python's int() truncates towards zero, as `as` does.
+        Search::IntUniform { low, high } => HValue::Int(r.uniform(low, high) as i64),
+        Search::Choice(values) => choice(r, values)?,
+    })
+}
+
+/// The method's searched hyperparameters, after the shared ones, in its declaration order.
+fn define_method_entries(s: &mut Sampler<'_>, method: &MethodDescriptor) -> Result<()> {
+    let defaults = method.defaults()?;
+    for h in method.hyperparameters {
+        let Some((name, search)) = h.search else { continue };
+        let key = format!("method.{}.{}", method.name, h.field);
+        let default = defaults
+            .get(h.field)
+            .and_then(HValue::from_json)
+            .with_context(|| format!("`{key}`: a searched hyperparameter must default to a number"))?;
+        s.define(name, &key, default, |r| draw(r, search))?;
+    }
+    Ok(())
+}
+
 /// The hyperparameters of one run of `algorithm` (mgrun method name) on `dataset` (mgrun
 /// `data.dataset`), in DomainBed's definition order. `base` is the fully resolved base config.
 pub fn hparams(
@@ -166,9 +193,10 @@ pub fn hparams(
     trial_seed: u64,
     base: &toml::Table,
 ) -> Result<Vec<Hparam>> {
-    if !ALGORITHMS.contains(&algorithm) {
-        bail!("algorithm {algorithm:?} has no hyperparameter registry entry (known: {})", ALGORITHMS.join(", "));
-    }
+    let Some(method) = METHODS.iter().find(|m| m.name == algorithm) else {
+        let known: Vec<&str> = METHODS.iter().map(|m| m.name).collect();
+        bail!("algorithm {algorithm:?} has no hyperparameter registry entry (known: {})", known.join(", "));
+    };
     // train.py: random_hparams(algorithm, dataset, seed_hash(hparams_seed, trial_seed)).
     let random_seed =
         (hparams_seed != 0).then(|| seed_hash(&[PyArg::Int(hparams_seed as i64), PyArg::Int(trial_seed as i64)]));
@@ -182,15 +210,7 @@ pub fn hparams(
         Ok(HValue::Int(2f64.powf(r.uniform(3.0, batch_exponent_max)) as i64))
     })?;
     s.define("weight_decay", "train.weight_decay", HValue::Float(0.0), |r| Ok(log_uniform(r, -6.0, -2.0)))?;
-    // mgrun's methods, in the registry's style: log-uniform strengths, choices for decays.
-    match algorithm {
-        "sam" => s.define("sam_rho", "method.sam.rho", HValue::Float(0.05), |r| Ok(log_uniform(r, -2.0, -0.5)))?,
-        "dsp_reg" => {
-            s.define("dsp_lambda", "method.dsp_reg.lambda", HValue::Float(0.1), |r| Ok(log_uniform(r, -3.0, 0.0)))?;
-            s.define("dsp_beta", "method.dsp_reg.beta", HValue::Float(0.95), |r| choice(r, &[0.9, 0.95, 0.99]))?;
-        }
-        _ => {}
-    }
+    define_method_entries(&mut s, method)?;
     Ok(s.out)
 }
 

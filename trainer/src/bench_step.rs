@@ -123,7 +123,7 @@ fn bench_one(cfg: &StepBenchConfig, method_name: &str, precision: Precision) -> 
     };
     let mut model = mgrun_models::build_with(&spec, Execution { precision, channels_last }, device, 0)?;
     let mut optimizer = Adam::new(AdamConfig::default(), model.store().numel(), device);
-    let method_cfg = MethodConfig { name: method_name.to_string(), ..MethodConfig::default() };
+    let method_cfg = MethodConfig::named(method_name);
     let mut method = mgrun_methods::build(&method_cfg, model.as_ref(), cfg.domains)?;
     let world = SingleRank::new(device);
     let plan = ShardingPlan::balanced(1, cfg.domains, cfg.batch_per_domain, cfg.micro_batch.unwrap_or(1))?;

@@ -5,6 +5,7 @@
 use crate::config::JobConfig;
 use anyhow::Result;
 use mgrun_data::loader::ShardSpec;
+use mgrun_methods::descriptor::{Group, MessageSize};
 use mgrun_methods::{CrossRankStat, ShardingPlan};
 use std::fmt::Write as _;
 
@@ -53,10 +54,9 @@ pub fn describe(
         let _ = writeln!(out, "communication per step: none (one rank)");
         return out;
     }
-    let bytes = |size: &str| match size {
-        "P" => format!("{:.1} MB", params as f64 * 4.0 / 1e6),
-        "2P" => format!("{:.1} MB", params as f64 * 8.0 / 1e6),
-        other => format!("{other} value(s)"),
+    let bytes = |size: MessageSize| match size {
+        MessageSize::PerParameter(_) => format!("{:.1} MB", size.bytes(params) as f64 / 1e6),
+        MessageSize::Scalars(n) => format!("{n} value(s)"),
     };
     if deterministic {
         let slots = plan.max_units_per_rank();
@@ -65,16 +65,16 @@ pub fn describe(
             out,
             "communication per gradient pass: all_gather of {slots} micro-batch gradient(s) per rank ({} each, \
              {received:.1} MB received per rank) and of their losses, summed in micro-batch order on every rank",
-            bytes("P"),
+            bytes(MessageSize::PerParameter(1)),
         );
         return out;
     }
     let split = plan.split_domains();
     for stat in statistics {
-        if stat.group == "domain_group" && split.is_empty() {
+        if stat.group == Group::DomainGroup && split.is_empty() {
             continue;
         }
-        let group = if stat.group == "domain_group" {
+        let group = if stat.group == Group::DomainGroup {
             format!("the groups of the {} split domain(s)", split.len())
         } else {
             stat.group.to_string()

@@ -126,7 +126,7 @@ pub fn run_worker(args: &WorkerArgs) -> Result<WorkerOutcome> {
         let resolved = toml::to_string_pretty(&config).context("serialising the resolved config")?;
         std::fs::write(args.out_dir.join("config.resolved.toml"), resolved)
             .with_context(|| format!("writing {}", args.out_dir.join("config.resolved.toml").display()))?;
-        announce(&config, &env, &dataset, &plan, method.as_ref(), model.store().numel());
+        announce(&config, &env, &dataset, &plan, model.store().numel());
     }
     let evaluator = Evaluator { batch_size: config.eval.batch_size, image_size: config.data.image_size, device };
     let images_per_step = batch * train_domains.len();
@@ -402,26 +402,14 @@ fn run_hparams(config: &JobConfig) -> Result<Value> {
         "resnet18": config.model.arch == "resnet18",
         "freeze_bn": config.model.freeze_bn,
     });
-    let swept: &[(&str, &str)] = match config.method.name.as_str() {
-        "sam" => &[("sam_rho", "rho")],
-        "dsp_reg" => &[("dsp_lambda", "lambda"), ("dsp_beta", "beta")],
-        _ => &[],
-    };
-    for (name, field) in swept {
-        hparams[*name] = method[&config.method.name][*field].clone();
+    for (name, value) in config.method.searched_values()? {
+        hparams[name] = value;
     }
     hparams["method"] = method;
     Ok(hparams)
 }
 
-fn announce(
-    config: &JobConfig,
-    env: &RankEnv,
-    dataset: &Dataset,
-    plan: &ShardingPlan,
-    method: &dyn mgrun_methods::Method,
-    params: usize,
-) {
+fn announce(config: &JobConfig, env: &RankEnv, dataset: &Dataset, plan: &ShardingPlan, params: usize) {
     let names: Vec<String> = dataset
         .domains()
         .iter()
@@ -433,14 +421,15 @@ fn announce(
         config.data.dataset,
         env.world_size,
         env.device_kind,
-        method.name(),
+        config.method.name,
         config.model.arch,
         params,
         dataset.classes().len(),
         names.join(", ")
     );
     let train_names: Vec<String> = dataset.train_domains().iter().map(|&d| dataset.domains()[d].name.clone()).collect();
-    let statistics = method.cross_rank_statistics();
+    // Built from this config already, so its section parses.
+    let statistics = config.method.cross_rank_statistics().unwrap_or_default();
     print!("{}", sharding::describe(plan, &train_names, &statistics, config.train.deterministic, params));
     if config.train.deterministic && env.device_kind == "cpu" {
         println!(
