@@ -20,7 +20,7 @@ const _: () = assert!(mgrun_sweep::jobs::PREEMPTED_EXIT_STATUS == mgrun_trainer:
 pub struct SweepArgs {
     /// The base job config; its values are the defaults (hparams seed 0).
     pub config: PathBuf,
-    /// Methods to sweep, comma-separated (erm, sam, dsp_reg).
+    /// Methods to sweep, comma-separated (names from `mgrun methods`).
     #[arg(long, value_delimiter = ',', required = true)]
     pub algorithms: Vec<String>,
     /// Hyperparameter seeds n_hparams_from..n_hparams per test-domain set.

@@ -272,10 +272,21 @@ pub struct SelectionTables {
     pub averages: Table,
 }
 
-/// DomainBed's algorithm order (7df6f06's `ALGORITHMS`); others follow in order of appearance.
+/// DomainBed's algorithm order (7df6f06's `ALGORITHMS`); mgrun's other methods follow in the order of
+/// `mgrun_methods::METHODS`, and any others in order of appearance.
 const DOMAINBED_ALGORITHMS: &[&str] = &[
     "ERM", "IRM", "GroupDRO", "Mixup", "MLDG", "CORAL", "MMD", "DANN", "CDANN", "MTL", "SagNet", "ARM", "VREx", "RSC",
 ];
+/// Sort key of a table row: DomainBed's algorithms, then mgrun's, then `usize::MAX` (a stable sort
+/// keeps the rest in order of appearance).
+fn algorithm_order(algorithm: &str) -> usize {
+    let mgrun = || mgrun_methods::METHODS.iter().position(|m| m.domainbed_name == algorithm);
+    match DOMAINBED_ALGORITHMS.iter().position(|k| *k == algorithm) {
+        Some(i) => i,
+        None => mgrun().map_or(usize::MAX, |i| DOMAINBED_ALGORITHMS.len() + i),
+    }
+}
+
 /// DomainBed's dataset order; others (DomainBed would drop them) follow sorted by name.
 const DOMAINBED_DATASETS: &[&str] = &[
     "Debug28",
@@ -344,7 +355,7 @@ pub fn tables(records: &[Record], selection: Selection) -> SelectionTables {
             algorithms.push(&r.algorithm);
         }
     }
-    algorithms.sort_by_key(|a| DOMAINBED_ALGORITHMS.iter().position(|k| k == a).unwrap_or(usize::MAX));
+    algorithms.sort_by_key(|a| algorithm_order(a));
     let unique: BTreeSet<&str> = records.iter().map(|r| r.dataset.as_str()).collect();
     let mut datasets: Vec<&str> = unique.into_iter().collect();
     datasets.sort_by_key(|d| DOMAINBED_DATASETS.iter().position(|k| k == d).unwrap_or(usize::MAX));
@@ -508,6 +519,13 @@ mod tests {
         // np.std([.8,.9,.7]) = sqrt(2/3)*0.1 = 0.0816497; / sqrt(3) = 0.0471405.
         assert!((c.err - 4.714045207910317).abs() < 1e-9, "{}", c.err);
         assert!(mean_and_error(&[]).is_none());
+    }
+
+    #[test]
+    fn rows_follow_domainbed_then_the_method_list() {
+        let mut rows = vec!["Other", "DSPReg", "VREx", "SAM", "ERM"];
+        rows.sort_by_key(|a| algorithm_order(a));
+        assert_eq!(rows, ["ERM", "VREx", "SAM", "DSPReg", "Other"]);
     }
 
     #[test]
