@@ -144,19 +144,24 @@ impl CheckpointWriter {
     /// the previous write's report.
     pub fn save(&mut self, snapshot: Snapshot) -> Result<Option<WriteReport>> {
         let previous = self.wait()?;
-        let job = WriteJob {
-            root: self.root.clone(),
-            rank: self.rank,
-            world_size: self.world_size,
-            keep_last: self.keep_last,
-            store: self.store.clone(),
-        };
+        let job = self.job();
         let handle = std::thread::Builder::new()
             .name(format!("ckpt-writer-{}", self.rank))
             .spawn(move || job.run(snapshot))
             .context("starting the checkpoint writer thread")?;
         self.pending = Some(handle);
         Ok(previous)
+    }
+
+    /// One write of this rank's part of a checkpoint.
+    fn job(&self) -> WriteJob {
+        WriteJob {
+            root: self.root.clone(),
+            rank: self.rank,
+            world_size: self.world_size,
+            keep_last: self.keep_last,
+            store: self.store.clone(),
+        }
     }
 
     /// Waits for the write in progress, if any.
@@ -173,13 +178,7 @@ impl CheckpointWriter {
     /// Writes `snapshot` in the calling thread (tests, benchmarks).
     pub fn save_blocking(&mut self, snapshot: Snapshot) -> Result<WriteReport> {
         self.wait()?;
-        let job = WriteJob {
-            root: self.root.clone(),
-            rank: self.rank,
-            world_size: self.world_size,
-            keep_last: self.keep_last,
-            store: self.store.clone(),
-        };
+        let job = self.job();
         job.run(snapshot)
     }
 }

@@ -5,6 +5,7 @@
 //! (DSP-Reg's moments) therefore work on single flat tensors, and a checkpoint is a few large
 //! tensors with a table of names and offsets.
 
+pub mod classifier;
 pub mod io;
 pub mod params;
 pub mod resnet;

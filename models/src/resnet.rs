@@ -3,8 +3,9 @@
 //! that torchvision checkpoints load unchanged. The Bottleneck block strides on its 3x3 conv
 //! (torchvision's "ResNet v1.5").
 
+use crate::classifier::{Classifier, Featurizer};
 use crate::params::Init;
-use crate::{Execution, Model, ModelSpec, ParamBuilder, ParamId, ParamKind, ParamStore};
+use crate::{Execution, ModelSpec, ParamBuilder, ParamId, ParamKind, ParamStore};
 use anyhow::{bail, Result};
 use tch::{Device, Kind, Tensor};
 
@@ -174,15 +175,11 @@ impl Block {
 
 /// A torchvision ResNet classifier whose parameters live in one flat buffer.
 pub struct ResNet {
-    spec: ModelSpec,
-    execution: Execution,
     conv1: Conv,
     bn1: BatchNorm,
     blocks: Vec<Block>,
     feature_dim: i64,
-    fc_weight: ParamId,
-    fc_bias: ParamId,
-    store: ParamStore,
+    classifier: Classifier,
 }
 
 impl ResNet {
@@ -218,12 +215,8 @@ impl ResNet {
             }
         }
         let feature_dim = inplanes;
-        let classes = spec.num_classes as i64;
-        let fc_weight =
-            b.param("fc.weight", &[classes, feature_dim], ParamKind::Weight, Init::UniformFanIn(feature_dim));
-        let fc_bias = b.param("fc.bias", &[classes], ParamKind::Bias, Init::UniformFanIn(feature_dim));
-        let store = b.build_with_layout(device, seed, execution.channels_last)?;
-        Ok(Self { spec: spec.clone(), execution, conv1, bn1, blocks, feature_dim, fc_weight, fc_bias, store })
+        let classifier = Classifier::build(spec, execution, b, feature_dim, device, seed)?;
+        Ok(Self { conv1, bn1, blocks, feature_dim, classifier })
     }
 
     /// Width of [`Model::features`]: 512 for ResNet-18, 2048 for ResNet-50.
@@ -232,11 +225,19 @@ impl ResNet {
     }
 }
 
-impl ResNet {
-    fn features_here(&self, xs: &Tensor, train: bool) -> Tensor {
-        let store = &self.store;
+impl Featurizer for ResNet {
+    fn classifier(&self) -> &Classifier {
+        &self.classifier
+    }
+
+    fn classifier_mut(&mut self) -> &mut Classifier {
+        &mut self.classifier
+    }
+
+    fn featurize(&self, xs: &Tensor, train: bool) -> Tensor {
+        let store = self.classifier.store();
         // Frozen BN (DomainBed's protocol) always normalises with the running statistics.
-        let batch_stats = train && !self.spec.freeze_bn;
+        let batch_stats = train && !self.classifier.spec().freeze_bn;
         let mut h = self.bn1.forward(store, &self.conv1.forward(store, xs), batch_stats).relu().max_pool2d(
             [3, 3],
             [2, 2],
@@ -250,38 +251,5 @@ impl ResNet {
         // Global average pooling as a mean: the same values as adaptive_avg_pool2d(1), and its
         // CUDA backward is deterministic (adaptive_avg_pool2d_backward_cuda is not).
         h.mean_dim(&[2i64, 3][..], false, None)
-    }
-
-    fn classify_here(&self, features: &Tensor, train: bool) -> Tensor {
-        let store = &self.store;
-        features.dropout(self.spec.dropout, train).linear(store.get(self.fc_weight), Some(store.get(self.fc_bias)))
-    }
-}
-
-impl Model for ResNet {
-    /// One autocast region for the whole forward pass.
-    fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
-        self.execution.run(xs, |xs| self.classify_here(&self.features_here(xs, train), train))
-    }
-
-    fn features(&self, xs: &Tensor, train: bool) -> Tensor {
-        self.execution.run(xs, |xs| self.features_here(xs, train))
-    }
-
-    fn classify(&self, features: &Tensor, train: bool) -> Tensor {
-        self.execution.run(features, |f| self.classify_here(f, train))
-    }
-
-    fn store(&self) -> &ParamStore {
-        &self.store
-    }
-    fn store_mut(&mut self) -> &mut ParamStore {
-        &mut self.store
-    }
-    fn spec(&self) -> &ModelSpec {
-        &self.spec
-    }
-    fn execution(&self) -> Execution {
-        self.execution
     }
 }

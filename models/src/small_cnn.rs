@@ -2,8 +2,9 @@
 //! global average pooling, dropout and a linear head. GroupNorm normalises each sample on its own,
 //! so the model's output does not depend on how a batch is split across ranks.
 
+use crate::classifier::{Classifier, Featurizer};
 use crate::params::Init;
-use crate::{Execution, Model, ModelSpec, ParamBuilder, ParamId, ParamKind, ParamStore};
+use crate::{Execution, ModelSpec, ParamBuilder, ParamId, ParamKind};
 use anyhow::{bail, Result};
 use tch::{Device, Tensor};
 
@@ -18,12 +19,8 @@ struct ConvBlock {
 }
 
 pub struct SmallCnn {
-    spec: ModelSpec,
-    execution: Execution,
     blocks: Vec<ConvBlock>,
-    fc_weight: ParamId,
-    fc_bias: ParamId,
-    store: ParamStore,
+    classifier: Classifier,
 }
 
 impl SmallCnn {
@@ -55,18 +52,22 @@ impl SmallCnn {
                 stride,
             });
         }
-        let feat = 2 * w;
-        let classes = spec.num_classes as i64;
-        let fc_weight = b.param("fc.weight", &[classes, feat], ParamKind::Weight, Init::UniformFanIn(feat));
-        let fc_bias = b.param("fc.bias", &[classes], ParamKind::Bias, Init::UniformFanIn(feat));
-        let store = b.build_with_layout(device, seed, execution.channels_last)?;
-        Ok(Self { spec: spec.clone(), execution, blocks, fc_weight, fc_bias, store })
+        let classifier = Classifier::build(spec, execution, b, 2 * w, device, seed)?;
+        Ok(Self { blocks, classifier })
     }
 }
 
-impl SmallCnn {
-    fn features_here(&self, xs: &Tensor) -> Tensor {
-        let p = &self.store;
+impl Featurizer for SmallCnn {
+    fn classifier(&self) -> &Classifier {
+        &self.classifier
+    }
+
+    fn classifier_mut(&mut self) -> &mut Classifier {
+        &mut self.classifier
+    }
+
+    fn featurize(&self, xs: &Tensor, _train: bool) -> Tensor {
+        let p = self.classifier.store();
         let mut h = xs.shallow_clone();
         for blk in &self.blocks {
             h = h
@@ -75,38 +76,5 @@ impl SmallCnn {
                 .group_norm(GROUPS, Some(p.get(blk.norm_weight)), Some(p.get(blk.norm_bias)), 1e-5, false);
         }
         h.mean_dim(&[2i64, 3][..], false, None)
-    }
-
-    fn classify_here(&self, features: &Tensor, train: bool) -> Tensor {
-        let p = &self.store;
-        features.dropout(self.spec.dropout, train).linear(p.get(self.fc_weight), Some(p.get(self.fc_bias)))
-    }
-}
-
-impl Model for SmallCnn {
-    /// One autocast region for the whole forward pass.
-    fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
-        self.execution.run(xs, |xs| self.classify_here(&self.features_here(xs), train))
-    }
-
-    fn features(&self, xs: &Tensor, _train: bool) -> Tensor {
-        self.execution.run(xs, |xs| self.features_here(xs))
-    }
-
-    fn classify(&self, features: &Tensor, train: bool) -> Tensor {
-        self.execution.run(features, |f| self.classify_here(f, train))
-    }
-
-    fn store(&self) -> &ParamStore {
-        &self.store
-    }
-    fn store_mut(&mut self) -> &mut ParamStore {
-        &mut self.store
-    }
-    fn spec(&self) -> &ModelSpec {
-        &self.spec
-    }
-    fn execution(&self) -> Execution {
-        self.execution
     }
 }
