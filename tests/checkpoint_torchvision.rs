@@ -13,7 +13,7 @@ use tch::{Device, Tensor};
 const CLASSES: usize = 7;
 
 fn spec(num_classes: usize) -> ModelSpec {
-    ModelSpec { arch: "resnet18".into(), num_classes, freeze_bn: true, dropout: 0.0, width: 64 }
+    ModelSpec { arch: "resnet18".into(), num_classes, freeze_bn: true, dropout: 0.0, width: 64, pretrained: None }
 }
 
 fn python(args: &[&str]) {

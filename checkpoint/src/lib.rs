@@ -22,7 +22,7 @@ pub mod write;
 pub use config_diff::{config_differences, fingerprint, flatten_config};
 pub use manifest::{Chunk, FileRecord, Manifest, Meta, TensorRecord, FORMAT_VERSION};
 pub use pretrained::{load_pretrained, PretrainedReport};
-pub use read::{committed_steps, load, resolve_resume, LoadedCheckpoint, ResumeChoice};
+pub use read::{committed_steps, load, resolve_resume, LoadedCheckpoint, Resume, ResumeChoice};
 pub use write::{clean_incomplete, CheckpointWriter, Snapshot, StateTensor, WriteReport};
 
 /// Name of the directory of the checkpoint after `step` completed steps.

@@ -138,17 +138,66 @@ pub struct ResumeChoice {
     pub skipped: Vec<String>,
 }
 
-/// Resolves `spec`: `none`; `auto` (the newest checkpoint under `root` that verifies, skipping
-/// and naming torn or corrupt ones; none at all starts from scratch); or a path, either one
-/// checkpoint directory or a checkpoint root (then its newest valid one, which must exist).
-pub fn resolve_resume(root: &Path, spec: &str) -> Result<ResumeChoice> {
-    match spec {
-        "none" | "" => Ok(ResumeChoice { checkpoint: None, skipped: Vec::new() }),
-        "auto" => newest_valid(root),
-        path => {
-            let path = PathBuf::from(path);
+/// Where a run continues from (`checkpoint.resume`, `--resume`): written `"none"`, `"auto"` or a path.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Resume {
+    /// Start at step 0.
+    #[default]
+    None,
+    /// The newest checkpoint under the run's checkpoint root that verifies, skipping and naming torn
+    /// or corrupt ones; none at all starts from scratch.
+    Auto,
+    /// One checkpoint directory, or a checkpoint root (then its newest valid one, which must exist).
+    Path(PathBuf),
+}
+
+impl Resume {
+    fn parse(text: &str) -> Resume {
+        match text {
+            "none" | "" => Resume::None,
+            "auto" => Resume::Auto,
+            path => Resume::Path(PathBuf::from(path)),
+        }
+    }
+}
+
+impl std::fmt::Display for Resume {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Resume::None => f.write_str("none"),
+            Resume::Auto => f.write_str("auto"),
+            Resume::Path(path) => write!(f, "{}", path.display()),
+        }
+    }
+}
+
+impl std::str::FromStr for Resume {
+    type Err = std::convert::Infallible;
+    fn from_str(text: &str) -> Result<Resume, Self::Err> {
+        Ok(Resume::parse(text))
+    }
+}
+
+impl serde::Serialize for Resume {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Resume {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Resume, D::Error> {
+        Ok(Resume::parse(&String::deserialize(deserializer)?))
+    }
+}
+
+/// Resolves `resume` against the checkpoint root `root` (see [`Resume`]).
+pub fn resolve_resume(root: &Path, resume: &Resume) -> Result<ResumeChoice> {
+    match resume {
+        Resume::None => Ok(ResumeChoice { checkpoint: None, skipped: Vec::new() }),
+        Resume::Auto => newest_valid(root),
+        Resume::Path(path) => {
             if path.join(MANIFEST_FILE).exists() {
-                let checkpoint = load(&path).with_context(|| format!("checkpoint.resume = {}", path.display()))?;
+                let checkpoint = load(path).with_context(|| format!("checkpoint.resume = {}", path.display()))?;
                 return Ok(ResumeChoice { checkpoint: Some(checkpoint), skipped: Vec::new() });
             }
             if !path.is_dir() {
@@ -157,7 +206,7 @@ pub fn resolve_resume(root: &Path, spec: &str) -> Result<ResumeChoice> {
                     path.display()
                 );
             }
-            let choice = newest_valid(&path)?;
+            let choice = newest_valid(path)?;
             if choice.checkpoint.is_none() {
                 bail!(
                     "checkpoint.resume = {}: no valid checkpoint there{}",

@@ -2,7 +2,7 @@
 //! every piece of state round-trips bit for bit, a flipped byte is detected and skipped, an
 //! uncommitted directory is invisible, and keep_last prunes.
 
-use mgrun_checkpoint::{CheckpointWriter, Meta, Snapshot, StateTensor};
+use mgrun_checkpoint::{CheckpointWriter, Meta, Resume, Snapshot, StateTensor};
 use mgrun_collectives::store::{StoreClient, StoreServer};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -127,7 +127,7 @@ fn a_flipped_byte_is_detected_and_auto_resume_falls_back() {
 
     let err = format!("{:#}", mgrun_checkpoint::load(&dir.path().join("step4")).err().unwrap());
     assert!(err.contains("part-1.safetensors") && err.contains("checksum"), "{err}");
-    let choice = mgrun_checkpoint::resolve_resume(dir.path(), "auto").unwrap();
+    let choice = mgrun_checkpoint::resolve_resume(dir.path(), &Resume::Auto).unwrap();
     let loaded = choice.checkpoint.unwrap();
     assert_eq!(loaded.meta.step, 2);
     assert_same_state(&loaded, 2);
@@ -140,10 +140,10 @@ fn a_flipped_byte_is_detected_and_auto_resume_falls_back() {
     let last = bytes.len() - 1;
     bytes[last] ^= 0x80;
     std::fs::write(&manifest, bytes).unwrap();
-    let choice = mgrun_checkpoint::resolve_resume(dir.path(), "auto").unwrap();
+    let choice = mgrun_checkpoint::resolve_resume(dir.path(), &Resume::Auto).unwrap();
     assert!(choice.checkpoint.is_none());
     assert_eq!(choice.skipped.len(), 2);
-    assert!(mgrun_checkpoint::resolve_resume(dir.path(), dir.path().join("step2").to_str().unwrap()).is_err());
+    assert!(mgrun_checkpoint::resolve_resume(dir.path(), &Resume::Path(dir.path().join("step2"))).is_err());
 }
 
 #[test]
@@ -158,13 +158,13 @@ fn uncommitted_writes_are_invisible_and_keep_last_prunes() {
     let tmp = dir.path().join(".tmp-step4");
     std::fs::create_dir_all(&tmp).unwrap();
     std::fs::write(tmp.join("part-0.safetensors"), b"partial").unwrap();
-    let choice = mgrun_checkpoint::resolve_resume(dir.path(), "auto").unwrap();
+    let choice = mgrun_checkpoint::resolve_resume(dir.path(), &Resume::Auto).unwrap();
     assert_eq!(choice.checkpoint.unwrap().meta.step, 3);
     assert!(choice.skipped.is_empty());
     let removed = mgrun_checkpoint::clean_incomplete(dir.path()).unwrap();
     assert_eq!(removed, vec![tmp.clone()]);
     assert!(!tmp.exists());
-    assert!(mgrun_checkpoint::resolve_resume(dir.path(), "none").unwrap().checkpoint.is_none());
+    assert!(mgrun_checkpoint::resolve_resume(dir.path(), &Resume::None).unwrap().checkpoint.is_none());
     let empty = tempfile::tempdir().unwrap();
-    assert!(mgrun_checkpoint::resolve_resume(empty.path(), "auto").unwrap().checkpoint.is_none());
+    assert!(mgrun_checkpoint::resolve_resume(empty.path(), &Resume::Auto).unwrap().checkpoint.is_none());
 }

@@ -169,7 +169,7 @@ pub fn bench_worker_main(max_bytes: usize, json_out: Option<&Path>) -> anyhow::R
     // CUDA ranks (MGRUN_DEVICE=cuda) measure NCCL on device memory (the TCP backend through pinned
     // host buffers when ranks share a GPU); CPU ranks the TCP backend.
     let RankDevice { device, ranks_per_gpu } = RankDevice::from_env()?;
-    let backend = crate::Backend::select("auto", device, ranks_per_gpu)?;
+    let backend = crate::Backend::select(crate::BackendChoice::Auto, device, ranks_per_gpu)?;
     let comm = crate::connect(backend, &store, rank, world_size, device, timeout)
         .with_context(|| format!("rank {rank} joining the world of {world_size}"))?;
     let comm = comm.as_ref();

@@ -93,34 +93,56 @@ pub enum Backend {
     Nccl,
 }
 
+/// What a job asks for in `comm.backend`; [`Backend::select`] turns it into the [`Backend`] a rank uses.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendChoice {
+    /// NCCL on CUDA devices of their own, TCP otherwise.
+    #[default]
+    Auto,
+    Tcp,
+    Nccl,
+}
+
+impl std::str::FromStr for BackendChoice {
+    type Err = CommError;
+    fn from_str(text: &str) -> Result<BackendChoice> {
+        match text {
+            "auto" => Ok(BackendChoice::Auto),
+            "tcp" => Ok(BackendChoice::Tcp),
+            "nccl" => Ok(BackendChoice::Nccl),
+            other => Err(CommError::Invalid {
+                op: "comm.backend",
+                message: format!("expected \"auto\", \"tcp\" or \"nccl\", got {other:?}"),
+            }),
+        }
+    }
+}
+
 impl Backend {
-    /// Resolves `comm.backend` ("auto", "tcp" or "nccl") for ranks computing on `device`, with
-    /// `ranks_per_gpu` ranks sharing each GPU: "auto" is NCCL on CUDA devices of their own and TCP
-    /// otherwise; NCCL on the CPU or on shared GPUs is refused with a message saying what to do.
-    pub fn select(requested: &str, device: Device, ranks_per_gpu: usize) -> Result<Backend> {
+    /// Resolves `requested` for ranks computing on `device`, with `ranks_per_gpu` ranks sharing each
+    /// GPU: auto is NCCL on CUDA devices of their own and TCP otherwise; NCCL on the CPU or on shared
+    /// GPUs is refused with a message saying what to do.
+    pub fn select(requested: BackendChoice, device: Device, ranks_per_gpu: usize) -> Result<Backend> {
         let on_cuda = matches!(device, Device::Cuda(_));
         let shared = on_cuda && ranks_per_gpu > 1;
         match requested {
-            "auto" if on_cuda && !shared => Ok(Backend::Nccl),
-            "auto" | "tcp" => Ok(Backend::Tcp),
-            "nccl" if shared => Err(CommError::Invalid {
+            BackendChoice::Auto if on_cuda && !shared => Ok(Backend::Nccl),
+            BackendChoice::Auto | BackendChoice::Tcp => Ok(Backend::Tcp),
+            BackendChoice::Nccl if shared => Err(CommError::Invalid {
                 op: "comm.backend",
                 message: format!(
                     "\"nccl\" cannot run {ranks_per_gpu} ranks on one GPU (NCCL refuses two ranks of a communicator \
                      on the same device); shared GPUs (--ranks-per-gpu) need comm.backend = \"tcp\" or \"auto\""
                 ),
             }),
-            "nccl" if on_cuda => Ok(Backend::Nccl),
-            "nccl" => Err(CommError::Invalid {
+            BackendChoice::Nccl if on_cuda => Ok(Backend::Nccl),
+            BackendChoice::Nccl => Err(CommError::Invalid {
                 op: "comm.backend",
                 message: format!(
                     "\"nccl\" needs CUDA devices, but this rank computes on {device:?}; launch with --gpus N, \
                      or use comm.backend = \"auto\" or \"tcp\""
                 ),
-            }),
-            other => Err(CommError::Invalid {
-                op: "comm.backend",
-                message: format!("expected \"auto\", \"tcp\" or \"nccl\", got {other:?}"),
             }),
         }
     }

@@ -13,7 +13,7 @@
 use mgrun_collectives::nccl::{nccl_library_status, nccl_version, NcclCommunicator};
 use mgrun_collectives::store::{StoreClient, StoreServer};
 use mgrun_collectives::tcp::TcpCommunicator;
-use mgrun_collectives::{all_reduce_flat, Backend, CommError, Communicator, ReduceOp};
+use mgrun_collectives::{all_reduce_flat, Backend, BackendChoice, CommError, Communicator, ReduceOp};
 use std::cell::Cell;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -59,27 +59,27 @@ fn connect_one(store: &StoreClient, device: Device) -> NcclCommunicator {
 
 #[test]
 fn auto_picks_nccl_on_cuda_and_tcp_on_cpu() {
-    assert_eq!(Backend::select("auto", Device::Cpu, 1).unwrap(), Backend::Tcp);
-    assert_eq!(Backend::select("auto", Device::Cuda(0), 1).unwrap(), Backend::Nccl);
-    assert_eq!(Backend::select("auto", Device::Cuda(3), 1).unwrap(), Backend::Nccl);
-    assert_eq!(Backend::select("tcp", Device::Cuda(0), 1).unwrap(), Backend::Tcp);
-    assert_eq!(Backend::select("nccl", Device::Cuda(1), 1).unwrap(), Backend::Nccl);
-    let unknown = Backend::select("mpi", Device::Cpu, 1).unwrap_err().to_string();
+    assert_eq!(Backend::select(BackendChoice::Auto, Device::Cpu, 1).unwrap(), Backend::Tcp);
+    assert_eq!(Backend::select(BackendChoice::Auto, Device::Cuda(0), 1).unwrap(), Backend::Nccl);
+    assert_eq!(Backend::select(BackendChoice::Auto, Device::Cuda(3), 1).unwrap(), Backend::Nccl);
+    assert_eq!(Backend::select(BackendChoice::Tcp, Device::Cuda(0), 1).unwrap(), Backend::Tcp);
+    assert_eq!(Backend::select(BackendChoice::Nccl, Device::Cuda(1), 1).unwrap(), Backend::Nccl);
+    let unknown = "mpi".parse::<BackendChoice>().unwrap_err().to_string();
     assert!(unknown.contains("\"mpi\""), "{unknown}");
 }
 
 #[test]
 fn shared_gpus_use_tcp_and_refuse_nccl() {
-    assert_eq!(Backend::select("auto", Device::Cuda(0), 3).unwrap(), Backend::Tcp);
-    assert_eq!(Backend::select("tcp", Device::Cuda(0), 3).unwrap(), Backend::Tcp);
-    let message = Backend::select("nccl", Device::Cuda(0), 3).unwrap_err().to_string();
+    assert_eq!(Backend::select(BackendChoice::Auto, Device::Cuda(0), 3).unwrap(), Backend::Tcp);
+    assert_eq!(Backend::select(BackendChoice::Tcp, Device::Cuda(0), 3).unwrap(), Backend::Tcp);
+    let message = Backend::select(BackendChoice::Nccl, Device::Cuda(0), 3).unwrap_err().to_string();
     assert!(message.contains("NCCL refuses two ranks") && message.contains("--ranks-per-gpu"), "{message}");
     assert!(message.contains("\"tcp\""), "{message}");
 }
 
 #[test]
 fn nccl_on_cpu_is_refused_clearly() {
-    let message = Backend::select("nccl", Device::Cpu, 1).unwrap_err().to_string();
+    let message = Backend::select(BackendChoice::Nccl, Device::Cpu, 1).unwrap_err().to_string();
     assert!(message.contains("comm.backend") && message.contains("CUDA"), "{message}");
     assert!(message.contains("--gpus") && message.contains("\"tcp\""), "{message}");
 

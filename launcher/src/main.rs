@@ -332,7 +332,7 @@ fn run(cli: Cli, cuda_load_error: Option<&str>) -> anyhow::Result<i32> {
             }
             // A typo in the config fails here, once and at once, instead of in every rank.
             let job = mgrun_trainer::JobConfig::load(&config, &overrides)?;
-            if cli.launch.ranks_per_gpu.unwrap_or(1) > 1 && job.comm.backend == "nccl" {
+            if cli.launch.ranks_per_gpu.unwrap_or(1) > 1 && job.comm.backend == mgrun_collectives::BackendChoice::Nccl {
                 anyhow::bail!(
                     "config {}: comm.backend = \"nccl\" cannot run with --ranks-per-gpu {}: NCCL refuses two ranks of \
                      one communicator on the same GPU; use comm.backend = \"tcp\" or \"auto\" (TCP through pinned host \

@@ -402,7 +402,7 @@ fn measure_steps(
                 classes: dataset.num_classes(),
                 width: config.model.width,
                 methods,
-                precisions: vec![config.train.precision()?],
+                precisions: vec![config.train.precision],
                 channels_last: Some(config.train.channels_last_on(device)),
                 steps: ESTIMATE_TIMED_STEPS,
                 warmup: ESTIMATE_WARMUP_STEPS,

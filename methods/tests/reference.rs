@@ -30,7 +30,14 @@ const RANK_TOLERANCE: f64 = 2e-4;
 const MICRO_BATCH: usize = 3;
 
 fn spec() -> ModelSpec {
-    ModelSpec { arch: "small_cnn".into(), num_classes: NUM_CLASSES, freeze_bn: false, dropout: 0.0, width: WIDTH }
+    ModelSpec {
+        arch: "small_cnn".into(),
+        num_classes: NUM_CLASSES,
+        freeze_bn: false,
+        dropout: 0.0,
+        width: WIDTH,
+        pretrained: None,
+    }
 }
 
 fn adam() -> AdamConfig {

@@ -29,7 +29,7 @@ const BATCH: i64 = 4;
 const TOKEN: &str = "sharding-test";
 
 fn spec() -> ModelSpec {
-    ModelSpec { arch: "small_cnn".into(), num_classes: 5, freeze_bn: false, dropout: 0.0, width: 8 }
+    ModelSpec { arch: "small_cnn".into(), num_classes: 5, freeze_bn: false, dropout: 0.0, width: 8, pretrained: None }
 }
 
 /// `[step][domain]` batches of BATCH images, as plain vectors (tch tensors are not `Sync`).

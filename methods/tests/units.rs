@@ -6,7 +6,14 @@ use mgrun_models::{Model, ModelSpec};
 use tch::{Device, Kind, Tensor};
 
 fn small_cnn() -> Box<dyn Model> {
-    let spec = ModelSpec { arch: "small_cnn".into(), num_classes: 5, freeze_bn: false, dropout: 0.0, width: 8 };
+    let spec = ModelSpec {
+        arch: "small_cnn".into(),
+        num_classes: 5,
+        freeze_bn: false,
+        dropout: 0.0,
+        width: 8,
+        pretrained: None,
+    };
     mgrun_models::build(&spec, Device::Cpu, 3).unwrap()
 }
 

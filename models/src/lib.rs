@@ -19,12 +19,15 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
-/// Architecture and head of a classifier.
+/// Architecture and head of a classifier: the `[model]` section of a job config, whose class count
+/// comes from the dataset.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct ModelSpec {
     /// `resnet18`, `resnet50` or `small_cnn`.
     pub arch: String,
+    /// Set from the dataset, never from a config.
+    #[serde(skip)]
     pub num_classes: usize,
     /// BatchNorm layers always use their running statistics (DomainBed's `freeze_bn`).
     pub freeze_bn: bool,
@@ -32,6 +35,18 @@ pub struct ModelSpec {
     pub dropout: f64,
     /// Channel width of `small_cnn` (ignored by the ResNets).
     pub width: i64,
+    /// A torchvision ResNet state dict (safetensors) to start from, as torchvision's `weights=`; the
+    /// `fc.*` head is skipped when its class count differs. [`build`] starts from random weights:
+    /// training loads these with `mgrun_checkpoint::load_pretrained`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pretrained: Option<std::path::PathBuf>,
+}
+
+impl Default for ModelSpec {
+    /// The configuration defaults: DomainBed's ResNet-50 with frozen BatchNorm.
+    fn default() -> Self {
+        Self { arch: "resnet50".into(), num_classes: 0, freeze_bn: true, dropout: 0.0, width: 64, pretrained: None }
+    }
 }
 
 /// Arithmetic of the forward pass. Parameters, gradients, losses and optimizer state are always
@@ -42,6 +57,31 @@ pub enum Precision {
     #[default]
     Fp32,
     Bf16,
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Precision::Fp32 => "fp32",
+            Precision::Bf16 => "bf16",
+        })
+    }
+}
+
+impl std::str::FromStr for Precision {
+    type Err = anyhow::Error;
+    /// `fp32` or `bf16`; `fp16` is refused, saying why.
+    fn from_str(name: &str) -> Result<Precision> {
+        match name {
+            "fp32" => Ok(Precision::Fp32),
+            "bf16" => Ok(Precision::Bf16),
+            "fp16" => bail!(
+                "\"fp16\" needs dynamic loss scaling, which mgrun does not implement; use \"bf16\" (same tensor-core \
+                 speed, no loss scaling) or \"fp32\""
+            ),
+            other => bail!("expected \"fp32\" or \"bf16\", got {other:?}"),
+        }
+    }
 }
 
 /// How a model executes, beside what it is ([`ModelSpec`]): these choices change speed, not the

@@ -10,7 +10,7 @@ const CLASSES: usize = 5;
 static TORCH_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn spec(arch: &str) -> ModelSpec {
-    ModelSpec { arch: arch.into(), num_classes: CLASSES, freeze_bn: false, dropout: 0.0, width: 8 }
+    ModelSpec { arch: arch.into(), num_classes: CLASSES, freeze_bn: false, dropout: 0.0, width: 8, pretrained: None }
 }
 
 fn model(arch: &str, channels_last: bool, precision: Precision) -> Box<dyn Model> {

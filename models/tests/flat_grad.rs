@@ -7,7 +7,8 @@ use mgrun_models::{build_with, Execution, ModelSpec, Precision};
 use tch::{Device, Kind, Tensor};
 
 fn check(arch: &str, channels_last: bool) {
-    let spec = ModelSpec { arch: arch.into(), num_classes: 5, freeze_bn: true, dropout: 0.0, width: 8 };
+    let spec =
+        ModelSpec { arch: arch.into(), num_classes: 5, freeze_bn: true, dropout: 0.0, width: 8, pretrained: None };
     let execution = Execution { precision: Precision::Fp32, channels_last };
     let mut model = build_with(&spec, execution, Device::Cpu, 3).unwrap();
     let x = Tensor::from_slice(&(0..2 * 3 * 16 * 16).map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0).collect::<Vec<_>>())

@@ -16,7 +16,7 @@ fn serial() -> MutexGuard<'static, ()> {
 }
 
 fn spec(arch: &str, num_classes: usize, freeze_bn: bool) -> ModelSpec {
-    ModelSpec { arch: arch.into(), num_classes, freeze_bn, dropout: 0.0, width: 0 }
+    ModelSpec { arch: arch.into(), num_classes, freeze_bn, dropout: 0.0, width: 0, pretrained: None }
 }
 
 fn buffer<'a>(store: &'a ParamStore, name: &str) -> &'a Tensor {

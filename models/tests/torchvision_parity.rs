@@ -43,7 +43,7 @@ fn python() -> PathBuf {
 }
 
 fn spec(arch: &str, num_classes: usize) -> ModelSpec {
-    ModelSpec { arch: arch.into(), num_classes, freeze_bn: false, dropout: 0.0, width: 0 }
+    ModelSpec { arch: arch.into(), num_classes, freeze_bn: false, dropout: 0.0, width: 0, pretrained: None }
 }
 
 /// Runs tests/reference/check_resnet.py and returns its outputs by name.

@@ -49,23 +49,9 @@ pub struct StepBenchRow {
     pub phases_ms: Vec<(String, f64)>,
 }
 
-fn precision_name(p: Precision) -> &'static str {
-    match p {
-        Precision::Fp32 => "fp32",
-        Precision::Bf16 => "bf16",
-    }
-}
-
 /// Parses `fp32,bf16`.
 pub fn parse_precisions(list: &str) -> Result<Vec<Precision>> {
-    list.split(',')
-        .map(|p| match p.trim() {
-            "fp32" => Ok(Precision::Fp32),
-            "bf16" => Ok(Precision::Bf16),
-            "fp16" => bail!("--precision fp16: needs dynamic loss scaling, which mgrun does not implement; use bf16"),
-            other => bail!("--precision: expected fp32 or bf16, got {other:?}"),
-        })
-        .collect()
+    list.split(',').map(|p| p.trim().parse::<Precision>().context("--precision")).collect()
 }
 
 fn synchronize(device: Device) {
@@ -103,7 +89,7 @@ pub fn run_step_bench(cfg: &StepBenchConfig) -> Result<Vec<StepBenchRow>> {
         for method in &cfg.methods {
             rows.push(
                 bench_one(cfg, method, precision)
-                    .with_context(|| format!("bench step: method {method}, precision {}", precision_name(precision)))?,
+                    .with_context(|| format!("bench step: method {method}, precision {precision}"))?,
             );
         }
     }
@@ -120,6 +106,7 @@ fn bench_one(cfg: &StepBenchConfig, method_name: &str, precision: Precision) -> 
         freeze_bn: false,
         dropout: 0.0,
         width: cfg.width,
+        pretrained: None,
     };
     let mut model = mgrun_models::build_with(&spec, Execution { precision, channels_last }, device, 0)?;
     let mut optimizer = Adam::new(AdamConfig::default(), model.store().numel(), device);
@@ -182,7 +169,7 @@ fn bench_one(cfg: &StepBenchConfig, method_name: &str, precision: Precision) -> 
     };
     Ok(StepBenchRow {
         method: method_name.to_string(),
-        precision: precision_name(precision).to_string(),
+        precision: precision.to_string(),
         channels_last,
         ms_per_step: seconds * 1e3,
         images_per_s: (cfg.domains * cfg.batch_per_domain) as f64 / seconds,

@@ -2,8 +2,11 @@
 //! the file, the key and the expected type.
 
 use anyhow::{anyhow, bail, Context, Result};
+use mgrun_checkpoint::Resume;
+use mgrun_collectives::BackendChoice;
 use mgrun_data::DataConfig;
 use mgrun_methods::MethodConfig;
+use mgrun_models::{ModelSpec, Precision};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -11,8 +14,9 @@ use std::path::{Path, PathBuf};
 #[serde(deny_unknown_fields)]
 pub struct JobConfig {
     pub data: DataConfig,
+    /// The architecture; its class count comes from the dataset.
     #[serde(default)]
-    pub model: ModelConfig,
+    pub model: ModelSpec,
     #[serde(default)]
     pub train: TrainConfig,
     #[serde(default)]
@@ -23,29 +27,6 @@ pub struct JobConfig {
     pub comm: CommConfig,
     #[serde(default)]
     pub checkpoint: CheckpointConfig,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct ModelConfig {
-    /// `resnet18`, `resnet50` or `small_cnn`.
-    pub arch: String,
-    /// BatchNorm always in eval mode (DomainBed's published protocol).
-    pub freeze_bn: bool,
-    /// Dropout before the linear head.
-    pub dropout: f64,
-    /// Channel width of `small_cnn`.
-    pub width: i64,
-    /// A torchvision ResNet state dict (safetensors) to start from; the `fc.*` head is skipped
-    /// when its class count differs.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub pretrained: Option<PathBuf>,
-}
-
-impl Default for ModelConfig {
-    fn default() -> Self {
-        Self { arch: "resnet50".into(), freeze_bn: true, dropout: 0.0, width: 64, pretrained: None }
-    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -73,7 +54,8 @@ pub struct TrainConfig {
     pub progress_every_s: f64,
     /// Forward-pass arithmetic: `fp32` or `bf16` (autocast; parameters, gradients, losses and
     /// optimizer stay f32).
-    pub precision: String,
+    #[serde(deserialize_with = "precision_by_name")]
+    pub precision: Precision,
     /// Channels-last convolutions; unset = on for GPU ranks, off for CPU ranks.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub channels_last: Option<bool>,
@@ -91,7 +73,7 @@ impl Default for TrainConfig {
             micro_batch: 8,
             threads: 0,
             progress_every_s: 5.0,
-            precision: "fp32".into(),
+            precision: Precision::Fp32,
             channels_last: None,
         }
     }
@@ -114,19 +96,6 @@ impl TrainConfig {
         }
         let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
         (cores / ranks_on_node.max(1)).max(1)
-    }
-
-    /// `train.precision` as the models' [`mgrun_models::Precision`].
-    pub fn precision(&self) -> Result<mgrun_models::Precision> {
-        match self.precision.as_str() {
-            "fp32" => Ok(mgrun_models::Precision::Fp32),
-            "bf16" => Ok(mgrun_models::Precision::Bf16),
-            "fp16" => bail!(
-                "key `train.precision`: \"fp16\" needs dynamic loss scaling, which mgrun does not implement; \
-                 use \"bf16\" (same tensor-core speed, no loss scaling) or \"fp32\""
-            ),
-            other => bail!("key `train.precision`: expected \"fp32\" or \"bf16\", got {other:?}"),
-        }
     }
 
     /// `train.channels_last` resolved for a rank on `device`.
@@ -158,13 +127,13 @@ pub struct CommConfig {
     pub timeout_s: f64,
     /// Largest gradient bucket reduced by one collective.
     pub bucket_mb: f64,
-    /// `auto` (NCCL on CUDA, TCP on CPU) or `tcp`.
-    pub backend: String,
+    /// `auto` (NCCL on CUDA, TCP on CPU), `tcp` or `nccl`.
+    pub backend: BackendChoice,
 }
 
 impl Default for CommConfig {
     fn default() -> Self {
-        Self { timeout_s: 300.0, bucket_mb: 25.0, backend: "auto".into() }
+        Self { timeout_s: 300.0, bucket_mb: 25.0, backend: BackendChoice::Auto }
     }
 }
 
@@ -179,12 +148,12 @@ pub struct CheckpointConfig {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dir: Option<PathBuf>,
     /// `none`, `auto` (the newest valid checkpoint in `dir`, if any) or the path of a checkpoint.
-    pub resume: String,
+    pub resume: Resume,
 }
 
 impl Default for CheckpointConfig {
     fn default() -> Self {
-        Self { every_steps: 0, keep_last: 3, dir: None, resume: "none".into() }
+        Self { every_steps: 0, keep_last: 3, dir: None, resume: Resume::None }
     }
 }
 
@@ -200,7 +169,13 @@ impl JobConfig {
         }
         let config: JobConfig = serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
             let key = e.path().to_string();
-            anyhow!("config {}: key `{}`: {}", path.display(), key, e.into_inner())
+            let message = e.into_inner().to_string();
+            // A section that parses its own parts (`[method]`) names the full key itself.
+            if message.starts_with("key `") {
+                anyhow!("config {}: {message}", path.display())
+            } else {
+                anyhow!("config {}: key `{key}`: {message}", path.display())
+            }
         })?;
         config.validate().with_context(|| format!("config {}", path.display()))?;
         Ok(config)
@@ -217,10 +192,10 @@ impl JobConfig {
                 *path = base.join(&*path);
             }
         }
-        if !matches!(self.checkpoint.resume.as_str(), "none" | "auto")
-            && Path::new(&self.checkpoint.resume).is_relative()
-        {
-            self.checkpoint.resume = base.join(&self.checkpoint.resume).to_string_lossy().into_owned();
+        if let Resume::Path(path) = &mut self.checkpoint.resume {
+            if path.is_relative() {
+                *path = base.join(&*path);
+            }
         }
     }
 
@@ -246,19 +221,16 @@ impl JobConfig {
         if self.comm.bucket_mb.is_nan() || self.comm.bucket_mb <= 0.0 {
             bail!("key `comm.bucket_mb`: must be positive");
         }
-        if !matches!(self.comm.backend.as_str(), "auto" | "tcp" | "nccl") {
-            bail!("key `comm.backend`: expected \"auto\", \"tcp\" or \"nccl\", got {:?}", self.comm.backend);
-        }
-        self.train.precision()?;
         if !(0.0..1.0).contains(&self.model.dropout) {
             bail!("key `model.dropout`: expected a probability in [0, 1), got {}", self.model.dropout);
         }
         Ok(())
     }
+}
 
-    pub fn out_relative_root(&self) -> PathBuf {
-        self.data.root.clone()
-    }
+/// `train.precision` by name, saying why `fp16` is not offered.
+fn precision_by_name<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Precision, D::Error> {
+    String::deserialize(deserializer)?.parse().map_err(|e| <D::Error as serde::de::Error>::custom(format!("{e:#}")))
 }
 
 /// Sets `a.b.c = value` in `table`, creating intermediate tables. The value is parsed as TOML
@@ -348,7 +320,7 @@ mod tests {
     fn precision_and_channels_last() {
         let f = write(BASE);
         let c = JobConfig::load(f.path(), &["train.precision=bf16".into()]).unwrap();
-        assert_eq!(c.train.precision().unwrap(), mgrun_models::Precision::Bf16);
+        assert_eq!(c.train.precision, Precision::Bf16);
         assert!(c.train.channels_last_on(tch::Device::Cuda(0)));
         assert!(!c.train.channels_last_on(tch::Device::Cpu));
         let c = JobConfig::load(f.path(), &["train.channels_last=true".into()]).unwrap();

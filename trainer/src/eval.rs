@@ -1,6 +1,7 @@
 //! Distributed evaluation: every rank scores a strided share of every domain's in and out split,
 //! and the correct/total counts are all-reduced.
 
+use crate::config::JobConfig;
 use crate::records::DomainAccuracy;
 use anyhow::{Context, Result};
 use mgrun_collectives::{scalars, Communicator, ReduceOp};
@@ -9,12 +10,29 @@ use mgrun_models::Model;
 use tch::{Device, Kind};
 
 pub struct Evaluator {
-    pub batch_size: usize,
-    pub image_size: i64,
-    pub device: Device,
+    batch_size: usize,
+    image_size: i64,
+    device: Device,
+    every_steps: u64,
+    total_steps: u64,
 }
 
 impl Evaluator {
+    pub fn new(config: &JobConfig, device: Device) -> Evaluator {
+        Evaluator {
+            batch_size: config.eval.batch_size,
+            image_size: config.data.image_size,
+            device,
+            every_steps: config.eval.every_steps,
+            total_steps: config.train.steps,
+        }
+    }
+
+    /// After step 0, every `eval.every_steps` steps and after the last step (DomainBed's checkpoint_freq).
+    pub fn due(&self, step: u64) -> bool {
+        step.is_multiple_of(self.every_steps) || step + 1 == self.total_steps
+    }
+
     /// Accuracy of every domain's in and out split, identical on every rank.
     pub fn run(&self, model: &dyn Model, dataset: &Dataset, world: &dyn Communicator) -> Result<Vec<DomainAccuracy>> {
         let _no_grad = tch::no_grad_guard();

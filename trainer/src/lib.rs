@@ -1,6 +1,7 @@
 //! The mgrun trainer: typed job config, domain sharding, the training loop and evaluation.
 
 pub mod bench_step;
+pub mod checkpointing;
 pub mod config;
 pub mod env;
 pub mod eval;

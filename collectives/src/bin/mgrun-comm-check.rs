@@ -12,7 +12,7 @@
 use anyhow::{bail, ensure, Context, Result};
 use mgrun_collectives::store::StoreClient;
 use mgrun_collectives::tcp::{TcpCommunicator, TcpOptions};
-use mgrun_collectives::{all_reduce_flat, scalars, Backend, Communicator, RankDevice, ReduceOp};
+use mgrun_collectives::{all_reduce_flat, scalars, Backend, BackendChoice, Communicator, RankDevice, ReduceOp};
 use std::time::{Duration, Instant};
 use tch::{Device, Kind, Tensor};
 
@@ -303,7 +303,8 @@ fn connect_on_device(
 ) -> Result<Box<dyn Communicator>> {
     let RankDevice { device, ranks_per_gpu } = RankDevice::from_env()?;
     let requested = std::env::var("MGRUN_CHECK_BACKEND").unwrap_or_else(|_| "auto".to_string());
-    let backend = Backend::select(&requested, device, ranks_per_gpu)?;
+    let requested: BackendChoice = requested.parse().context("MGRUN_CHECK_BACKEND")?;
+    let backend = Backend::select(requested, device, ranks_per_gpu)?;
     Ok(mgrun_collectives::connect(backend, store, rank, world, device, timeout)?)
 }
 
