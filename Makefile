@@ -10,13 +10,18 @@ export MGRUN_PYTHON ?= $(CURDIR)/$(VENV)/bin/python
 CARGO ?= cargo
 MGRUN := target/release/mgrun
 
-.PHONY: all venv build demo test lint fmt bench-comm gpu-package gpu-check slurm clean
+.PHONY: all prereqs venv build demo test lint fmt bench-comm gpu-package gpu-check slurm clean
 
 all: build
 
+# Checks Python 3 + venv/ensurepip, a C++ compiler, cargo and free disk; says how to get what is missing.
+prereqs:
+	PYTHON=$(PYTHON) bash scripts/check-prereqs.sh
+
 venv: $(VENV_STAMP)
 
-$(VENV_STAMP): scripts/requirements.txt
+# Order-only: the check runs before every build, demo and test, but does not make pip run again.
+$(VENV_STAMP): scripts/requirements.txt | prereqs
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet -r scripts/requirements.txt
 	ln -sfn "$$($(VENV)/bin/python -c 'import os, torch; print(os.path.dirname(torch.__file__))')" $(VENV)/libtorch

@@ -1,7 +1,7 @@
 //! Scanning a DomainBed-layout dataset tree: domains, one global class list, labels, in/out splits.
 
 use crate::config::{DataConfig, OnCorrupt, SplitKind};
-use crate::image_io::{load_rgb_resized, IMAGE_EXTENSIONS};
+use crate::image_io::{default_threads, load_rgb_resized, unreadable_images, IMAGE_EXTENSIONS};
 use crate::registry::{self, relative_slash_path, DatasetSpec};
 use crate::split::split_in_out;
 use anyhow::{bail, Context, Result};
@@ -191,10 +191,7 @@ impl Dataset {
             if cfg.on_corrupt == OnCorrupt::Skip {
                 let bad: HashSet<PathBuf> = match known_unreadable {
                     Some(known) => known.iter().cloned().collect(),
-                    None => crate::inspect::unreadable_images(&files, crate::inspect::default_threads())
-                        .into_iter()
-                        .map(|b| b.path)
-                        .collect(),
+                    None => unreadable_images(&files, default_threads()).into_iter().map(|b| b.path).collect(),
                 };
                 let keep: Vec<bool> = files.iter().map(|f| !bad.contains(f)).collect();
                 skipped.extend(files.iter().zip(&keep).filter(|(_, k)| !**k).map(|(f, _)| f.clone()));

@@ -1,17 +1,16 @@
-//! Decoding, resizing and normalising one image.
+//! Decoding images: for training and evaluation (through the evaluation resize), and checking that files
+//! decode at all (`data.on_corrupt`, `mgrun data inspect`).
 
 use crate::transforms::eval_transform;
 use anyhow::{Context, Result};
-use image::RgbImage;
-use std::path::Path;
+use image::{ImageReader, RgbImage};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
 use zune_core::bytestream::ZCursor;
 use zune_core::colorspace::ColorSpace;
 use zune_core::options::DecoderOptions;
 use zune_jpeg::JpegDecoder;
-
-/// ImageNet normalisation, as torchvision's `Normalize` in DomainBed.
-pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
-pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
 
 /// File extensions (lower-cased) that [`crate::Dataset::open`] treats as images.
 pub const IMAGE_EXTENSIONS: &[&str] = &["jpg", "jpeg", "png"];
@@ -45,45 +44,49 @@ pub fn load_rgb_resized(path: &Path, size: u32) -> Result<Vec<u8>> {
     Ok(eval_transform(&source, size).into_raw())
 }
 
-/// Writes HWC RGB bytes of a `size x size` image into `out` (CHW, length `3 * size * size`) as
-/// `(p / 255 - mean) / std` in f32, the same operations as torchvision's `ToTensor` + `Normalize`; mirrored
-/// left-right when `flip`.
-pub fn normalize_into(rgb: &[u8], size: usize, flip: bool, out: &mut [f32]) {
-    let plane = size * size;
-    debug_assert_eq!(rgb.len(), 3 * plane);
-    debug_assert_eq!(out.len(), 3 * plane);
-    for c in 0..3 {
-        let (mean, std) = (IMAGENET_MEAN[c], IMAGENET_STD[c]);
-        let out_plane = &mut out[c * plane..(c + 1) * plane];
-        for y in 0..size {
-            let out_row = &mut out_plane[y * size..(y + 1) * size];
-            let in_row = &rgb[y * size * 3..(y + 1) * size * 3];
-            for (x, dst) in out_row.iter_mut().enumerate() {
-                let src_x = if flip { size - 1 - x } else { x };
-                *dst = (f32::from(in_row[src_x * 3 + c]) / 255.0 - mean) / std;
-            }
-        }
-    }
+/// An image that could not be decoded, with the decoder's reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BadImage {
+    pub path: PathBuf,
+    pub reason: String,
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// Threads for decoding checks: the machine's available parallelism.
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
 
-    #[test]
-    fn normalize_layout_and_flip() {
-        // 2x2 image: pixel (y, x) has R = 10 * (2y + x), G = 255, B = 0.
-        let mut rgb = Vec::new();
-        for i in 0..4u8 {
-            rgb.extend_from_slice(&[10 * i, 255, 0]);
-        }
-        let mut out = vec![0f32; 12];
-        normalize_into(&rgb, 2, false, &mut out);
-        let r = |p: u8| (f32::from(p) / 255.0 - 0.485) / 0.229;
-        assert_eq!(&out[0..4], &[r(0), r(10), r(20), r(30)]);
-        assert_eq!(out[4], (1.0 - 0.456) / 0.224);
-        assert_eq!(out[8], (0.0 - 0.406) / 0.225);
-        normalize_into(&rgb, 2, true, &mut out);
-        assert_eq!(&out[0..4], &[r(10), r(0), r(30), r(20)]);
+/// Fully decodes `path` (format recognised by content); a truncated JPEG or PNG fails.
+pub fn check_image(path: &Path) -> std::result::Result<(), String> {
+    let reader = ImageReader::open(path).map_err(|e| format!("cannot open: {e}"))?;
+    let reader = reader.with_guessed_format().map_err(|e| format!("cannot read: {e}"))?;
+    if reader.format().is_none() {
+        return Err("not a JPEG or PNG file".to_string());
     }
+    let image = reader.decode().map_err(|e| format!("cannot decode: {e}"))?;
+    if image.width() == 0 || image.height() == 0 {
+        return Err("empty image".to_string());
+    }
+    Ok(())
+}
+
+/// The files of `files` that [`check_image`] rejects, in input order; `threads` decode in parallel.
+pub fn unreadable_images(files: &[PathBuf], threads: usize) -> Vec<BadImage> {
+    let next = AtomicUsize::new(0);
+    let bad = Mutex::new(Vec::new());
+    std::thread::scope(|scope| {
+        for _ in 0..threads.clamp(1, files.len().max(1)) {
+            scope.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(path) = files.get(i) else { break };
+                if let Err(reason) = check_image(path) {
+                    // A poisoned lock only means another checker panicked; its list is still valid.
+                    bad.lock().unwrap_or_else(|p| p.into_inner()).push((i, BadImage { path: path.clone(), reason }));
+                }
+            });
+        }
+    });
+    let mut bad = bad.into_inner().unwrap_or_else(|p| p.into_inner());
+    bad.sort_by_key(|(i, _)| *i);
+    bad.into_iter().map(|(_, b)| b).collect()
 }

@@ -10,64 +10,17 @@ use crate::config::{DataConfig, OnCorrupt};
 use crate::dataset::{scan_tree, Dataset};
 use crate::registry::relative_slash_path;
 use anyhow::{Context, Result};
-use image::ImageReader;
 use serde::ser::{SerializeMap, SerializeStruct};
 use serde::{Serialize, Serializer};
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
 use std::time::Instant;
+
+// Re-exported so the image checks stay reachable where `inspect` users find them.
+pub use crate::image_io::{check_image, default_threads, unreadable_images, BadImage};
 
 /// How many unreadable files an error message lists.
 const LISTED_BAD_FILES: usize = 10;
-
-/// An image that could not be decoded, with the decoder's reason.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BadImage {
-    pub path: PathBuf,
-    pub reason: String,
-}
-
-/// Threads for decoding checks: the machine's available parallelism.
-pub fn default_threads() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
-}
-
-/// Fully decodes `path` (format recognised by content); a truncated JPEG or PNG fails.
-pub fn check_image(path: &Path) -> std::result::Result<(), String> {
-    let reader = ImageReader::open(path).map_err(|e| format!("cannot open: {e}"))?;
-    let reader = reader.with_guessed_format().map_err(|e| format!("cannot read: {e}"))?;
-    if reader.format().is_none() {
-        return Err("not a JPEG or PNG file".to_string());
-    }
-    let image = reader.decode().map_err(|e| format!("cannot decode: {e}"))?;
-    if image.width() == 0 || image.height() == 0 {
-        return Err("empty image".to_string());
-    }
-    Ok(())
-}
-
-/// The files of `files` that [`check_image`] rejects, in input order; `threads` decode in parallel.
-pub fn unreadable_images(files: &[PathBuf], threads: usize) -> Vec<BadImage> {
-    let next = AtomicUsize::new(0);
-    let bad = Mutex::new(Vec::new());
-    std::thread::scope(|scope| {
-        for _ in 0..threads.clamp(1, files.len().max(1)) {
-            scope.spawn(|| loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                let Some(path) = files.get(i) else { break };
-                if let Err(reason) = check_image(path) {
-                    // A poisoned lock only means another checker panicked; its list is still valid.
-                    bad.lock().unwrap_or_else(|p| p.into_inner()).push((i, BadImage { path: path.clone(), reason }));
-                }
-            });
-        }
-    });
-    let mut bad = bad.into_inner().unwrap_or_else(|p| p.into_inner());
-    bad.sort_by_key(|(i, _)| *i);
-    bad.into_iter().map(|(_, b)| b).collect()
-}
 
 /// One domain's counts as found.
 #[derive(Debug, Clone, PartialEq, Eq)]

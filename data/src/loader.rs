@@ -2,7 +2,7 @@
 
 use crate::config::DataConfig;
 use crate::dataset::Dataset;
-use crate::image_io::{decode_rgb, normalize_into as normalize_rgb_into};
+use crate::image_io::decode_rgb;
 use crate::sampler::step_sample;
 use crate::transforms::{normalize_into, train_transform, AugmentParams};
 use anyhow::{bail, Context, Result};
@@ -299,7 +299,7 @@ fn load_images(
     let fill = |chunk_items: &[usize], out: &mut [f32]| -> Result<()> {
         for (&file, dst) in chunk_items.iter().zip(out.chunks_exact_mut(per_image)) {
             let rgb = dataset.load_rgb(domain, file, size)?;
-            normalize_rgb_into(&rgb, s, false, dst);
+            normalize_into(&rgb, dst);
         }
         Ok(())
     };

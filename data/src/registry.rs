@@ -53,84 +53,91 @@ const fn domain(dir: &'static str, short: &'static str, images: usize) -> Domain
     DomainSpec { dir, short, images }
 }
 
+/// A dataset with the common settings: no other known versions, a checkpoint every 300 steps.
+const fn dataset(
+    name: &'static str,
+    domainbed_dir: &'static str,
+    domains: &'static [DomainSpec],
+    num_classes: usize,
+    classes: &'static [&'static str],
+) -> DatasetSpec {
+    DatasetSpec { name, domainbed_dir, domains, num_classes, classes, other_versions: &[], checkpoint_freq: 300 }
+}
+
 /// Every known dataset.
 pub const DATASETS: &[DatasetSpec] = &[
-    DatasetSpec {
-        name: "pacs",
-        domainbed_dir: "PACS",
-        domains: &[
+    dataset(
+        "pacs",
+        "PACS",
+        &[
             domain("art_painting", "A", 2048),
             domain("cartoon", "C", 2344),
             domain("photo", "P", 1670),
             domain("sketch", "S", 3929),
         ],
-        num_classes: 7,
-        classes: &["dog", "elephant", "giraffe", "guitar", "horse", "house", "person"],
-        other_versions: &[],
-        checkpoint_freq: 300,
-    },
-    DatasetSpec {
-        name: "vlcs",
-        domainbed_dir: "VLCS",
-        domains: &[
+        7,
+        &["dog", "elephant", "giraffe", "guitar", "horse", "house", "person"],
+    ),
+    dataset(
+        "vlcs",
+        "VLCS",
+        &[
             domain("Caltech101", "C", 1415),
             domain("LabelMe", "L", 2656),
             domain("SUN09", "S", 3282),
             domain("VOC2007", "V", 3376),
         ],
-        num_classes: 5,
-        classes: &["bird", "car", "chair", "dog", "person"],
-        other_versions: &[],
-        checkpoint_freq: 300,
-    },
-    DatasetSpec {
-        name: "office_home",
-        domainbed_dir: "office_home",
-        domains: &[
+        5,
+        &["bird", "car", "chair", "dog", "person"],
+    ),
+    dataset(
+        "office_home",
+        "office_home",
+        &[
             domain("Art", "A", 2427),
             domain("Clipart", "C", 4365),
             domain("Product", "P", 4439),
             domain("Real World", "R", 4357),
         ],
-        num_classes: 65,
-        classes: &[],
-        other_versions: &[],
-        checkpoint_freq: 300,
-    },
+        65,
+        &[],
+    ),
     DatasetSpec {
-        name: "terra_incognita",
-        domainbed_dir: "terra_incognita",
-        domains: &[
-            domain("location_100", "L100", 4879),
-            domain("location_38", "L38", 9767),
-            domain("location_43", "L43", 4020),
-            domain("location_46", "L46", 6122),
-        ],
-        num_classes: 10,
-        classes: &["bird", "bobcat", "cat", "coyote", "dog", "empty", "opossum", "rabbit", "raccoon", "squirrel"],
         other_versions: &[(
             24_330,
             "the 2021 download script's version (caltech_images_20210113.json); the published tables used \
              24,788 images, so results are not directly comparable",
         )],
-        checkpoint_freq: 300,
+        ..dataset(
+            "terra_incognita",
+            "terra_incognita",
+            &[
+                domain("location_100", "L100", 4879),
+                domain("location_38", "L38", 9767),
+                domain("location_43", "L43", 4020),
+                domain("location_46", "L46", 6122),
+            ],
+            10,
+            &["bird", "bobcat", "cat", "coyote", "dog", "empty", "opossum", "rabbit", "raccoon", "squirrel"],
+        )
     },
     DatasetSpec {
-        name: "domain_net",
-        domainbed_dir: "domain_net",
-        // Counts after DomainBed deletes misc/domain_net_duplicates.txt.
-        domains: &[
-            domain("clipart", "clip", 48_129),
-            domain("infograph", "info", 51_605),
-            domain("painting", "paint", 72_266),
-            domain("quickdraw", "quick", 172_500),
-            domain("real", "real", 172_947),
-            domain("sketch", "sketch", 69_128),
-        ],
-        num_classes: 345,
-        classes: &[],
-        other_versions: &[],
         checkpoint_freq: 1000,
+        ..dataset(
+            "domain_net",
+            "domain_net",
+            // Counts after DomainBed deletes misc/domain_net_duplicates.txt.
+            &[
+                domain("clipart", "clip", 48_129),
+                domain("infograph", "info", 51_605),
+                domain("painting", "paint", 72_266),
+                domain("quickdraw", "quick", 172_500),
+                domain("real", "real", 172_947),
+                domain("sketch", "sketch", 69_128),
+            ],
+            345,
+            &[],
+        )
     },
 ];
 

@@ -8,12 +8,15 @@
 //! torchvision's bit for bit. Only the parameter *sampling* differs: ours is a pure function of `(seed, domain,
 //! step, position)` so that any sharding of a step over ranks draws the same augmentation.
 
-use crate::image_io::{IMAGENET_MEAN, IMAGENET_STD};
 use crate::sampler::mix_seed;
 use image::RgbImage;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+
+/// ImageNet normalisation, as torchvision's `Normalize` in DomainBed.
+pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
+pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
 
 /// Keeps the augmentation stream independent of the sampler's streams for equal integer arguments.
 const STREAM_AUGMENT: u64 = 0x4155_474D_0000_0004;
@@ -476,12 +479,11 @@ pub fn hsv_to_rgb(h: u8, s: u8, v: u8) -> [u8; 3] {
     hsv_sector_to_rgb(i, f64::from(f), f64::from(fs), v)
 }
 
-/// `ToTensor` + `Normalize(ImageNet)`: HWC bytes of a `size x size` image into CHW f32 `out`, as
-/// `(p / 255 - mean) / std` in f32 like torch.
-pub fn normalize_into(img: &RgbImage, out: &mut [f32]) {
-    let plane = (img.width() * img.height()) as usize;
+/// `ToTensor` + `Normalize(ImageNet)`: HWC RGB bytes of an image (an `RgbImage` derefs to them) into CHW
+/// f32 `out` of the same length, as `(p / 255 - mean) / std` in f32 like torch.
+pub fn normalize_into(rgb: &[u8], out: &mut [f32]) {
+    let plane = rgb.len() / 3;
     debug_assert_eq!(out.len(), 3 * plane);
-    let rgb = img.as_raw();
     for c in 0..3 {
         let (mean, std) = (IMAGENET_MEAN[c], IMAGENET_STD[c]);
         for (dst, p) in out[c * plane..(c + 1) * plane].iter_mut().zip(rgb.chunks_exact(3)) {
@@ -493,6 +495,21 @@ pub fn normalize_into(img: &RgbImage, out: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn normalize_writes_planes_in_row_order() {
+        // 2x2 image: pixel (y, x) has R = 10 * (2y + x), G = 255, B = 0.
+        let mut rgb = Vec::new();
+        for i in 0..4u8 {
+            rgb.extend_from_slice(&[10 * i, 255, 0]);
+        }
+        let mut out = vec![0f32; 12];
+        normalize_into(&rgb, &mut out);
+        let r = |p: u8| (f32::from(p) / 255.0 - 0.485) / 0.229;
+        assert_eq!(&out[0..4], &[r(0), r(10), r(20), r(30)]);
+        assert_eq!(out[4], (1.0 - 0.456) / 0.224);
+        assert_eq!(out[8], (0.0 - 0.406) / 0.225);
+    }
 
     #[test]
     fn crop_params_stay_inside_and_follow_scale_and_ratio() {
