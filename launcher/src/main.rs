@@ -18,8 +18,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
+use mgrun_collectives::DeviceKind;
 
-use crate::launch::{DeviceKind, LaunchPlan};
+use crate::launch::LaunchPlan;
 use crate::selftest::SelftestArgs;
 
 /// Seconds between SIGTERM and SIGKILL when ranks are stopped, unless `--grace-s` says otherwise.

@@ -2,7 +2,6 @@
 
 pub mod bench_step;
 pub mod config;
-pub mod env;
 pub mod eval;
 pub mod preemption;
 pub mod progress;

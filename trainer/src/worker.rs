@@ -2,7 +2,6 @@
 //! the loop of updates and evaluations.
 
 use crate::config::JobConfig;
-use crate::env::RankEnv;
 use crate::eval::Evaluator;
 use crate::preemption::{PreemptionSignal, WorkerOutcome};
 use crate::progress::{fmt_duration, Progress};
@@ -12,6 +11,7 @@ use crate::WorkerArgs;
 use anyhow::{bail, Context, Result};
 use mgrun_collectives::store::StoreClient;
 use mgrun_collectives::{scalars, Backend, Communicator, SingleRank};
+use mgrun_collectives::{DeviceKind, RankEnv};
 use mgrun_data::{Dataset, Loader};
 use mgrun_methods::{Adam, AdamConfig, DomainShard, ExactMode, ShardingPlan, Topology, UpdateContext};
 use mgrun_models::{Model, ModelSpec};
@@ -135,7 +135,10 @@ pub fn run_worker(args: &WorkerArgs) -> Result<WorkerOutcome> {
     let mut last_accuracy = Vec::new();
     // Always there: a preemption writes a checkpoint even when checkpoint.every_steps = 0.
     let checkpoint_store = if env.world_size > 1 {
-        Some(StoreClient::from_env(timeout).context("connecting the checkpoint writer to the rendezvous store")?)
+        Some(
+            StoreClient::connect_rank(&env, timeout)
+                .context("connecting the checkpoint writer to the rendezvous store")?,
+        )
     } else {
         None
     };
@@ -289,7 +292,7 @@ pub fn run_worker(args: &WorkerArgs) -> Result<WorkerOutcome> {
 }
 
 fn configure_torch(config: &JobConfig, env: &RankEnv) -> Result<()> {
-    let threads = config.train.threads_per_rank(env.device_kind == "cpu", env.local_world_size);
+    let threads = config.train.threads_per_rank(env.device_kind == DeviceKind::Cpu, env.local_world_size);
     tch::set_num_threads(threads.max(1) as i32);
     if config.train.deterministic {
         // cuBLAS reads this at its first handle creation (after this point): fixed workspaces
@@ -321,7 +324,7 @@ fn connect_world(
         let version = mgrun_collectives::nccl::nccl_version().with_context(|| format!("rank {}", env.rank))?;
         println!("NCCL {version}");
     }
-    let store = StoreClient::from_env(timeout).context("connecting to the rendezvous store")?;
+    let store = StoreClient::connect_rank(&env, timeout).context("connecting to the rendezvous store")?;
     let comm = mgrun_collectives::connect(backend, &store, env.rank, env.world_size, device, timeout)
         .with_context(|| format!("rank {}: connecting the {} communicator", env.rank, backend.name()))?;
     Ok(comm)
@@ -431,7 +434,7 @@ fn announce(config: &JobConfig, env: &RankEnv, dataset: &Dataset, plan: &Shardin
     // Built from this config already, so its section parses.
     let statistics = config.method.cross_rank_statistics().unwrap_or_default();
     print!("{}", sharding::describe(plan, &train_names, &statistics, config.train.deterministic, params));
-    if config.train.deterministic && env.device_kind == "cpu" {
+    if config.train.deterministic && env.device_kind == DeviceKind::Cpu {
         println!(
             "deterministic mode: {} thread(s) per CPU rank (train.threads), the same at any world size",
             tch::get_num_threads()
