@@ -2,12 +2,16 @@
 //! meets the others at a barrier in the rendezvous store, runs a little, then exits 0, except for an optional
 //! rank that fails on purpose in a chosen way.
 
+use std::ffi::OsString;
 use std::time::Duration;
 
 use anyhow::Context;
 use mgrun_collectives::rank_env::var;
 use mgrun_collectives::store::StoreClient;
 use mgrun_collectives::RankEnv;
+
+use crate::cli::LaunchArgs;
+use crate::job::{launch_job, WorkerCommand};
 
 /// Environment variables a rank reports, as it finds them: torchrun's contract plus mgrun's own.
 const REPORTED_ENV: [&str; 14] = [
@@ -79,6 +83,16 @@ impl SelftestArgs {
         }
         args
     }
+}
+
+/// `mgrun selftest`: launches selftest ranks (`mgrun selftest-worker`) like a job.
+pub fn launch_selftest(args: &SelftestArgs, launch: &LaunchArgs, cuda_load_error: Option<&str>) -> anyhow::Result<i32> {
+    let out_dir = launch.out.clone().unwrap_or_else(|| crate::launch::default_out_dir("selftest"));
+    let mut worker_args: Vec<OsString> = vec!["selftest-worker".into()];
+    worker_args.extend(args.to_args().into_iter().map(OsString::from));
+    let agreement = format!("{worker_args:?}");
+    let worker = WorkerCommand { args: worker_args, restart_args: Some(Vec::new()), agreement };
+    launch_job(launch, out_dir, worker, cuda_load_error)
 }
 
 /// Runs one selftest rank; the launcher provides the environment.
