@@ -102,13 +102,11 @@ pub enum Command {
     /// Launch diagnostic ranks that exercise the launcher (tests).
     #[command(hide = true)]
     Selftest(SelftestArgs),
-    /// One training rank (spawned by the launcher).
+    /// One training rank (spawned by the launcher), on the resolved config the launcher wrote.
     #[command(hide = true)]
     Worker {
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
-        #[arg(long = "set", value_name = "KEY=VALUE")]
-        overrides: Vec<String>,
         config: PathBuf,
     },
     /// One communication-benchmark rank (spawned by `mgrun bench comm`).

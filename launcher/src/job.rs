@@ -9,7 +9,7 @@ use anyhow::Context;
 use mgrun_collectives::DeviceKind;
 
 use crate::cli::LaunchArgs;
-use crate::launch::{self, LaunchPlan};
+use crate::launch::{self, LaunchPlan, RankConfig};
 use crate::{cuda, placement};
 
 /// Seconds between SIGTERM and SIGKILL when ranks are stopped, unless `--grace-s` says otherwise.
@@ -18,8 +18,8 @@ const DEFAULT_GRACE_S: f64 = 3.0;
 /// What the ranks of a job run, and what must agree across the launchers of a multi-node job.
 pub struct WorkerCommand {
     pub args: Vec<OsString>,
-    /// Added to `args` when the ranks are restarted after a failure (resume from the newest checkpoint).
-    pub restart_args: Option<Vec<OsString>>,
+    /// The job config the ranks read (training jobs).
+    pub rank_config: Option<RankConfig>,
     /// Text whose hash every launcher compares at the rendezvous (the resolved config, say).
     pub agreement: String,
 }
@@ -84,7 +84,7 @@ pub fn launch_job(
         group_world_size: place.group_world_size,
         out_dir,
         worker_args: worker.args,
-        restart_args: worker.restart_args,
+        rank_config: worker.rank_config,
         rendezvous: place.rendezvous,
         job_hash,
         max_restarts: launch.max_restarts.unwrap_or(0),

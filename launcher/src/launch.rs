@@ -66,9 +66,9 @@ pub struct LaunchPlan {
     pub out_dir: PathBuf,
     /// Arguments given to every worker after the path of this executable (e.g. `worker --out DIR CONFIG`).
     pub worker_args: Vec<OsString>,
-    /// Arguments added to `worker_args` when the ranks are restarted (resume from the newest checkpoint);
-    /// `None` for workers that start afresh.
-    pub restart_args: Option<Vec<OsString>>,
+    /// The job config the workers read, written before each attempt starts them; `None` for workers
+    /// without one.
+    pub rank_config: Option<RankConfig>,
     pub rendezvous: RendezvousPlan,
     /// A hash of what must agree across launchers (config, options).
     pub job_hash: String,
@@ -78,6 +78,35 @@ pub struct LaunchPlan {
     pub requeue_target: Option<String>,
     /// Time between SIGTERM and SIGKILL when the group is torn down.
     pub grace: Duration,
+}
+
+/// The resolved job config of the ranks: the launcher writes it to `path` before it starts them, after
+/// the rendezvous (so that a launcher of another job never overwrites it), for every attempt again.
+#[derive(Debug, Clone)]
+pub struct RankConfig {
+    pub path: PathBuf,
+    /// The config of the first attempt.
+    pub first: String,
+    /// The config of restarts, which resume from the newest checkpoint.
+    pub restart: String,
+}
+
+impl RankConfig {
+    /// Writes the config of `attempt` through a temporary file renamed over `path`: ranks never read a
+    /// half-written file, and the launchers of a multi-node job may write the same one on a shared file
+    /// system.
+    fn write(&self, attempt: usize) -> anyhow::Result<()> {
+        let contents = if attempt == 0 { &self.first } else { &self.restart };
+        let mut temporary_name = OsString::from(".");
+        temporary_name.push(self.path.file_name().unwrap_or(self.path.as_os_str()));
+        temporary_name.push(format!(".{}.{}.tmp", hostname(), std::process::id()));
+        let temporary = self.path.with_file_name(temporary_name);
+        std::fs::write(&temporary, contents).with_context(|| format!("writing {}", temporary.display()))?;
+        std::fs::rename(&temporary, &self.path).with_context(|| {
+            let _ = std::fs::remove_file(&temporary);
+            format!("renaming {} to {}", temporary.display(), self.path.display())
+        })
+    }
 }
 
 /// Runs the job to completion and returns the launcher's exit code: 0 only if every rank exited 0,
@@ -145,6 +174,9 @@ pub fn launch(plan: &LaunchPlan) -> anyhow::Result<i32> {
             ranks_per_gpu: plan.ranks_per_gpu.max(1),
             ..RankEnv::single_rank()
         };
+        if let Some(rank_config) = &plan.rank_config {
+            rank_config.write(attempt)?;
+        }
         let mine = runtime.block_on(supervise(plan, &attempt_env, &store, &mut signals, &logs_dir))?;
         let reports = store.gather_reports(attempt, &mine, plan.grace + REPORT_SLACK)?;
         let decision = decide(&reports, attempt, plan.max_restarts);
@@ -485,15 +517,11 @@ fn spawn_rank(
         }
     }
 
-    let mut args = plan.worker_args.clone();
-    if attempt > 0 {
-        args.extend(plan.restart_args.iter().flatten().cloned());
-    }
     let rank_env =
         RankEnv { rank, local_rank: local.local_rank, cuda_device: local.cuda_device, ..attempt_env.clone() };
     let mut command = tokio::process::Command::new(exe);
     command
-        .args(&args)
+        .args(&plan.worker_args)
         .envs(rank_env.vars())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

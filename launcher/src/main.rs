@@ -62,8 +62,8 @@ fn run_command(command: Command, top_launch: &LaunchArgs, cuda_load_error: Optio
             Ok(0)
         }
         Command::Selftest(args) => selftest::launch_selftest(&args, top_launch, cuda_load_error),
-        Command::Worker { out, overrides, config } => {
-            let outcome = mgrun_trainer::run_worker(&mgrun_trainer::WorkerArgs { config, overrides, out_dir: out })?;
+        Command::Worker { out, config } => {
+            let outcome = mgrun_trainer::run_worker(&mgrun_trainer::WorkerArgs { config, out_dir: out })?;
             Ok(outcome.exit_code())
         }
         Command::BenchWorker { max_bytes, json } => {

@@ -1,13 +1,19 @@
-//! `mgrun [LAUNCH OPTIONS] CONFIG`: a training job. The config is loaded and checked here, once, before
-//! any rank starts; every rank runs `mgrun worker`.
+//! `mgrun [LAUNCH OPTIONS] CONFIG`: a training job. The config (with `--set` and `--resume`) is loaded,
+//! checked and its paths resolved here, once, before any rank starts; every rank runs `mgrun worker` on
+//! the one file the launcher writes, `<out>/config.resolved.toml`.
 
 use std::ffi::OsString;
 use std::path::Path;
 
 use anyhow::Context;
+use mgrun_trainer::JobConfig;
 
 use crate::cli::Cli;
 use crate::job::{absolute, default_out_dir, launch_job, WorkerCommand};
+use crate::launch::RankConfig;
+
+/// The file in the output directory that holds the job's resolved config, which the ranks read.
+const RESOLVED_CONFIG: &str = "config.resolved.toml";
 
 /// Starts the training job of `cli` (which has no subcommand) and returns the launcher's exit code.
 pub fn launch_training(cli: Cli, cuda_load_error: Option<&str>) -> anyhow::Result<i32> {
@@ -32,7 +38,7 @@ pub fn launch_training(cli: Cli, cuda_load_error: Option<&str>) -> anyhow::Resul
         overrides.push(format!("checkpoint.resume={}", toml_string(&value)));
     }
     // A typo in the config fails here, once and at once, instead of in every rank.
-    let job = mgrun_trainer::JobConfig::load(&config, &overrides)?;
+    let job = JobConfig::load(&config, &overrides)?;
     if cli.launch.ranks_per_gpu.unwrap_or(1) > 1 && job.comm.backend == "nccl" {
         anyhow::bail!(
             "config {}: comm.backend = \"nccl\" cannot run with --ranks-per-gpu {}: NCCL refuses two ranks of \
@@ -55,20 +61,58 @@ pub fn launch_training(cli: Cli, cuda_load_error: Option<&str>) -> anyhow::Resul
         "--resume auto looks for checkpoints in the run's output directory: give the run's --out DIR \
          (or set checkpoint.dir)"
     );
-    let mut worker_args: Vec<OsString> = vec!["worker".into(), "--out".into(), out_dir.clone().into()];
-    for key_value in &overrides {
-        worker_args.extend(["--set".into(), key_value.into()]);
-    }
-    worker_args.push(config.into());
-    let worker = WorkerCommand {
-        args: worker_args,
-        restart_args: Some(vec!["--set".into(), format!("checkpoint.resume={}", toml_string("auto")).into()]),
-        agreement: toml::to_string(&job).context("serialising the resolved config")?,
+    let agreement = toml::to_string(&job).context("serialising the resolved config")?;
+    // Restarted ranks continue from the newest checkpoint, whatever the first start resumed from.
+    overrides.push(format!("checkpoint.resume={}", toml_string("auto")));
+    let restart_job = JobConfig::load(&config, &overrides)?;
+    // Relative paths in the config mean relative to where `mgrun` was started.
+    let cwd = std::env::current_dir().context("reading the current directory")?;
+    let rank_config = RankConfig {
+        path: out_dir.join(RESOLVED_CONFIG),
+        first: resolved_toml(job, &cwd)?,
+        restart: resolved_toml(restart_job, &cwd)?,
     };
+    let worker_args: Vec<OsString> =
+        vec!["worker".into(), "--out".into(), out_dir.clone().into(), rank_config.path.clone().into()];
+    let worker = WorkerCommand { args: worker_args, rank_config: Some(rank_config), agreement };
     launch_job(&cli.launch, out_dir, worker, cuda_load_error)
+}
+
+/// `job` with its paths resolved against `cwd`, as the TOML the ranks load.
+fn resolved_toml(mut job: JobConfig, cwd: &Path) -> anyhow::Result<String> {
+    job.resolve_paths(cwd);
+    toml::to_string_pretty(&job).context("serialising the resolved config")
 }
 
 /// `value` as a TOML basic string.
 fn toml_string(value: &str) -> String {
     format!("\"{}\"", value.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Ranks load what the launcher wrote: every shipped config survives the trip through TOML.
+    #[test]
+    fn resolved_configs_load_back_unchanged() {
+        let configs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs");
+        let dir = tempfile::tempdir().unwrap();
+        let mut checked = 0;
+        for entry in std::fs::read_dir(&configs).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().and_then(|e| e.to_str()) != Some("toml") {
+                continue;
+            }
+            let overrides = ["checkpoint.resume=\"auto\"".to_string()];
+            let job = JobConfig::load(&path, &overrides).unwrap();
+            let written = dir.path().join(RESOLVED_CONFIG);
+            std::fs::write(&written, resolved_toml(job.clone(), Path::new("/base")).unwrap()).unwrap();
+            let mut expected = job;
+            expected.resolve_paths(Path::new("/base"));
+            assert_eq!(JobConfig::load(&written, &[]).unwrap(), expected, "{}", path.display());
+            checked += 1;
+        }
+        assert!(checked > 0, "no configs in {}", configs.display());
+    }
 }

@@ -24,8 +24,7 @@ pub fn run_worker(args: &WorkerArgs) -> Result<WorkerOutcome> {
     let preemption = PreemptionSignal::install()?;
     // --- Job configuration and this rank's identity.
     let env = RankEnv::from_env()?;
-    let mut config = JobConfig::load(&args.config, &args.overrides)?;
-    config.resolve_paths(&std::env::current_dir().context("reading the current directory")?);
+    let config = JobConfig::load(&args.config, &[])?;
     let device = env.device()?;
     configure_torch(&config, &env)?;
     let is_main = env.rank == 0;
@@ -123,9 +122,6 @@ pub fn run_worker(args: &WorkerArgs) -> Result<WorkerOutcome> {
         results_out = Some(reopen_jsonl(&args.out_dir.join("results.jsonl"), start_step)?.0);
     }
     if is_main {
-        let resolved = toml::to_string_pretty(&config).context("serialising the resolved config")?;
-        std::fs::write(args.out_dir.join("config.resolved.toml"), resolved)
-            .with_context(|| format!("writing {}", args.out_dir.join("config.resolved.toml").display()))?;
         announce(&config, &env, &dataset, &plan, model.store().numel());
     }
     let evaluator = Evaluator { batch_size: config.eval.batch_size, image_size: config.data.image_size, device };
@@ -324,7 +320,7 @@ fn connect_world(
         let version = mgrun_collectives::nccl::nccl_version().with_context(|| format!("rank {}", env.rank))?;
         println!("NCCL {version}");
     }
-    let store = StoreClient::connect_rank(&env, timeout).context("connecting to the rendezvous store")?;
+    let store = StoreClient::connect_rank(env, timeout).context("connecting to the rendezvous store")?;
     let comm = mgrun_collectives::connect(backend, &store, env.rank, env.world_size, device, timeout)
         .with_context(|| format!("rank {}: connecting the {} communicator", env.rank, backend.name()))?;
     Ok(comm)
