@@ -2,7 +2,7 @@
 //! busbw = algbw * 2(n-1)/n (the all-reduce bus factor), for message sizes 1 KiB .. `max_bytes`.
 
 use crate::store::StoreClient;
-use crate::{CommError, Communicator, RankDevice, ReduceOp};
+use crate::{CommError, Communicator, RankEnv, ReduceOp};
 use anyhow::Context;
 use serde::Serialize;
 use std::path::Path;
@@ -150,26 +150,18 @@ pub fn rows_to_json(rows: &[CommBenchRow], world: usize, backend: &str) -> Strin
     serde_json::to_string_pretty(&report).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
 }
 
-fn env_usize(name: &str) -> anyhow::Result<usize> {
-    crate::rank_device::env_usize(name)?.with_context(|| format!("environment variable {name} is not set"))
-}
-
-/// Body of one benchmark worker process: reads RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT and
-/// MGRUN_STORE_TOKEN (and optionally MGRUN_COMM_TIMEOUT_S, default 120) from the environment, joins the
-/// TCP world, runs the benchmark; rank 0 prints the table and writes the JSON to `json_out`.
+/// Body of one benchmark worker process: reads the rank environment (RANK and WORLD_SIZE must be set;
+/// MGRUN_COMM_TIMEOUT_S defaults to 120), joins the world, runs the benchmark; rank 0 prints the table
+/// and writes the JSON to `json_out`.
 pub fn bench_worker_main(max_bytes: usize, json_out: Option<&Path>) -> anyhow::Result<()> {
-    let rank = env_usize("RANK")?;
-    let world_size = env_usize("WORLD_SIZE")?;
-    let timeout_s = match std::env::var("MGRUN_COMM_TIMEOUT_S") {
-        Ok(text) => text.trim().parse::<f64>().with_context(|| format!("MGRUN_COMM_TIMEOUT_S={text:?}"))?,
-        Err(_) => 120.0,
-    };
-    let timeout = Duration::from_secs_f64(timeout_s);
-    let store = StoreClient::from_env(timeout).context("connecting to the rendezvous store")?;
+    let env = RankEnv::from_launcher_env()?;
+    let (rank, world_size) = (env.rank, env.world_size);
+    let timeout = env.comm_timeout.unwrap_or(Duration::from_secs(120));
+    let store = StoreClient::connect_rank(&env, timeout).context("connecting to the rendezvous store")?;
     // CUDA ranks (MGRUN_DEVICE=cuda) measure NCCL on device memory (the TCP backend through pinned
     // host buffers when ranks share a GPU); CPU ranks the TCP backend.
-    let RankDevice { device, ranks_per_gpu } = RankDevice::from_env()?;
-    let backend = crate::Backend::select(crate::BackendChoice::Auto, device, ranks_per_gpu)?;
+    let device = env.assigned_device();
+    let backend = crate::Backend::select(crate::BackendChoice::Auto, device, env.ranks_per_gpu)?;
     let comm = crate::connect(backend, &store, rank, world_size, device, timeout)
         .with_context(|| format!("rank {rank} joining the world of {world_size}"))?;
     let comm = comm.as_ref();

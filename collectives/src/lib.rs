@@ -13,7 +13,7 @@ pub mod bench;
 pub mod bucket;
 pub mod error;
 pub mod nccl;
-pub mod rank_device;
+pub mod rank_env;
 pub mod scalars;
 pub mod single;
 mod staging;
@@ -22,7 +22,7 @@ pub mod tcp;
 
 pub use bucket::all_reduce_flat;
 pub use error::CommError;
-pub use rank_device::RankDevice;
+pub use rank_env::{DeviceKind, RankEnv};
 pub use single::SingleRank;
 
 use std::time::Duration;

@@ -5,6 +5,7 @@
 //! [`Response`]. The first frame of a connection must be [`Request::Hello`] carrying the job's token;
 //! any other first frame, or a wrong token, closes the connection without an answer.
 
+use crate::rank_env::{var, RankEnv};
 use crate::CommError;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -271,9 +272,6 @@ impl std::fmt::Debug for StoreServer {
     }
 }
 
-/// The environment variable that gives a rank's store keys their namespace (see [`StoreClient::from_env`]).
-pub const NAMESPACE_ENV: &str = "MGRUN_STORE_NAMESPACE";
-
 /// A blocking client of the [`StoreServer`]. One request at a time per client (a mutex serialises them).
 pub struct StoreClient {
     addr: String,
@@ -342,25 +340,22 @@ impl StoreClient {
         }
     }
 
-    /// From torchrun-style env: MASTER_ADDR, MASTER_PORT, MGRUN_STORE_TOKEN, and the key namespace of
-    /// this attempt of the job, MGRUN_STORE_NAMESPACE (set by the launcher; empty when absent).
-    pub fn from_env(timeout: Duration) -> Result<StoreClient, CommError> {
-        let var = |name: &str| {
-            std::env::var(name).map_err(|_| CommError::Store {
-                addr: "(from env)".into(),
-                message: format!("environment variable {name} is not set"),
-            })
+    /// The store of a rank's job: MASTER_ADDR, MASTER_PORT and MGRUN_STORE_TOKEN of `env`, with every key
+    /// in the namespace of this attempt of the job (MGRUN_STORE_NAMESPACE).
+    pub fn connect_rank(env: &RankEnv, timeout: Duration) -> Result<StoreClient, CommError> {
+        let missing = |name: &str| CommError::Store {
+            addr: "(from env)".into(),
+            message: format!("environment variable {name} is not set"),
         };
-        let host = var("MASTER_ADDR")?;
-        let port = var("MASTER_PORT")?;
-        let token = var("MGRUN_STORE_TOKEN")?;
+        let host = env.master_addr.as_deref().ok_or_else(|| missing(var::MASTER_ADDR))?;
+        let port = env.master_port.ok_or_else(|| missing(var::MASTER_PORT))?;
+        let token = env.store_token.as_deref().ok_or_else(|| missing(var::STORE_TOKEN))?;
         let addr = if host.contains(':') && !host.starts_with('[') {
             format!("[{host}]:{port}") // bare IPv6 literal
         } else {
             format!("{host}:{port}")
         };
-        let namespace = std::env::var(NAMESPACE_ENV).unwrap_or_default();
-        Ok(StoreClient::connect(&addr, &token, timeout)?.in_namespace(&namespace))
+        Ok(StoreClient::connect(&addr, token, timeout)?.in_namespace(&env.store_namespace))
     }
 
     /// This client with every key prefixed by `namespace` (replacing any earlier namespace).

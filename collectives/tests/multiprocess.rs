@@ -3,6 +3,7 @@
 //! results against a sequentially computed reference and prints OK/FAIL lines.
 
 use mgrun_collectives::store::StoreServer;
+use mgrun_collectives::RankEnv;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -19,16 +20,22 @@ fn run_world(world: usize, args: &[&str], timeout_s: f64, limit: Duration) -> Wo
     let start = Instant::now();
     let children: Vec<Child> = (0..world)
         .map(|rank| {
+            let env = RankEnv {
+                rank,
+                local_rank: rank,
+                world_size: world,
+                local_world_size: world,
+                master_addr: Some("127.0.0.1".to_string()),
+                master_port: Some(server.addr().port()),
+                store_token: Some(TOKEN.to_string()),
+                comm_timeout: Some(Duration::from_secs_f64(timeout_s)),
+                // CPU ranks, whatever this process's environment says.
+                ..RankEnv::single_rank()
+            };
             Command::new(env!("CARGO_BIN_EXE_mgrun-comm-check"))
                 .args(args)
-                .env("RANK", rank.to_string())
-                .env("WORLD_SIZE", world.to_string())
-                .env("MASTER_ADDR", "127.0.0.1")
-                .env("MASTER_PORT", server.addr().port().to_string())
-                .env("MGRUN_STORE_TOKEN", TOKEN)
-                .env("MGRUN_COMM_TIMEOUT_S", timeout_s.to_string())
+                .envs(env.vars())
                 .env_remove("MGRUN_ADVERTISE_ADDR")
-                .env_remove("MGRUN_DEVICE")
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
                 .spawn()

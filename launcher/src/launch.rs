@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use mgrun_collectives::store::NAMESPACE_ENV;
+use mgrun_collectives::{DeviceKind, RankEnv};
 use mgrun_trainer::PREEMPTED_EXIT_CODE;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::signal::unix::{signal, Signal, SignalKind};
@@ -26,7 +26,6 @@ use tokio::task::JoinHandle;
 
 use crate::rendezvous::{
     decide, hostname, Decision, JobStore, LauncherInfo, LauncherReport, LocalOutcome, RankFailure, RendezvousPlan,
-    TOKEN_ENV,
 };
 
 /// How many of a rank's last stderr lines are kept to explain its failure.
@@ -38,22 +37,6 @@ const KILL_REAP_TIMEOUT: Duration = Duration::from_secs(2);
 const REPORT_SLACK: Duration = Duration::from_secs(20);
 /// How long to wait for the output of exited ranks to drain before reporting.
 const OUTPUT_DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DeviceKind {
-    Cpu,
-    Cuda,
-}
-
-impl DeviceKind {
-    /// The value of `MGRUN_DEVICE` that workers read.
-    pub fn env_value(self) -> &'static str {
-        match self {
-            DeviceKind::Cpu => "cpu",
-            DeviceKind::Cuda => "cuda",
-        }
-    }
-}
 
 /// One rank started by this launcher.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,9 +66,9 @@ pub struct LaunchPlan {
     pub out_dir: PathBuf,
     /// Arguments given to every worker after the path of this executable (e.g. `worker --out DIR CONFIG`).
     pub worker_args: Vec<OsString>,
-    /// Arguments added to `worker_args` when the ranks are restarted (resume from the newest checkpoint);
-    /// `None` for workers that start afresh.
-    pub restart_args: Option<Vec<OsString>>,
+    /// The job config the workers read, written before each attempt starts them; `None` for workers
+    /// without one.
+    pub rank_config: Option<RankConfig>,
     pub rendezvous: RendezvousPlan,
     /// A hash of what must agree across launchers (config, options).
     pub job_hash: String,
@@ -95,6 +78,35 @@ pub struct LaunchPlan {
     pub requeue_target: Option<String>,
     /// Time between SIGTERM and SIGKILL when the group is torn down.
     pub grace: Duration,
+}
+
+/// The resolved job config of the ranks: the launcher writes it to `path` before it starts them, after
+/// the rendezvous (so that a launcher of another job never overwrites it), for every attempt again.
+#[derive(Debug, Clone)]
+pub struct RankConfig {
+    pub path: PathBuf,
+    /// The config of the first attempt.
+    pub first: String,
+    /// The config of restarts, which resume from the newest checkpoint.
+    pub restart: String,
+}
+
+impl RankConfig {
+    /// Writes the config of `attempt` through a temporary file renamed over `path`: ranks never read a
+    /// half-written file, and the launchers of a multi-node job may write the same one on a shared file
+    /// system.
+    fn write(&self, attempt: usize) -> anyhow::Result<()> {
+        let contents = if attempt == 0 { &self.first } else { &self.restart };
+        let mut temporary_name = OsString::from(".");
+        temporary_name.push(self.path.file_name().unwrap_or(self.path.as_os_str()));
+        temporary_name.push(format!(".{}.{}.tmp", hostname(), std::process::id()));
+        let temporary = self.path.with_file_name(temporary_name);
+        std::fs::write(&temporary, contents).with_context(|| format!("writing {}", temporary.display()))?;
+        std::fs::rename(&temporary, &self.path).with_context(|| {
+            let _ = std::fs::remove_file(&temporary);
+            format!("renaming {} to {}", temporary.display(), self.path.display())
+        })
+    }
 }
 
 /// Runs the job to completion and returns the launcher's exit code: 0 only if every rank exited 0,
@@ -124,7 +136,7 @@ pub fn launch(plan: &LaunchPlan) -> anyhow::Result<i32> {
     println!(
         "mgrun: {} {} rank(s){sharing}{nodes}, out dir {}, store {}:{}",
         plan.world_size,
-        plan.device.env_value(),
+        plan.device,
         plan.out_dir.display(),
         plan.rendezvous.master_addr,
         store.port
@@ -147,15 +159,25 @@ pub fn launch(plan: &LaunchPlan) -> anyhow::Result<i32> {
     let code = loop {
         // Children are spawned from this (main) thread: PR_SET_PDEATHSIG fires when the *thread* that
         // forked a child exits, so forking from a pool thread could kill ranks early.
-        let rank_env = RankEnv {
-            master_addr: plan.rendezvous.master_addr.clone(),
-            master_port: store.port,
-            token: store.token.clone(),
-            job_id: store.job_id.clone(),
-            namespace: store.namespace(attempt),
-            attempt,
+        let attempt_env = RankEnv {
+            world_size: plan.world_size,
+            local_world_size: plan.local_world_size,
+            group_rank: plan.group_rank,
+            group_world_size: plan.group_world_size,
+            restart_count: attempt,
+            master_addr: Some(plan.rendezvous.master_addr.clone()),
+            master_port: Some(store.port),
+            store_token: Some(store.token.clone()),
+            store_namespace: store.namespace(attempt),
+            job_id: Some(store.job_id.clone()),
+            device_kind: plan.device,
+            ranks_per_gpu: plan.ranks_per_gpu.max(1),
+            ..RankEnv::single_rank()
         };
-        let mine = runtime.block_on(supervise(plan, &rank_env, &store, &mut signals, &logs_dir))?;
+        if let Some(rank_config) = &plan.rank_config {
+            rank_config.write(attempt)?;
+        }
+        let mine = runtime.block_on(supervise(plan, &attempt_env, &store, &mut signals, &logs_dir))?;
         let reports = store.gather_reports(attempt, &mine, plan.grace + REPORT_SLACK)?;
         let decision = decide(&reports, attempt, plan.max_restarts);
         history.push((attempt, reports));
@@ -267,18 +289,6 @@ fn print_failures(history: &[(usize, Vec<LauncherReport>)]) {
     let _ = std::io::stderr().lock().write_all(message.as_bytes());
 }
 
-/// Values shared by every rank's environment in one attempt.
-struct RankEnv {
-    master_addr: String,
-    master_port: u16,
-    token: String,
-    job_id: String,
-    /// The store key namespace of this attempt.
-    namespace: String,
-    /// 0 for the first start, k for the k-th restart.
-    attempt: usize,
-}
-
 /// What the supervisor knows about one running (or finished) rank.
 struct RankProcess {
     rank: usize,
@@ -315,26 +325,28 @@ enum StopReason {
     Aborted(usize),
 }
 
-/// Runs one attempt of the local ranks to their end and reports how it ended.
+/// Runs one attempt of the local ranks to their end and reports how it ended. `attempt_env` is the
+/// environment every rank of the attempt shares; each rank's own fields are set when it is spawned.
 async fn supervise(
     plan: &LaunchPlan,
-    rank_env: &RankEnv,
+    attempt_env: &RankEnv,
     store: &JobStore,
     signals: &mut LauncherSignals,
     logs_dir: &Path,
 ) -> anyhow::Result<LauncherReport> {
     let exe = std::env::current_exe().context("locating the mgrun executable to start the ranks")?;
     let (exit_sender, mut exit_receiver) = mpsc::unbounded_channel::<(usize, Result<ExitStatus, String>)>();
-    let mut abort_watch = store.watch_abort(rank_env.attempt)?;
+    let attempt = attempt_env.restart_count;
+    let mut abort_watch = store.watch_abort(attempt)?;
 
     let mut ranks: Vec<RankProcess> = Vec::with_capacity(plan.local.len());
     for (index, local) in plan.local.iter().enumerate() {
-        match spawn_rank(plan, rank_env, &exe, index, *local, logs_dir, exit_sender.clone()) {
+        match spawn_rank(plan, attempt_env, &exe, index, *local, logs_dir, exit_sender.clone()) {
             Ok(process) => ranks.push(process),
             Err(error) => {
                 // Dropping the children (kill_on_drop) is not enough: they are owned by their wait tasks.
                 signal_running(&ranks, libc::SIGKILL);
-                store.announce_abort(rank_env.attempt);
+                store.announce_abort(attempt);
                 return Err(error);
             }
         }
@@ -365,7 +377,7 @@ async fn supervise(
                             plan.grace.as_secs_f64()
                         );
                         stop_reason = Some(StopReason::Signal(received));
-                        store.announce_abort(rank_env.attempt);
+                        store.announce_abort(attempt);
                         // The ranks ignore SIGINT (Ctrl-C reaches them from the terminal too): TERM for INT.
                         signal_running(&ranks, if received == libc::SIGINT { libc::SIGTERM } else { received });
                         kill_at = Some(Instant::now() + plan.grace);
@@ -402,7 +414,7 @@ async fn supervise(
                         describe_exit(&outcome.exit)
                     );
                     stop_reason = Some(StopReason::RankFailed(index));
-                    store.announce_abort(rank_env.attempt);
+                    store.announce_abort(attempt);
                     ranks[index].outcome = Some(outcome);
                     signal_running(&ranks, libc::SIGTERM);
                     kill_at = Some(Instant::now() + plan.grace);
@@ -480,7 +492,7 @@ impl LauncherSignals {
 
 fn spawn_rank(
     plan: &LaunchPlan,
-    rank_env: &RankEnv,
+    attempt_env: &RankEnv,
     exe: &Path,
     index: usize,
     local: LocalRank,
@@ -488,43 +500,29 @@ fn spawn_rank(
     exit_sender: mpsc::UnboundedSender<(usize, Result<ExitStatus, String>)>,
 ) -> anyhow::Result<RankProcess> {
     let rank = local.rank;
+    let attempt = attempt_env.restart_count;
     let log_path = logs_dir.join(format!("rank{rank}.log"));
     // A restart appends to the log of the attempt before, which holds the failure it restarts from.
     let log_file = std::fs::OpenOptions::new()
         .create(true)
         .write(true)
-        .append(rank_env.attempt > 0)
-        .truncate(rank_env.attempt == 0)
+        .append(attempt > 0)
+        .truncate(attempt == 0)
         .open(&log_path)
         .with_context(|| format!("creating {}", log_path.display()))?;
     let log = Arc::new(Mutex::new(log_file));
-    if rank_env.attempt > 0 {
+    if attempt > 0 {
         if let Ok(mut file) = log.lock() {
-            let _ = writeln!(file, "=== mgrun: restart {} ===", rank_env.attempt);
+            let _ = writeln!(file, "=== mgrun: restart {attempt} ===");
         }
     }
 
-    let mut args = plan.worker_args.clone();
-    if rank_env.attempt > 0 {
-        args.extend(plan.restart_args.iter().flatten().cloned());
-    }
+    let rank_env =
+        RankEnv { rank, local_rank: local.local_rank, cuda_device: local.cuda_device, ..attempt_env.clone() };
     let mut command = tokio::process::Command::new(exe);
     command
-        .args(&args)
-        .env("RANK", rank.to_string())
-        .env("LOCAL_RANK", local.local_rank.to_string())
-        .env("WORLD_SIZE", plan.world_size.to_string())
-        .env("LOCAL_WORLD_SIZE", plan.local_world_size.to_string())
-        .env("GROUP_RANK", plan.group_rank.to_string())
-        .env("GROUP_WORLD_SIZE", plan.group_world_size.to_string())
-        .env("TORCHELASTIC_RESTART_COUNT", rank_env.attempt.to_string())
-        .env("MGRUN_RESTART_COUNT", rank_env.attempt.to_string())
-        .env("MASTER_ADDR", &rank_env.master_addr)
-        .env("MASTER_PORT", rank_env.master_port.to_string())
-        .env(TOKEN_ENV, &rank_env.token)
-        .env(NAMESPACE_ENV, &rank_env.namespace)
-        .env("MGRUN_DEVICE", plan.device.env_value())
-        .env("MGRUN_JOB_ID", &rank_env.job_id)
+        .args(&plan.worker_args)
+        .envs(rank_env.vars())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -536,9 +534,6 @@ fn spawn_rank(
         command.env("OMP_NUM_THREADS", (cores / plan.local_world_size.max(1)).max(1).to_string());
     }
     if plan.device == DeviceKind::Cuda {
-        command
-            .env("MGRUN_CUDA_DEVICE", local.cuda_device.to_string())
-            .env("MGRUN_RANKS_PER_GPU", plan.ranks_per_gpu.max(1).to_string());
         // cudarc loads NCCL as `libnccl.so`; the ranks find mgrun's link to libtorch's libnccl.so.2.
         match crate::cuda::worker_library_path() {
             Ok(library_path) => {

@@ -4,8 +4,9 @@
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Result};
+use mgrun_collectives::DeviceKind;
 
-use crate::launch::{DeviceKind, LocalRank};
+use crate::launch::LocalRank;
 use crate::rendezvous::RendezvousPlan;
 use crate::slurm::SlurmAllocation;
 

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 /// Environment variable that carries the store's token to the launchers of other nodes (instead of the
 /// token file) and to the ranks; never put on a command line.
-pub const TOKEN_ENV: &str = "MGRUN_STORE_TOKEN";
+const TOKEN_ENV: &str = mgrun_collectives::rank_env::var::STORE_TOKEN;
 /// How long launcher 0 keeps the store up at the end for the other launchers to read the outcome.
 const FINAL_BARRIER_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long one probe of the store's port may take.

@@ -2,27 +2,33 @@
 //! meets the others at a barrier in the rendezvous store, runs a little, then exits 0, except for an optional
 //! rank that fails on purpose in a chosen way.
 
+use std::ffi::OsString;
 use std::time::Duration;
 
 use anyhow::Context;
+use mgrun_collectives::rank_env::var;
 use mgrun_collectives::store::StoreClient;
+use mgrun_collectives::RankEnv;
 
-/// Environment variables a rank reports, torchrun's contract plus mgrun's own.
+use crate::cli::LaunchArgs;
+use crate::job::{launch_job, WorkerCommand};
+
+/// Environment variables a rank reports, as it finds them: torchrun's contract plus mgrun's own.
 const REPORTED_ENV: [&str; 14] = [
-    "RANK",
-    "LOCAL_RANK",
-    "WORLD_SIZE",
-    "LOCAL_WORLD_SIZE",
-    "GROUP_RANK",
-    "GROUP_WORLD_SIZE",
-    "MGRUN_RESTART_COUNT",
-    "MGRUN_STORE_NAMESPACE",
-    "MASTER_ADDR",
-    "MASTER_PORT",
-    "MGRUN_DEVICE",
-    "MGRUN_JOB_ID",
+    var::RANK,
+    var::LOCAL_RANK,
+    var::WORLD_SIZE,
+    var::LOCAL_WORLD_SIZE,
+    var::GROUP_RANK,
+    var::GROUP_WORLD_SIZE,
+    var::RESTART_COUNT,
+    var::STORE_NAMESPACE,
+    var::MASTER_ADDR,
+    var::MASTER_PORT,
+    var::DEVICE,
+    var::JOB_ID,
     "OMP_NUM_THREADS",
-    "MGRUN_STORE_TOKEN",
+    var::STORE_TOKEN,
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -79,15 +85,20 @@ impl SelftestArgs {
     }
 }
 
-fn env_usize(name: &str) -> anyhow::Result<usize> {
-    let value = std::env::var(name).with_context(|| format!("selftest worker: env {name} is not set"))?;
-    value.parse().with_context(|| format!("selftest worker: env {name}={value:?} is not a non-negative integer"))
+/// `mgrun selftest`: launches selftest ranks (`mgrun selftest-worker`) like a job.
+pub fn launch_selftest(args: &SelftestArgs, launch: &LaunchArgs, cuda_load_error: Option<&str>) -> anyhow::Result<i32> {
+    let out_dir = launch.out.clone().unwrap_or_else(|| crate::launch::default_out_dir("selftest"));
+    let mut worker_args: Vec<OsString> = vec!["selftest-worker".into()];
+    worker_args.extend(args.to_args().into_iter().map(OsString::from));
+    let agreement = format!("{worker_args:?}");
+    let worker = WorkerCommand { args: worker_args, rank_config: None, agreement };
+    launch_job(launch, out_dir, worker, cuda_load_error)
 }
 
 /// Runs one selftest rank; the launcher provides the environment.
 pub fn selftest_worker_main(args: &SelftestArgs) -> anyhow::Result<()> {
-    let rank = env_usize("RANK")?;
-    let world_size = env_usize("WORLD_SIZE")?;
+    let env = RankEnv::from_launcher_env().context("selftest worker")?;
+    let (rank, world_size) = (env.rank, env.world_size);
     let pid = std::process::id();
     println!("selftest rank {rank} of {world_size}: hello on stdout (pid {pid})");
     eprintln!("selftest rank {rank} of {world_size}: hello on stderr");
@@ -96,13 +107,14 @@ pub fn selftest_worker_main(args: &SelftestArgs) -> anyhow::Result<()> {
         .map(|name| {
             let value = std::env::var(name).unwrap_or_else(|_| "<unset>".to_string());
             // The token is a secret: report only whether it is there.
-            let shown = if *name == "MGRUN_STORE_TOKEN" && value != "<unset>" { "<set>".to_string() } else { value };
+            let shown = if *name == var::STORE_TOKEN && value != "<unset>" { "<set>".to_string() } else { value };
             format!("{name}={shown}")
         })
         .collect();
     println!("selftest env {}", env_report.join(" "));
 
-    let store = StoreClient::from_env(Duration::from_secs(30)).context("selftest worker: connecting to the store")?;
+    let store =
+        StoreClient::connect_rank(&env, Duration::from_secs(30)).context("selftest worker: connecting to the store")?;
     let arrived = store.add("selftest/arrived", 1).context("selftest worker: barrier add")?;
     if usize::try_from(arrived).ok() == Some(world_size) {
         store.set("selftest/all_arrived", b"1").context("selftest worker: barrier release")?;
@@ -110,8 +122,7 @@ pub fn selftest_worker_main(args: &SelftestArgs) -> anyhow::Result<()> {
     store.get("selftest/all_arrived").context("selftest worker: barrier wait")?;
     println!("selftest rank {rank}: passed the barrier");
 
-    let attempt = std::env::var("MGRUN_RESTART_COUNT").ok().and_then(|v| v.parse::<usize>().ok()).unwrap_or(0);
-    if args.fail_rank == Some(rank) && args.fail_attempts.is_none_or(|attempts| attempt < attempts) {
+    if args.fail_rank == Some(rank) && args.fail_attempts.is_none_or(|attempts| env.restart_count < attempts) {
         std::thread::sleep(Duration::from_millis(args.fail_after_ms));
         match args.fail_how {
             FailHow::Exit => {

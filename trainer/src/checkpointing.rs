@@ -3,11 +3,11 @@
 //! when a preemption notice reached any rank), with the stall each save costs the training.
 
 use crate::config::JobConfig;
-use crate::env::RankEnv;
 use crate::preemption::{PreemptionSignal, WorkerOutcome};
 use anyhow::{bail, Context, Result};
 use mgrun_checkpoint::{CheckpointWriter, LoadedCheckpoint, Resume, Snapshot, StateTensor, WriteReport};
 use mgrun_collectives::store::StoreClient;
+use mgrun_collectives::RankEnv;
 use mgrun_collectives::{scalars, Communicator};
 use mgrun_methods::{Adam, Method};
 use mgrun_models::Model;
@@ -70,7 +70,10 @@ impl Checkpointer {
         let root = config.checkpoint.dir.clone().unwrap_or_else(|| out_dir.join("checkpoints"));
         let value = serde_json::to_value(config).context("serialising the config for its checkpoint fingerprint")?;
         let store = if env.world_size > 1 {
-            Some(StoreClient::from_env(timeout).context("connecting the checkpoint writer to the rendezvous store")?)
+            Some(
+                StoreClient::connect_rank(env, timeout)
+                    .context("connecting the checkpoint writer to the rendezvous store")?,
+            )
         } else {
             None
         };

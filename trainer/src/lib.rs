@@ -3,7 +3,6 @@
 pub mod bench_step;
 pub mod checkpointing;
 pub mod config;
-pub mod env;
 pub mod eval;
 pub mod preemption;
 pub mod progress;
@@ -18,11 +17,11 @@ pub use worker::run_worker;
 use std::path::PathBuf;
 
 /// What a worker process (one rank) is started with; the rank itself comes from the environment
-/// (torchrun's contract: RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT).
+/// ([`mgrun_collectives::RankEnv`]: torchrun's contract plus mgrun's variables).
 #[derive(Debug, Clone)]
 pub struct WorkerArgs {
+    /// The job config as the launcher resolved it (`<out>/config.resolved.toml`: `--set` and `--resume`
+    /// applied, paths absolute); loaded as it is.
     pub config: PathBuf,
-    /// `--set a.b=value` overrides, in order.
-    pub overrides: Vec<String>,
     pub out_dir: PathBuf,
 }

@@ -4,8 +4,8 @@
 //! both files keep the records of the steps before the checkpoint and continue.
 
 use crate::config::JobConfig;
-use crate::env::RankEnv;
 use anyhow::{Context, Result};
+use mgrun_collectives::RankEnv;
 use mgrun_data::Dataset;
 use mgrun_methods::{Method, StepStats};
 use mgrun_models::Model;

@@ -3,7 +3,6 @@
 
 use crate::checkpointing::{restore_model, restore_optimizer_and_method, Checkpointer, TrainingState};
 use crate::config::JobConfig;
-use crate::env::RankEnv;
 use crate::eval::Evaluator;
 use crate::preemption::{PreemptionSignal, WorkerOutcome};
 use crate::progress::{fmt_duration, Progress};
@@ -13,7 +12,7 @@ use crate::WorkerArgs;
 use anyhow::{bail, Context, Result};
 use mgrun_checkpoint::LoadedCheckpoint;
 use mgrun_collectives::store::StoreClient;
-use mgrun_collectives::{Backend, Communicator, SingleRank};
+use mgrun_collectives::{Backend, Communicator, DeviceKind, RankEnv, SingleRank};
 use mgrun_data::{Dataset, Loader};
 use mgrun_methods::{Adam, AdamConfig, DomainShard, ExactMode, ShardingPlan, Topology, UpdateContext};
 use mgrun_models::{Model, ModelSpec};
@@ -26,8 +25,7 @@ pub fn run_worker(args: &WorkerArgs) -> Result<WorkerOutcome> {
     let preemption = PreemptionSignal::install()?;
     // --- Job configuration, this rank's identity and the communicator over all ranks.
     let env = RankEnv::from_env()?;
-    let mut config = JobConfig::load(&args.config, &args.overrides)?;
-    config.resolve_paths(&std::env::current_dir().context("reading the current directory")?);
+    let config = JobConfig::load(&args.config, &[])?;
     let device = env.device()?;
     configure_torch(&config, &env)?;
     let is_main = env.rank == 0;
@@ -70,9 +68,6 @@ pub fn run_worker(args: &WorkerArgs) -> Result<WorkerOutcome> {
     // --- Records, evaluation and progress.
     let mut records = RunRecords::open(&config, &env, &dataset, &args.out_dir, start_step)?;
     if is_main {
-        let resolved = toml::to_string_pretty(&config).context("serialising the resolved config")?;
-        std::fs::write(args.out_dir.join("config.resolved.toml"), resolved)
-            .with_context(|| format!("writing {}", args.out_dir.join("config.resolved.toml").display()))?;
         announce(&config, &env, &dataset, &plan, model.store().numel());
     }
     let evaluator = Evaluator::new(&config, device);
@@ -186,7 +181,7 @@ fn next_shards(loader: &mut Loader, plan: &ShardingPlan, rank: usize, device: tc
 }
 
 fn configure_torch(config: &JobConfig, env: &RankEnv) -> Result<()> {
-    let threads = config.train.threads_per_rank(env.device_kind == "cpu", env.local_world_size);
+    let threads = config.train.threads_per_rank(env.device_kind == DeviceKind::Cpu, env.local_world_size);
     tch::set_num_threads(threads.max(1) as i32);
     if config.train.deterministic {
         // cuBLAS reads this at its first handle creation (after this point): fixed workspaces
@@ -218,7 +213,7 @@ fn connect_world(
         let version = mgrun_collectives::nccl::nccl_version().with_context(|| format!("rank {}", env.rank))?;
         println!("NCCL {version}");
     }
-    let store = StoreClient::from_env(timeout).context("connecting to the rendezvous store")?;
+    let store = StoreClient::connect_rank(env, timeout).context("connecting to the rendezvous store")?;
     let comm = mgrun_collectives::connect(backend, &store, env.rank, env.world_size, device, timeout)
         .with_context(|| format!("rank {}: connecting the {} communicator", env.rank, backend.name()))?;
     Ok(comm)
@@ -275,7 +270,7 @@ fn announce(config: &JobConfig, env: &RankEnv, dataset: &Dataset, plan: &Shardin
     // Built from this config already, so its section parses.
     let statistics = config.method.cross_rank_statistics().unwrap_or_default();
     print!("{}", sharding::describe(plan, &train_names, &statistics, config.train.deterministic, params));
-    if config.train.deterministic && env.device_kind == "cpu" {
+    if config.train.deterministic && env.device_kind == DeviceKind::Cpu {
         println!(
             "deterministic mode: {} thread(s) per CPU rank (train.threads), the same at any world size",
             tch::get_num_threads()

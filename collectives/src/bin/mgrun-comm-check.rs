@@ -1,5 +1,6 @@
 //! Test and benchmark worker for the communicators: one process per rank, configured like a torchrun
-//! worker (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, MGRUN_STORE_TOKEN). Each rank builds deterministic
+//! worker (the rank environment, `mgrun_collectives::RankEnv`: RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT,
+//! MGRUN_STORE_TOKEN, optionally MGRUN_COMM_TIMEOUT_S, default 30). Each rank builds deterministic
 //! inputs for every rank, runs the collectives and compares with a sequentially computed reference.
 //!
 //! Usage: mgrun-comm-check <correctness|device-correctness|fail [victim] [die|stall]|bench [max_bytes] [json_out]>
@@ -12,14 +13,9 @@
 use anyhow::{bail, ensure, Context, Result};
 use mgrun_collectives::store::StoreClient;
 use mgrun_collectives::tcp::{TcpCommunicator, TcpOptions};
-use mgrun_collectives::{all_reduce_flat, scalars, Backend, BackendChoice, Communicator, RankDevice, ReduceOp};
+use mgrun_collectives::{all_reduce_flat, scalars, Backend, BackendChoice, Communicator, RankEnv, ReduceOp};
 use std::time::{Duration, Instant};
 use tch::{Device, Kind, Tensor};
-
-fn env_usize(name: &str) -> Result<usize> {
-    let text = std::env::var(name).with_context(|| format!("{name} is not set"))?;
-    text.parse().with_context(|| format!("{name}={text:?}"))
-}
 
 /// A value in [-15.625, 15.625] that is a multiple of 1/64: sums of up to 4 of them are exact in f32,
 /// so ring and sequential reductions agree bit for bit in any order.
@@ -112,9 +108,10 @@ fn check_all_reduce(
     Ok(case)
 }
 
-fn correctness(rank: usize, world: usize, timeout: Duration) -> Result<()> {
+fn correctness(env: &RankEnv, timeout: Duration) -> Result<()> {
+    let (rank, world) = (env.rank, env.world_size);
     let started = Instant::now();
-    let store = StoreClient::from_env(timeout)?;
+    let store = StoreClient::connect_rank(env, timeout)?;
     let comm = TcpCommunicator::connect(&store, rank, world, Device::Cpu, timeout)?;
     ensure!(comm.rank() == rank && comm.world_size() == world && comm.backend() == "tcp");
     let everyone: Vec<usize> = (0..world).collect();
@@ -263,9 +260,10 @@ fn correctness(rank: usize, world: usize, timeout: Duration) -> Result<()> {
 
 /// The victim dies (exits) or stalls (sleeps past the timeout) after one good all-reduce; the others
 /// report how they failed and how long it took.
-fn failure(rank: usize, world: usize, timeout: Duration, victim: usize, mode: &str) -> Result<()> {
-    let store = StoreClient::from_env(timeout)?;
-    let comm = connect_on_device(&store, rank, world, timeout)?;
+fn failure(env: &RankEnv, timeout: Duration, victim: usize, mode: &str) -> Result<()> {
+    let rank = env.rank;
+    let store = StoreClient::connect_rank(env, timeout)?;
+    let comm = connect_on_device(env, &store, timeout)?;
     let mut tensor = Tensor::ones([200_000], (Kind::Float, comm.device()));
     comm.all_reduce(&mut tensor, ReduceOp::Sum)?;
     if rank == victim {
@@ -295,17 +293,12 @@ fn failure(rank: usize, world: usize, timeout: Duration, victim: usize, mode: &s
 }
 
 /// This rank's communicator on its device, with the backend MGRUN_CHECK_BACKEND asks for.
-fn connect_on_device(
-    store: &StoreClient,
-    rank: usize,
-    world: usize,
-    timeout: Duration,
-) -> Result<Box<dyn Communicator>> {
-    let RankDevice { device, ranks_per_gpu } = RankDevice::from_env()?;
+fn connect_on_device(env: &RankEnv, store: &StoreClient, timeout: Duration) -> Result<Box<dyn Communicator>> {
+    let device = env.assigned_device();
     let requested = std::env::var("MGRUN_CHECK_BACKEND").unwrap_or_else(|_| "auto".to_string());
     let requested: BackendChoice = requested.parse().context("MGRUN_CHECK_BACKEND")?;
-    let backend = Backend::select(requested, device, ranks_per_gpu)?;
-    Ok(mgrun_collectives::connect(backend, store, rank, world, device, timeout)?)
+    let backend = Backend::select(requested, device, env.ranks_per_gpu)?;
+    Ok(mgrun_collectives::connect(backend, store, env.rank, env.world_size, device, timeout)?)
 }
 
 /// An integer-valued input in [-8, 8]: sums over up to 32 ranks are exact in every dtype (bf16 holds
@@ -317,10 +310,11 @@ fn small_integer(rank: usize, case: u64, index: usize) -> f64 {
 /// Every collective on the rank's device against a sequential reference, for every dtype the backend
 /// reduces: all-reduce (sum, avg for f32/f64, max), broadcast from every root, all-gather, a split
 /// into parity groups, the scalar helpers and a barrier.
-fn device_correctness(rank: usize, world: usize, timeout: Duration) -> Result<()> {
+fn device_correctness(env: &RankEnv, timeout: Duration) -> Result<()> {
+    let (rank, world) = (env.rank, env.world_size);
     let started = Instant::now();
-    let store = StoreClient::from_env(timeout)?;
-    let comm = connect_on_device(&store, rank, world, timeout)?;
+    let store = StoreClient::connect_rank(env, timeout)?;
+    let comm = connect_on_device(env, &store, timeout)?;
     let device = comm.device();
     let kinds: &[Kind] = match comm.backend() {
         "nccl" => &[Kind::Float, Kind::Double, Kind::BFloat16, Kind::Half, Kind::Int64],
@@ -407,22 +401,33 @@ fn device_correctness(rank: usize, world: usize, timeout: Duration) -> Result<()
 }
 
 /// A minimal stand-in for `mgrun`'s launcher: hosts the store on loopback and runs `ranks` copies of this
-/// binary with `args` and torchrun-style environment variables; fails if any rank fails.
+/// binary with `args` and the rank environment; fails if any rank fails. The device variables
+/// (MGRUN_DEVICE, MGRUN_RANKS_PER_GPU) and MGRUN_COMM_TIMEOUT_S are taken from this process's
+/// environment; CUDA rank r computes on GPU r.
 fn launch(ranks: usize, args: &[String]) -> Result<()> {
     let token = format!("{:032x}", rand::random::<u128>());
     let server = mgrun_collectives::store::StoreServer::start("127.0.0.1:0".parse()?, token.clone())?;
     let exe = std::env::current_exe().context("locating this executable")?;
+    let here = RankEnv::from_env().context("reading the device of the ranks from this process's environment")?;
     let mut children = Vec::new();
     for rank in 0..ranks {
+        let env = RankEnv {
+            rank,
+            local_rank: rank,
+            world_size: ranks,
+            local_world_size: ranks,
+            master_addr: Some("127.0.0.1".to_string()),
+            master_port: Some(server.addr().port()),
+            store_token: Some(token.clone()),
+            device_kind: here.device_kind,
+            cuda_device: rank,
+            ranks_per_gpu: here.ranks_per_gpu,
+            comm_timeout: here.comm_timeout,
+            ..RankEnv::single_rank()
+        };
         let child = std::process::Command::new(&exe)
             .args(args)
-            .env("RANK", rank.to_string())
-            .env("LOCAL_RANK", rank.to_string())
-            .env("WORLD_SIZE", ranks.to_string())
-            .env("LOCAL_WORLD_SIZE", ranks.to_string())
-            .env("MASTER_ADDR", "127.0.0.1")
-            .env("MASTER_PORT", server.addr().port().to_string())
-            .env("MGRUN_STORE_TOKEN", &token)
+            .envs(env.vars())
             .spawn()
             .with_context(|| format!("spawning rank {rank}"))?;
         children.push(child);
@@ -453,16 +458,14 @@ fn main() {
         return;
     }
     let outcome = (|| -> Result<()> {
-        let rank = env_usize("RANK")?;
-        let world = env_usize("WORLD_SIZE")?;
-        let timeout_s: f64 = std::env::var("MGRUN_COMM_TIMEOUT_S").ok().and_then(|t| t.parse().ok()).unwrap_or(30.0);
-        let timeout = Duration::from_secs_f64(timeout_s);
+        let env = RankEnv::from_launcher_env()?;
+        let timeout = env.comm_timeout.unwrap_or(Duration::from_secs(30));
         match args.get(1).map(String::as_str) {
-            Some("correctness") => correctness(rank, world, timeout),
-            Some("device-correctness") => device_correctness(rank, world, timeout),
+            Some("correctness") => correctness(&env, timeout),
+            Some("device-correctness") => device_correctness(&env, timeout),
             Some("fail") => {
-                let victim = args.get(2).and_then(|v| v.parse().ok()).unwrap_or(world - 1);
-                failure(rank, world, timeout, victim, args.get(3).map(String::as_str).unwrap_or("die"))
+                let victim = args.get(2).and_then(|v| v.parse().ok()).unwrap_or(env.world_size - 1);
+                failure(&env, timeout, victim, args.get(3).map(String::as_str).unwrap_or("die"))
             }
             Some("bench") => {
                 let max_bytes = args.get(2).and_then(|v| v.parse().ok()).unwrap_or(64 << 20);
@@ -475,7 +478,7 @@ fn main() {
         }
     })();
     if let Err(error) = outcome {
-        println!("FAIL rank {}: {error:#}", std::env::var("RANK").unwrap_or_default());
+        println!("FAIL rank {}: {error:#}", std::env::var(mgrun_collectives::rank_env::var::RANK).unwrap_or_default());
         std::process::exit(1);
     }
 }

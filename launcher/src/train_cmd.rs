@@ -1,0 +1,118 @@
+//! `mgrun [LAUNCH OPTIONS] CONFIG`: a training job. The config (with `--set` and `--resume`) is loaded,
+//! checked and its paths resolved here, once, before any rank starts; every rank runs `mgrun worker` on
+//! the one file the launcher writes, `<out>/config.resolved.toml`.
+
+use std::ffi::OsString;
+use std::path::Path;
+
+use anyhow::Context;
+use mgrun_trainer::JobConfig;
+
+use crate::cli::Cli;
+use crate::job::{absolute, default_out_dir, launch_job, WorkerCommand};
+use crate::launch::RankConfig;
+
+/// The file in the output directory that holds the job's resolved config, which the ranks read.
+const RESOLVED_CONFIG: &str = "config.resolved.toml";
+
+/// Starts the training job of `cli` (which has no subcommand) and returns the launcher's exit code.
+pub fn launch_training(cli: Cli, cuda_load_error: Option<&str>) -> anyhow::Result<i32> {
+    let config = cli.config.context("no CONFIG given")?;
+    anyhow::ensure!(config.is_file(), "config file {} does not exist", config.display());
+    let mut overrides = cli.overrides.clone();
+    let slurm_restarts = std::env::var("SLURM_RESTART_COUNT").ok().and_then(|v| v.parse::<u64>().ok());
+    let resume = match (&cli.resume, slurm_restarts) {
+        (Some(resume), _) => Some(resume.clone()),
+        (None, Some(count)) if count > 0 => {
+            println!("mgrun: SLURM_RESTART_COUNT={count}: a requeued job resumes from its newest checkpoint");
+            Some("auto".to_string())
+        }
+        _ => None,
+    };
+    if let Some(resume) = &resume {
+        let value = match resume.as_str() {
+            "auto" | "none" => resume.clone(),
+            path => absolute(Path::new(path))?.to_string_lossy().into_owned(),
+        };
+        // TOML string syntax, so that any path survives the override parser.
+        overrides.push(format!("checkpoint.resume={}", toml_string(&value)));
+    }
+    // A typo in the config fails here, once and at once, instead of in every rank.
+    let job = JobConfig::load(&config, &overrides)?;
+    if cli.launch.ranks_per_gpu.unwrap_or(1) > 1 && job.comm.backend == mgrun_collectives::BackendChoice::Nccl {
+        anyhow::bail!(
+            "config {}: comm.backend = \"nccl\" cannot run with --ranks-per-gpu {}: NCCL refuses two ranks of \
+             one communicator on the same GPU; use comm.backend = \"tcp\" or \"auto\" (TCP through pinned host \
+             memory) to share GPUs",
+            config.display(),
+            cli.launch.ranks_per_gpu.unwrap_or(1)
+        );
+    }
+    let stem = config.file_stem().map(|stem| stem.to_string_lossy().into_owned()).unwrap_or("job".into());
+    let out_dir = match &cli.launch.out {
+        Some(out) => out.clone(),
+        None => default_out_dir(&cli.launch, &stem)?,
+    };
+    anyhow::ensure!(
+        !(resume.as_deref() == Some("auto")
+            && cli.launch.out.is_none()
+            && job.checkpoint.dir.is_none()
+            && std::env::var_os("SLURM_JOB_ID").is_none()),
+        "--resume auto looks for checkpoints in the run's output directory: give the run's --out DIR \
+         (or set checkpoint.dir)"
+    );
+    let agreement = toml::to_string(&job).context("serialising the resolved config")?;
+    // Restarted ranks continue from the newest checkpoint, whatever the first start resumed from.
+    overrides.push(format!("checkpoint.resume={}", toml_string("auto")));
+    let restart_job = JobConfig::load(&config, &overrides)?;
+    // Relative paths in the config mean relative to where `mgrun` was started.
+    let cwd = std::env::current_dir().context("reading the current directory")?;
+    let rank_config = RankConfig {
+        path: out_dir.join(RESOLVED_CONFIG),
+        first: resolved_toml(job, &cwd)?,
+        restart: resolved_toml(restart_job, &cwd)?,
+    };
+    let worker_args: Vec<OsString> =
+        vec!["worker".into(), "--out".into(), out_dir.clone().into(), rank_config.path.clone().into()];
+    let worker = WorkerCommand { args: worker_args, rank_config: Some(rank_config), agreement };
+    launch_job(&cli.launch, out_dir, worker, cuda_load_error)
+}
+
+/// `job` with its paths resolved against `cwd`, as the TOML the ranks load.
+fn resolved_toml(mut job: JobConfig, cwd: &Path) -> anyhow::Result<String> {
+    job.resolve_paths(cwd);
+    toml::to_string_pretty(&job).context("serialising the resolved config")
+}
+
+/// `value` as a TOML basic string.
+fn toml_string(value: &str) -> String {
+    format!("\"{}\"", value.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Ranks load what the launcher wrote: every shipped config survives the trip through TOML.
+    #[test]
+    fn resolved_configs_load_back_unchanged() {
+        let configs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs");
+        let dir = tempfile::tempdir().unwrap();
+        let mut checked = 0;
+        for entry in std::fs::read_dir(&configs).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().and_then(|e| e.to_str()) != Some("toml") {
+                continue;
+            }
+            let overrides = ["checkpoint.resume=\"auto\"".to_string()];
+            let job = JobConfig::load(&path, &overrides).unwrap();
+            let written = dir.path().join(RESOLVED_CONFIG);
+            std::fs::write(&written, resolved_toml(job.clone(), Path::new("/base")).unwrap()).unwrap();
+            let mut expected = job;
+            expected.resolve_paths(Path::new("/base"));
+            assert_eq!(JobConfig::load(&written, &[]).unwrap(), expected, "{}", path.display());
+            checked += 1;
+        }
+        assert!(checked > 0, "no configs in {}", configs.display());
+    }
+}
