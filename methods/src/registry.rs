@@ -110,8 +110,33 @@ impl Serialize for MethodConfig {
     fn serialize<S: Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
         let mut map = serializer.serialize_map(Some(1 + self.sections.len()))?;
         map.serialize_entry("name", &self.name)?;
-        for (name, section) in &self.sections {
-            map.serialize_entry(name, section)?;
+        // In the list's order, each field where its method documents it, so that a written config
+        // reads like the method's own docs.
+        for descriptor in METHODS {
+            if let Some(section) = self.sections.get(descriptor.name) {
+                map.serialize_entry(descriptor.name, &DocumentedOrder { descriptor, section })?;
+            }
+        }
+        map.end()
+    }
+}
+
+/// A method's section with its fields in the order of its [`Hyperparameter`](crate::descriptor::Hyperparameter) list.
+struct DocumentedOrder<'a> {
+    descriptor: &'a MethodDescriptor,
+    section: &'a Value,
+}
+
+impl Serialize for DocumentedOrder<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
+        let Some(fields) = self.section.as_object() else { return self.section.serialize(serializer) };
+        let documented: Vec<&str> = self.descriptor.hyperparameters.iter().map(|h| h.field).collect();
+        let undocumented = fields.keys().map(String::as_str).filter(|k| !documented.contains(k));
+        let mut map = serializer.serialize_map(Some(fields.len()))?;
+        for key in documented.iter().copied().chain(undocumented) {
+            if let Some(value) = fields.get(key) {
+                map.serialize_entry(key, value)?;
+            }
         }
         map.end()
     }
