@@ -55,6 +55,11 @@ fn path_str(path: &Path) -> &str {
     path.to_str().unwrap()
 }
 
+/// `mgrun LAUNCH --out OUT selftest SELFTEST`.
+fn selftest_args<'a>(launch: &[&'a str], out: &'a Path, selftest: &[&'a str]) -> Vec<&'a str> {
+    [launch, &["--out", path_str(out), "selftest"], selftest].concat()
+}
+
 fn process_exists(pid: u32) -> bool {
     // A zombie still answers kill(pid, 0); /proc/<pid>/stat says whether it is one.
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
@@ -134,7 +139,7 @@ fn parse_hello(line: &str) -> Option<(usize, u32)> {
 fn three_ranks_succeed_with_logs_and_prefixed_console() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");
-    let finished = run_mgrun(&["--cpus", "3", "--out", path_str(&out), "selftest"], Duration::from_secs(30));
+    let finished = run_mgrun(&selftest_args(&["--cpus", "3"], &out, &[]), Duration::from_secs(30));
     assert!(finished.status.success(), "{}\n{}", finished.stdout, finished.stderr);
     assert!(finished.stdout.contains(path_str(&out)), "out dir not printed: {}", finished.stdout);
     for rank in 0..3 {
@@ -191,21 +196,11 @@ fn workers_get_the_torchrun_environment() {
 fn rank_killed_by_sigkill_stops_the_job_and_is_named() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");
-    let args = [
-        "--cpus",
-        "3",
-        "--out",
-        path_str(&out),
-        "selftest",
-        "--fail-rank",
-        "1",
-        "--fail-how",
-        "sigkill",
-        "--fail-after-ms",
-        "300",
-        "--run-ms",
-        "60000",
-    ];
+    let args = selftest_args(
+        &["--cpus", "3"],
+        &out,
+        &["--fail-rank", "1", "--fail-how", "sigkill", "--fail-after-ms", "300", "--run-ms", "60000"],
+    );
     let finished = run_mgrun(&args, Duration::from_secs(30));
     assert!(!finished.status.success());
     // Failure happens ~0.5 s in; healthy ranks die on SIGTERM at once.
@@ -220,7 +215,7 @@ fn rank_killed_by_sigkill_stops_the_job_and_is_named() {
 fn rank_exit_code_and_last_stderr_line_are_reported_last() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");
-    let args = ["--cpus", "2", "--out", path_str(&out), "selftest", "--fail-rank", "0", "--run-ms", "60000"];
+    let args = selftest_args(&["--cpus", "2"], &out, &["--fail-rank", "0", "--run-ms", "60000"]);
     let finished = run_mgrun(&args, Duration::from_secs(30));
     assert_eq!(finished.status.code(), Some(1), "{}", finished.stderr);
     assert!(finished.elapsed < Duration::from_secs(10), "took {:?}", finished.elapsed);
@@ -236,21 +231,11 @@ fn max_restarts_starts_every_rank_again_with_the_restart_count() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");
     // Rank 1 fails in the first attempt only; the restart succeeds.
-    let args = [
-        "--cpus",
-        "2",
-        "--max-restarts",
-        "2",
-        "--out",
-        path_str(&out),
-        "selftest",
-        "--fail-rank",
-        "1",
-        "--fail-attempts",
-        "1",
-        "--run-ms",
-        "200",
-    ];
+    let args = selftest_args(
+        &["--cpus", "2", "--max-restarts", "2"],
+        &out,
+        &["--fail-rank", "1", "--fail-attempts", "1", "--run-ms", "200"],
+    );
     let finished = run_mgrun(&args, Duration::from_secs(30));
     assert!(finished.status.success(), "{}", finished.stderr);
     assert!(finished.stderr.contains("restarting all 2 rank(s) from the newest checkpoint (restart 1 of 2)"));
@@ -273,19 +258,7 @@ fn max_restarts_starts_every_rank_again_with_the_restart_count() {
 fn restarts_run_out_and_every_failure_is_listed_root_cause_last() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");
-    let args = [
-        "--cpus",
-        "2",
-        "--max-restarts",
-        "1",
-        "--out",
-        path_str(&out),
-        "selftest",
-        "--fail-rank",
-        "0",
-        "--run-ms",
-        "60000",
-    ];
+    let args = selftest_args(&["--cpus", "2", "--max-restarts", "1"], &out, &["--fail-rank", "0", "--run-ms", "60000"]);
     let finished = run_mgrun(&args, Duration::from_secs(30));
     assert_eq!(finished.status.code(), Some(1), "{}", finished.stderr);
     assert!(finished.elapsed < Duration::from_secs(15), "took {:?}", finished.elapsed);
@@ -410,7 +383,7 @@ fn ranks_die_with_a_sigkilled_launcher() {
 fn gpus_on_a_machine_without_them_fail_at_once() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");
-    let finished = run_mgrun(&["--gpus", "64", "--out", path_str(&out), "selftest"], Duration::from_secs(60));
+    let finished = run_mgrun(&selftest_args(&["--gpus", "64"], &out, &[]), Duration::from_secs(60));
     assert_eq!(finished.status.code(), Some(1), "{}", finished.stderr);
     let cpu_only = finished.stderr.contains(
         "--gpus 64: CUDA is not available on this machine (no driver / libtorch_cuda not loadable); use --cpus N",
