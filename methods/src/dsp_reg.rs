@@ -211,7 +211,7 @@ impl MethodDef for DspReg {
     fn validate(cfg: &DspRegConfig) -> Result<()> {
         let check = |field: &str, value: f64, ok: bool, expected: &str| -> Result<()> {
             if !(value.is_finite() && ok) {
-                bail!("method.dsp_reg.{field} must be {expected}, got {value}");
+                bail!("key `method.dsp_reg.{field}`: must be {expected}, got {value}");
             }
             Ok(())
         };
@@ -224,7 +224,7 @@ impl MethodDef for DspReg {
         check("warmup_frac", cfg.warmup_frac, (0.0..=1.0).contains(&cfg.warmup_frac), "in [0, 1]")?;
         check("ramp_frac", cfg.ramp_frac, (0.0..=1.0).contains(&cfg.ramp_frac), "in [0, 1]")?;
         if let Some(empty) = cfg.exclude.iter().position(|p| p.is_empty()) {
-            bail!("method.dsp_reg.exclude[{empty}] is an empty prefix (it would exclude every parameter)");
+            bail!("key `method.dsp_reg.exclude`: entry {empty} is an empty prefix (it would exclude every parameter)");
         }
         Ok(())
     }

@@ -71,10 +71,10 @@ impl MethodDef for Sam {
 
     fn validate(cfg: &SamConfig) -> Result<()> {
         if !(cfg.rho.is_finite() && cfg.rho >= 0.0) {
-            bail!("method.sam.rho must be a finite number >= 0, got {}", cfg.rho);
+            bail!("key `method.sam.rho`: must be a finite number >= 0, got {}", cfg.rho);
         }
         if !(cfg.eta.is_finite() && cfg.eta >= 0.0) {
-            bail!("method.sam.eta must be a finite number >= 0, got {}", cfg.eta);
+            bail!("key `method.sam.eta`: must be a finite number >= 0, got {}", cfg.eta);
         }
         Ok(())
     }

@@ -169,7 +169,7 @@ impl JobConfig {
         }
         let config: JobConfig = serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
             let key = e.path().to_string();
-            let message = e.into_inner().to_string();
+            let message = e.into_inner().message().to_string();
             // A section that parses its own parts (`[method]`) names the full key itself.
             if message.starts_with("key `") {
                 anyhow!("config {}: {message}", path.display())
