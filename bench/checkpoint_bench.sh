@@ -3,18 +3,12 @@
 # Usage: bench/checkpoint_bench.sh [RANKS=2] [ARCH=resnet18] [DIR=/tmp/mgrun-ckpt-bench]
 set -euo pipefail
 RANKS=${1:-2}; ARCH=${2:-resnet18}; DIR=${3:-/tmp/mgrun-ckpt-bench}
-MGRUN=${MGRUN:-${CARGO_TARGET_DIR:-target}/release/mgrun}
-rm -rf "$DIR"; mkdir -p "$DIR"
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+synthetic_bench_dir "$DIR" 4
 echo "== disk: 512 MiB sequential write + fsync (dd) in $DIR"
 dd if=/dev/zero of="$DIR/dd.bin" bs=1M count=512 conv=fsync 2>&1 | tail -1; rm -f "$DIR/dd.bin"
-"$MGRUN" datagen synthetic --out "$DIR/data" --images-per-class 4 --image-size 32 >/dev/null
-cat > "$DIR/job.toml" <<TOML
-[data]
-dataset = "synthetic"
-root = "$DIR/data"
-test_domains = ["sketch"]
-batch_per_domain = 4
-image_size = 32
+synthetic_data_table "$DIR" sketch 4 > "$DIR/job.toml"
+cat >> "$DIR/job.toml" <<TOML
 [model]
 arch = "$ARCH"
 [train]

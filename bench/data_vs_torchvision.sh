@@ -11,7 +11,7 @@ WORKERS=("${@:-1 2}")
 IMAGES=${IMAGES:-1500}
 SIZE=${SIZE:-224}
 PYTHON=${PYTHON:-.venv/bin/python}
-MGRUN=${MGRUN:-${CARGO_TARGET_DIR:-target}/release/mgrun}
+source bench/common.sh
 ROOT=${ROOT:-datasets/bench-500x375}
 
 if [ ! -d "$ROOT" ]; then

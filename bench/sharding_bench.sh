@@ -8,19 +8,13 @@
 #      (from steps.jsonl, the first 5 steps dropped), and the ratio deterministic / fast.
 set -euo pipefail
 ARCH=${1:-small_cnn}; STEPS=${2:-40}; DIR=${3:-/tmp/mgrun-sharding-bench}
-MGRUN=${MGRUN:-${CARGO_TARGET_DIR:-target}/release/mgrun}
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 PYTHON=${PYTHON:-python3}
-rm -rf "$DIR"; mkdir -p "$DIR"
+synthetic_bench_dir "$DIR" 20
 echo "== mgrun bench sharding"
 "$MGRUN" bench sharding
-"$MGRUN" datagen synthetic --out "$DIR/data" --images-per-class 20 --image-size 32 >/dev/null
-cat > "$DIR/job.toml" <<TOML
-[data]
-dataset = "synthetic"
-root = "$DIR/data"
-test_domains = ["photo"]
-batch_per_domain = 32
-image_size = 32
+synthetic_data_table "$DIR" photo 32 > "$DIR/job.toml"
+cat >> "$DIR/job.toml" <<TOML
 [model]
 arch = "$ARCH"
 width = 32

@@ -13,18 +13,10 @@ const STEPS: u64 = 150;
 const KILLS: usize = 14;
 
 fn config(dir: &Path, data_root: &Path) -> PathBuf {
-    let rest = r#"
-[eval]
-every_steps = 1000
-
-[method]
-name = "dsp_reg"
-
-[checkpoint]
-every_steps = 1
-keep_last = 2
-"#;
-    write_tiny_job(&dir.join("kill.toml"), data_root, STEPS as usize, 11, rest)
+    // Evaluation only at the end; a checkpoint every step so that kills land in checkpoint writes.
+    let job =
+        CheckpointedJob { eval_every: 1000, method: "dsp_reg", method_tables: "", checkpoint_every: 1, keep_last: 2 };
+    write_tiny_job(&dir.join("kill.toml"), data_root, STEPS as usize, 11, &job.tables())
 }
 
 /// A small deterministic generator for the kill instants (xorshift64*).

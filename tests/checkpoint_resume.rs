@@ -10,21 +10,14 @@ use std::path::{Path, PathBuf};
 const STEPS: usize = 12;
 
 fn config(dir: &Path, data_root: &Path) -> PathBuf {
-    let rest = r#"
-[eval]
-every_steps = 5
-
-[method]
-name = "dsp_reg"
-
-[method.dsp_reg]
-mode = "anchor"
-
-[checkpoint]
-every_steps = 3
-keep_last = 0
-"#;
-    write_tiny_job(&dir.join("job.toml"), data_root, STEPS, 7, rest)
+    let job = CheckpointedJob {
+        eval_every: 5,
+        method: "dsp_reg",
+        method_tables: "\n[method.dsp_reg]\nmode = \"anchor\"\n",
+        checkpoint_every: 3,
+        keep_last: 0,
+    };
+    write_tiny_job(&dir.join("job.toml"), data_root, STEPS, 7, &job.tables())
 }
 
 fn mgrun_ok(args: &[&str], dir: &Path) -> String {

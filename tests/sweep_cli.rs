@@ -9,34 +9,10 @@
 //! - `--estimate`: the runs per test domain and hours from a measured step time, consistent with
 //!   train.steps, and nothing written.
 
-use mgrun_tests::{run_mgrun, synthetic_dataset, text, write_tiny_job};
+use mgrun_tests::{run_mgrun, steps_recorded, synthetic_dataset, text, write_tiny_job};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-const CONFIG: &str = r#"
-[data]
-dataset = "synthetic"
-root = "synthetic"
-test_domains = ["photo"]
-batch_per_domain = 8
-image_size = 16
-num_workers = 1
-
-[model]
-arch = "small_cnn"
-width = 8
-
-[train]
-steps = 2
-lr = 2e-3
-threads = 1
-progress_every_s = 100.0
-
-[eval]
-every_steps = 1
-batch_size = 256
-"#;
 
 fn sweep(dir: &Path, extra: &[&str]) -> String {
     let mut args = vec!["sweep", "tiny.toml", "--algorithms", "erm", "--n-hparams-from", "1", "--n-hparams", "2"];
@@ -52,8 +28,7 @@ fn sweep(dir: &Path, extra: &[&str]) -> String {
 fn sweep_runs_records_and_collects() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    synthetic_dataset(dir, 4, 16);
-    std::fs::write(dir.join("tiny.toml"), CONFIG).unwrap();
+    tiny_job(dir, 2, "\n[eval]\nevery_steps = 1\nbatch_size = 256\n");
 
     let first = sweep(dir, &["--run"]);
     assert!(first.contains("ran 4, skipped 0 already done, 0 failed"), "{first}");
@@ -98,31 +73,6 @@ fn sweep_runs_records_and_collects() {
     assert!(sweep_dir.join("results.md").is_file());
 }
 
-/// A tiny sweep's config whose runs take a few seconds (no evaluation but the first and last).
-const LONG_CONFIG: &str = r#"
-[data]
-dataset = "synthetic"
-root = "synthetic"
-test_domains = ["photo"]
-batch_per_domain = 8
-image_size = 16
-num_workers = 1
-
-[model]
-arch = "small_cnn"
-width = 8
-
-[train]
-steps = 400
-lr = 2e-3
-threads = 1
-progress_every_s = 100.0
-
-[eval]
-every_steps = 1000
-batch_size = 256
-"#;
-
 /// `bash SCRIPT` as Slurm would start array task `task` of array job 5000 (job id 5000 + 1 + task) on
 /// one node, with `bin` (a stand-in `scontrol`) first on PATH.
 fn array_task(script: &Path, task: usize, bin: &Path, restart_count: usize) -> Command {
@@ -149,16 +99,12 @@ fn output_text(output: &std::process::Output) -> String {
     format!("{}{}", text(&output.stdout), text(&output.stderr))
 }
 
-fn lines_in(path: &Path) -> usize {
-    std::fs::read_to_string(path).map(|t| t.lines().count()).unwrap_or(0)
-}
-
 #[test]
 fn slurm_array_task_is_preempted_requeued_resumed_and_marked_done_once() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    synthetic_dataset(dir, 4, 16);
-    std::fs::write(dir.join("tiny.toml"), LONG_CONFIG).unwrap();
+    // Runs that take a few seconds: no evaluation but the first and last.
+    tiny_job(dir, 400, "\n[eval]\nevery_steps = 1000\nbatch_size = 256\n");
     let script = dir.join("sweep.sbatch");
     let mut args = vec!["sweep", "tiny.toml", "--algorithms", "erm", "--n-hparams-from", "0", "--n-hparams", "1"];
     args.extend(["--n-trials", "1", "--out", "sw", "--slurm", script.to_str().unwrap(), "--signal-lead-s", "300"]);
@@ -181,7 +127,7 @@ fn slurm_array_task_is_preempted_requeued_resumed_and_marked_done_once() {
     // Task 1 runs its run until the time-limit notice: Slurm signals the batch shell (`B:`) only.
     let task = array_task(&script, 1, &bin, 0).spawn().unwrap();
     let started = Instant::now();
-    while lines_in(&run.join("steps.jsonl")) < 3 {
+    while steps_recorded(&run) < 3 {
         assert!(started.elapsed() < Duration::from_secs(120), "the run never got going");
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -196,7 +142,7 @@ fn slurm_array_task_is_preempted_requeued_resumed_and_marked_done_once() {
     assert!(said.contains("requeued Slurm job 5000_1"), "{said}");
     assert_eq!(std::fs::read_to_string(&asked).unwrap(), "requeue 5000_1\n", "mgrun requeues, the script does not");
     assert!(!run.join("done").exists(), "a preempted run is not done");
-    let stopped_at = lines_in(&run.join("steps.jsonl"));
+    let stopped_at = steps_recorded(&run);
     assert!(stopped_at < 400, "the run finished before the signal ({stopped_at} steps)");
     assert!(run.join("checkpoints").join("latest").exists(), "no checkpoint after the preemption");
 

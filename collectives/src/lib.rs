@@ -12,6 +12,7 @@
 pub mod bench;
 pub mod bucket;
 pub mod error;
+mod members;
 pub mod nccl;
 pub mod rank_env;
 pub mod scalars;

@@ -14,6 +14,7 @@
 //! checks [`nccl_library_status`] first. cudarc asks the loader for `libnccl.so`; pip wheels only ship
 //! `libnccl.so.2`, and the `mgrun` launcher puts a `libnccl.so` link to it on the ranks' LD_LIBRARY_PATH.
 
+use crate::members::Members;
 use crate::store::StoreClient;
 use crate::{check_device, CommError, Communicator, ReduceOp, Result};
 use cudarc::driver::{CudaContext, CudaEvent, CudaStream, DriverError};
@@ -108,12 +109,7 @@ impl NcclCommunicator {
         device: Device,
         timeout: Duration,
     ) -> Result<Self> {
-        if world_size == 0 || rank >= world_size {
-            return Err(CommError::Invalid {
-                op: "nccl connect",
-                message: format!("rank {rank} is not in a world of {world_size} ranks"),
-            });
-        }
+        let members = Members::whole_world("nccl connect", rank, world_size)?;
         let Device::Cuda(ordinal) = device else {
             return Err(CommError::Invalid {
                 op: "nccl connect",
@@ -129,20 +125,18 @@ impl NcclCommunicator {
         // Each rank counts its own NCCL worlds, so every world a job builds gets fresh store keys.
         let generation = store.add(&format!("mgrun/nccl/generation/{rank}"), 1)?;
         let prefix = format!("mgrun/nccl/world{generation}");
-        Self::build(store, prefix, rank, world_size, (0..world_size).collect(), device, context, timeout)
+        Self::build(store, prefix, members, device, context, timeout)
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn build(
         store: Arc<StoreClient>,
         prefix: String,
-        rank: usize,
-        world_size: usize,
-        global_ranks: Vec<usize>,
+        members: Members,
         device: Device,
         context: Arc<CudaContext>,
         timeout: Duration,
     ) -> Result<Self> {
+        let Members { rank, world_size, global_ranks } = members;
         let deadline = Instant::now() + timeout;
         let unique_id = exchange_unique_id(&store, &prefix, rank, &global_ranks, timeout)?;
         let driver_error = |what: &str, e: DriverError| CommError::Invalid {
@@ -426,34 +420,18 @@ impl Communicator for NcclCommunicator {
         let split_index = self.splits.get() + 1;
         self.splits.set(split_index);
         let base = format!("{}/split{split_index}", self.prefix);
-        self.store.set(&format!("{base}/color/{}", self.rank), color.to_string().as_bytes())?;
-        let mut members = Vec::new();
-        for peer in 0..self.world_size {
-            let key = format!("{base}/color/{peer}");
-            let value = self.store.get_within(&key, self.timeout)?.ok_or(CommError::Timeout {
+        let read_color = |key: &str, peer| {
+            self.store.get_within(key, self.timeout)?.ok_or(CommError::Timeout {
                 op: OP,
-                peer: self.global_ranks[peer],
+                peer,
                 timeout_s: self.timeout.as_secs_f64(),
-            })?;
-            let peer_color =
-                std::str::from_utf8(&value).ok().and_then(|text| text.parse::<usize>().ok()).ok_or_else(|| {
-                    CommError::Invalid { op: OP, message: format!("store key {key} holds a malformed color") }
-                })?;
-            if peer_color == color {
-                members.push(peer);
-            }
-        }
-        let new_rank = members.iter().position(|&member| member == self.rank).ok_or_else(|| CommError::Invalid {
-            op: OP,
-            message: "this rank is missing from its own color group".into(),
-        })?;
-        let global_ranks = members.iter().map(|&member| self.global_ranks[member]).collect();
+            })
+        };
+        let group = Members::of_color(OP, &self.store, &base, color, self.rank, &self.global_ranks, read_color)?;
         let communicator = NcclCommunicator::build(
             self.store.clone(),
             format!("{base}/color{color}"),
-            new_rank,
-            members.len(),
-            global_ranks,
+            group,
             self.device,
             self.context.clone(),
             self.timeout,

@@ -63,50 +63,48 @@ fn cases() -> Vec<Case> {
         edit(&mut m);
         MethodConfig::of::<Sam>(&m).unwrap()
     };
+    // Every case but `erm_wd` runs on the shared Adam settings.
+    let case = |name, method| Case { name, method, adam: adam() };
     vec![
-        Case { name: "erm", method: method("erm"), adam: adam() },
+        case("erm", method("erm")),
         Case { name: "erm_wd", method: method("erm"), adam: AdamConfig { weight_decay: 0.1, ..adam() } },
-        Case { name: "sam_global", method: sam(&|_| {}), adam: adam() },
+        case("sam_global", sam(&|_| {})),
         // Each domain perturbed by its own gradient.
-        Case { name: "sam_local", method: sam(&|m| m.perturb = SamPerturb::Local), adam: adam() },
-        Case {
-            name: "asam_local",
-            method: sam(&|m| {
+        case("sam_local", sam(&|m| m.perturb = SamPerturb::Local)),
+        case(
+            "asam_local",
+            sam(&|m| {
                 m.perturb = SamPerturb::Local;
                 m.adaptive = true;
                 m.rho = 0.5;
             }),
-            adam: adam(),
-        },
-        Case {
-            name: "sam_adaptive",
-            method: sam(&|m| {
+        ),
+        case(
+            "sam_adaptive",
+            sam(&|m| {
                 m.adaptive = true;
                 m.rho = 0.5;
             }),
-            adam: adam(),
-        },
-        Case { name: "dsp_anchor", method: dsp(&|m| m.lambda = 10.0), adam: adam() },
-        Case {
-            name: "dsp_shrink",
-            method: dsp(&|m| {
+        ),
+        case("dsp_anchor", dsp(&|m| m.lambda = 10.0)),
+        case(
+            "dsp_shrink",
+            dsp(&|m| {
                 m.mode = DspMode::Shrink;
                 m.lambda = 1.0;
             }),
-            adam: adam(),
-        },
-        Case {
-            name: "dsp_gate",
-            method: dsp(&|m| {
+        ),
+        case(
+            "dsp_gate",
+            dsp(&|m| {
                 m.mode = DspMode::Gate;
                 m.gamma = 0.9;
                 m.ramp_frac = 2.0 / 3.0;
             }),
-            adam: adam(),
-        },
-        Case {
-            name: "dsp_sigmoid_k",
-            method: dsp(&|m| {
+        ),
+        case(
+            "dsp_sigmoid_k",
+            dsp(&|m| {
                 m.lambda = 10.0;
                 m.weight = DspWeight::Sigmoid;
                 m.tau = 0.3;
@@ -114,33 +112,30 @@ fn cases() -> Vec<Case> {
                 m.exclude_bias = false;
                 m.exclude = vec!["fc.".into()];
             }),
-            adam: adam(),
-        },
-        Case {
-            name: "dsp_layer_norm",
-            method: dsp(&|m| {
+        ),
+        case(
+            "dsp_layer_norm",
+            dsp(&|m| {
                 m.mode = DspMode::Shrink;
                 m.lambda = 1.0;
                 m.score = DspScore::LayerNorm;
             }),
-            adam: adam(),
-        },
-        Case {
-            name: "dsp_rank",
-            // Ranks are discontinuous: scores 1 ulp apart (common in 2304-element tensors; fc.weight
-            // even has exact ties near 1) swap or split under the 1e-7 weight differences that the
-            // first step leaves, which moves a few weights w by 1/(numel-1). This case is therefore
-            // compared at RANK_TOLERANCE; the rank computation itself is checked exactly against a
-            // brute-force count in tests/units.rs.
-            method: dsp(&|m| {
+        ),
+        // Ranks are discontinuous: scores 1 ulp apart (common in 2304-element tensors; fc.weight
+        // even has exact ties near 1) swap or split under the 1e-7 weight differences that the
+        // first step leaves, which moves a few weights w by 1/(numel-1). This case is therefore
+        // compared at RANK_TOLERANCE; the rank computation itself is checked exactly against a
+        // brute-force count in tests/units.rs.
+        case(
+            "dsp_rank",
+            dsp(&|m| {
                 m.mode = DspMode::Gate;
                 m.gamma = 0.9;
                 m.ramp_frac = 2.0 / 3.0;
                 m.score = DspScore::Rank;
                 m.exclude_norm = false;
             }),
-            adam: adam(),
-        },
+        ),
     ]
 }
 

@@ -8,22 +8,23 @@ exits non-zero when loading fails or the difference exceeds 1e-4.
 """
 
 import argparse
+import os
 import sys
 
 import torch
-import torchvision
 from safetensors.torch import load_file
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from torchvision_model import add_model_arguments, model_with_state  # noqa: E402
 
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--arch", required=True, choices=["resnet18", "resnet50"])
-    parser.add_argument("--num-classes", type=int, required=True)
+    add_model_arguments(parser)
     parser.add_argument("--state", required=True)
     parser.add_argument("--io", required=True)
     args = parser.parse_args()
-    model = getattr(torchvision.models, args.arch)(num_classes=args.num_classes)
-    model.load_state_dict(load_file(args.state), strict=True)
+    model = model_with_state(args, args.state)
     model.eval()
     io = load_file(args.io)
     with torch.no_grad():

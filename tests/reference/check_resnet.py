@@ -15,16 +15,19 @@ backward of sum(logits_train * grad_weights):
 """
 
 import argparse
+import os
+import sys
 
 import torch
-import torchvision
 from safetensors.torch import load_file, save_file
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from torchvision_model import add_model_arguments, model_with_state  # noqa: E402
 
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--arch", required=True, choices=["resnet18", "resnet50"])
-    parser.add_argument("--num-classes", type=int, required=True)
+    add_model_arguments(parser)
     parser.add_argument("--state", required=True)
     parser.add_argument("--input", required=True)
     parser.add_argument("--out", required=True)
@@ -34,8 +37,7 @@ def main():
     # One thread, as the Rust side: the same kernels' blocking where the CPU allows it.
     torch.set_num_threads(1)
 
-    model = getattr(torchvision.models, args.arch)(weights=None, num_classes=args.num_classes)
-    model.load_state_dict(load_file(args.state), strict=True)
+    model = model_with_state(args, args.state)
     inputs = load_file(args.input)
     images = inputs["images"]
 

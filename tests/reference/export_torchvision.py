@@ -12,21 +12,23 @@ eval-mode comparison exercises them. For ImageNet weights the same two lines app
 
 import argparse
 import os
+import sys
 
 import torch
-import torchvision
 from safetensors.torch import save_file
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from torchvision_model import add_model_arguments, untrained_model  # noqa: E402
 
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--arch", required=True, choices=["resnet18", "resnet50"])
-    parser.add_argument("--num-classes", type=int, required=True)
+    add_model_arguments(parser)
     parser.add_argument("--out", required=True)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.manual_seed(args.seed)
-    model = getattr(torchvision.models, args.arch)(num_classes=args.num_classes)
+    model = untrained_model(args)
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, torch.nn.BatchNorm2d):

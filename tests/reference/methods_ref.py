@@ -46,14 +46,29 @@ def batches(inputs, step, num_domains):
     return [(inputs[f"x.{step}.{e}"], inputs[f"y.{step}.{e}"]) for e in range(num_domains)]
 
 
-def erm_step(model, params, opt, doms, case, state, step):
-    x = torch.cat([d[0] for d in doms])
-    y = torch.cat([d[1] for d in doms])
-    loss = F.cross_entropy(model(x), y)
-    grads = torch.autograd.grad(loss, params)
-    for p, g in zip(params, grads):
-        p.grad = g
+def pooled(doms):
+    """Every domain's images and labels as one batch."""
+    return torch.cat([d[0] for d in doms]), torch.cat([d[1] for d in doms])
+
+
+def apply_update(params, update, opt):
+    """The base optimizer's step on `update` as the gradient."""
+    for p, u in zip(params, update):
+        p.grad = u
     opt.step()
+
+
+def restore(params, saved):
+    """Puts back the parameters saved before a SAM perturbation."""
+    with torch.no_grad():
+        for p, o in zip(params, saved):
+            p.copy_(o)
+
+
+def erm_step(model, params, opt, doms, case, state, step):
+    x, y = pooled(doms)
+    loss = F.cross_entropy(model(x), y)
+    apply_update(params, torch.autograd.grad(loss, params), opt)
     return loss.item(), {}
 
 
@@ -84,12 +99,8 @@ def sam_local_step(model, params, opt, doms, case, state, step):
         perturbed = F.cross_entropy(model(x), y, reduction="sum") / total
         for u, g in zip(update, torch.autograd.grad(perturbed, params)):
             u.add_(g)
-        with torch.no_grad():
-            for p, o in zip(params, old):
-                p.copy_(o)
-    for p, u in zip(params, update):
-        p.grad = u
-    opt.step()
+        restore(params, old)
+    apply_update(params, update, opt)
     return sum(losses) / len(doms), {"sam_grad_norm": sum(norms) / len(norms)}
 
 
@@ -98,26 +109,18 @@ def sam_step(model, params, opt, doms, case, state, step):
     cfg = {"rho": 0.05, "adaptive": False, "eta": 0.01, **case.get("sam", {})}
     if cfg.get("perturb") == "local":
         return sam_local_step(model, params, opt, doms, case, state, step)
-    x = torch.cat([d[0] for d in doms])
-    y = torch.cat([d[1] for d in doms])
+    x, y = pooled(doms)
     loss = F.cross_entropy(model(x), y)
-    grads = torch.autograd.grad(loss, params)
+    eps, grad_norm = sam_perturbation(params, torch.autograd.grad(loss, params), cfg)
+    old = [p.detach().clone() for p in params]
     with torch.no_grad():
-        scales = [(p.abs() + cfg["eta"]) if cfg["adaptive"] else torch.ones_like(p) for p in params]
-        grad_norm = torch.norm(torch.stack([(t * g).norm(p=2) for t, g in zip(scales, grads)]), p=2)
-        factor = cfg["rho"] / (grad_norm + 1e-12)
-        old = [p.detach().clone() for p in params]
-        for p, t, g in zip(params, scales, grads):
-            p.add_(t * t * g * factor)
+        for p, e in zip(params, eps):
+            p.add_(e)
     loss2 = F.cross_entropy(model(x), y)
     grads2 = torch.autograd.grad(loss2, params)
-    with torch.no_grad():
-        for p, o in zip(params, old):
-            p.copy_(o)
-    for p, g in zip(params, grads2):
-        p.grad = g
-    opt.step()
-    return loss.item(), {"sam_grad_norm": grad_norm.item()}
+    restore(params, old)
+    apply_update(params, grads2, opt)
+    return loss.item(), {"sam_grad_norm": grad_norm}
 
 
 DSP_DEFAULTS = {

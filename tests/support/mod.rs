@@ -209,3 +209,24 @@ pub fn tiny_erm_job(dir: &Path, steps: usize, seed: u64, checkpoint_every: usize
     );
     write_tiny_job(&dir.join("job.toml"), &data, steps, seed, &rest)
 }
+
+/// The tables that [`write_tiny_job`]'s `rest` adds to make a job checkpoint: an evaluation every
+/// `eval_every` steps, `method` (`method_tables`: its own tables, such as `[method.dsp_reg]`), and a
+/// checkpoint every `checkpoint_every` steps, the last `keep_last` kept (0: all).
+pub struct CheckpointedJob<'a> {
+    pub eval_every: usize,
+    pub method: &'a str,
+    pub method_tables: &'a str,
+    pub checkpoint_every: usize,
+    pub keep_last: usize,
+}
+
+impl CheckpointedJob<'_> {
+    pub fn tables(&self) -> String {
+        let CheckpointedJob { eval_every, method, method_tables, checkpoint_every, keep_last } = self;
+        format!(
+            "\n[eval]\nevery_steps = {eval_every}\n\n[method]\nname = \"{method}\"\n{method_tables}\n\
+             [checkpoint]\nevery_steps = {checkpoint_every}\nkeep_last = {keep_last}\n"
+        )
+    }
+}

@@ -25,6 +25,7 @@ mod reduce;
 mod ring;
 mod wire;
 
+use crate::members::Members;
 use crate::staging::HostStaging;
 use crate::store::StoreClient;
 use crate::{check_device, CommError, Communicator, ReduceOp, Result};
@@ -150,18 +151,12 @@ impl TcpCommunicator {
         timeout: Duration,
         options: TcpOptions,
     ) -> Result<Self> {
-        if world_size == 0 || rank >= world_size {
-            return Err(CommError::Invalid {
-                op: "connect",
-                message: format!("rank {rank} is not in a world of {world_size} ranks"),
-            });
-        }
+        let members = Members::whole_world("connect", rank, world_size)?;
         let store = Arc::new(store.try_clone()?);
         // Each rank counts its own world connections, so a job that builds several worlds (e.g. a
         // benchmark, then training) gets fresh keys each time as long as every rank does the same.
         let generation = store.add(&format!("mgrun/tcp/generation/{rank}"), 1)?;
         let prefix = format!("mgrun/tcp/world{generation}");
-        let members = Members { rank, world_size, global_ranks: (0..world_size).collect() };
         Self::build(store, prefix, members, device, timeout, options)
     }
 
@@ -226,14 +221,6 @@ impl TcpCommunicator {
             }
         }
     }
-}
-
-/// This rank's place in a (possibly split) group.
-struct Members {
-    rank: usize,
-    world_size: usize,
-    /// Rank in the original world of each rank of the group.
-    global_ranks: Vec<usize>,
 }
 
 impl TcpCommunicator {
@@ -417,29 +404,14 @@ impl Communicator for TcpCommunicator {
             state.splits
         };
         let base = format!("{}/split{split_index}", self.prefix);
-        self.store.set(&format!("{base}/color/{}", self.rank), color.to_string().as_bytes())?;
-        let mut members = Vec::new();
-        for peer in 0..self.world_size {
-            let key = format!("{base}/color/{peer}");
-            let value = self.store.get(&key).map_err(|_| CommError::Timeout {
+        let read_color = |key: &str, peer| {
+            self.store.get(key).map_err(|_| CommError::Timeout {
                 op: "split",
-                peer: self.global_ranks[peer],
+                peer,
                 timeout_s: self.timeout.as_secs_f64(),
-            })?;
-            let peer_color =
-                std::str::from_utf8(&value).ok().and_then(|text| text.parse::<usize>().ok()).ok_or_else(|| {
-                    CommError::Invalid { op: "split", message: format!("store key {key} holds a malformed color") }
-                })?;
-            if peer_color == color {
-                members.push(peer);
-            }
-        }
-        let new_rank = members.iter().position(|&member| member == self.rank).ok_or_else(|| CommError::Invalid {
-            op: "split",
-            message: "this rank is missing from its own color group".into(),
-        })?;
-        let global_ranks = members.iter().map(|&member| self.global_ranks[member]).collect();
-        let group = Members { rank: new_rank, world_size: members.len(), global_ranks };
+            })
+        };
+        let group = Members::of_color("split", &self.store, &base, color, self.rank, &self.global_ranks, read_color)?;
         let communicator = TcpCommunicator::build(
             self.store.clone(),
             format!("{base}/color{color}"),
