@@ -3,6 +3,7 @@
 //! lives in `mgrun-sweep`; this module resolves the base config and the dataset's domains, and
 //! measures the estimate's times, which need the trainer and data crates.
 
+use crate::job::absolute;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use mgrun_sweep::estimate::{eval_images_per_rank, eval_passes, interpolate_step_s, significant};
@@ -78,13 +79,6 @@ pub struct CollectArgs {
     /// LaTeX instead of markdown.
     #[arg(long)]
     pub latex: bool,
-}
-
-fn absolute(path: &Path) -> Result<PathBuf> {
-    if path.is_absolute() {
-        return Ok(path.to_path_buf());
-    }
-    Ok(std::env::current_dir().context("reading the current directory")?.join(path))
 }
 
 pub fn sweep(args: SweepArgs) -> Result<i32> {

@@ -6,6 +6,7 @@ use std::ffi::OsString;
 use std::path::Path;
 
 use anyhow::Context;
+use mgrun_checkpoint::Resume;
 use mgrun_trainer::JobConfig;
 
 use crate::cli::Cli;
@@ -19,26 +20,23 @@ const RESOLVED_CONFIG: &str = "config.resolved.toml";
 pub fn launch_training(cli: Cli, cuda_load_error: Option<&str>) -> anyhow::Result<i32> {
     let config = cli.config.context("no CONFIG given")?;
     anyhow::ensure!(config.is_file(), "config file {} does not exist", config.display());
-    let mut overrides = cli.overrides.clone();
     let slurm_restarts = std::env::var("SLURM_RESTART_COUNT").ok().and_then(|v| v.parse::<u64>().ok());
     let resume = match (&cli.resume, slurm_restarts) {
-        (Some(resume), _) => Some(resume.clone()),
+        (Some(resume), _) => Some(match resume.parse::<Resume>()? {
+            Resume::Path(path) => Resume::Path(absolute(&path)?),
+            other => other,
+        }),
         (None, Some(count)) if count > 0 => {
             println!("mgrun: SLURM_RESTART_COUNT={count}: a requeued job resumes from its newest checkpoint");
-            Some("auto".to_string())
+            Some(Resume::Auto)
         }
         _ => None,
     };
-    if let Some(resume) = &resume {
-        let value = match resume.as_str() {
-            "auto" | "none" => resume.clone(),
-            path => absolute(Path::new(path))?.to_string_lossy().into_owned(),
-        };
-        // TOML string syntax, so that any path survives the override parser.
-        overrides.push(format!("checkpoint.resume={}", toml_string(&value)));
-    }
     // A typo in the config fails here, once and at once, instead of in every rank.
-    let job = JobConfig::load(&config, &overrides)?;
+    let mut job = JobConfig::load(&config, &cli.overrides)?;
+    if let Some(resume) = &resume {
+        job.checkpoint.resume = resume.clone();
+    }
     if cli.launch.ranks_per_gpu.unwrap_or(1) > 1 && job.comm.backend == mgrun_collectives::BackendChoice::Nccl {
         anyhow::bail!(
             "config {}: comm.backend = \"nccl\" cannot run with --ranks-per-gpu {}: NCCL refuses two ranks of \
@@ -54,7 +52,7 @@ pub fn launch_training(cli: Cli, cuda_load_error: Option<&str>) -> anyhow::Resul
         None => default_out_dir(&cli.launch, &stem)?,
     };
     anyhow::ensure!(
-        !(resume.as_deref() == Some("auto")
+        !(resume == Some(Resume::Auto)
             && cli.launch.out.is_none()
             && job.checkpoint.dir.is_none()
             && std::env::var_os("SLURM_JOB_ID").is_none()),
@@ -63,8 +61,8 @@ pub fn launch_training(cli: Cli, cuda_load_error: Option<&str>) -> anyhow::Resul
     );
     let agreement = toml::to_string(&job).context("serialising the resolved config")?;
     // Restarted ranks continue from the newest checkpoint, whatever the first start resumed from.
-    overrides.push(format!("checkpoint.resume={}", toml_string("auto")));
-    let restart_job = JobConfig::load(&config, &overrides)?;
+    let mut restart_job = job.clone();
+    restart_job.checkpoint.resume = Resume::Auto;
     // Relative paths in the config mean relative to where `mgrun` was started.
     let cwd = std::env::current_dir().context("reading the current directory")?;
     let rank_config = RankConfig {
@@ -82,11 +80,6 @@ pub fn launch_training(cli: Cli, cuda_load_error: Option<&str>) -> anyhow::Resul
 fn resolved_toml(mut job: JobConfig, cwd: &Path) -> anyhow::Result<String> {
     job.resolve_paths(cwd);
     toml::to_string_pretty(&job).context("serialising the resolved config")
-}
-
-/// `value` as a TOML basic string.
-fn toml_string(value: &str) -> String {
-    format!("\"{}\"", value.replace('\\', "\\\\").replace('"', "\\\""))
 }
 
 #[cfg(test)]
