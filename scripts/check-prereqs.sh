@@ -43,7 +43,7 @@ for tool in cargo rustc; do
 done
 
 # Measured (December 2026): the pip download is 2.6 GiB (torch's wheel alone 0.5 GiB), the venv 4.7 GiB
-# once installed, target/ 5-7 GiB after a release build. Only what is not there yet is counted.
+# once installed, target/ 4.7 GiB after `make test` on a fresh clone (more with incremental builds). Only what is not there yet is counted.
 need_gib=1
 [[ -f .venv/.mgrun-venv-ok ]] || need_gib=$((need_gib + 8))
 [[ -d target/release ]] || need_gib=$((need_gib + 7))
