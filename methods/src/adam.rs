@@ -98,6 +98,25 @@ impl Adam {
         }
         let _guard = tch::no_grad_guard();
         self.step += 1;
+        if flat_params.device() == Device::Cpu {
+            self.fused_step(flat_params, flat_grad)
+        } else {
+            self.elementwise_step(flat_params, flat_grad)
+        }
+    }
+
+    /// libtorch's fused kernel: one multi-threaded pass over parameters, gradient and moments.
+    fn fused_step(&mut self, flat_params: &Tensor, flat_grad: &Tensor) -> Result<()> {
+        let AdamConfig { lr, beta1, beta2, eps, weight_decay } = self.cfg;
+        // PyTorch keeps the count as an f32 scalar beside the moments.
+        let step = Tensor::from(self.step as f32);
+        let coefficients = mgrun_torch_shim::AdamCoefficients { lr, beta1, beta2, weight_decay, eps };
+        mgrun_torch_shim::fused_adam(flat_params, flat_grad, &self.exp_avg, &self.exp_avg_sq, &step, coefficients)
+    }
+
+    /// torch.optim.Adam's single-tensor arithmetic in whole-buffer operations. CUDA ranks keep it until
+    /// a GPU run has measured the fused kernel there.
+    fn elementwise_step(&mut self, flat_params: &Tensor, flat_grad: &Tensor) -> Result<()> {
         let AdamConfig { lr, beta1, beta2, eps, weight_decay } = self.cfg;
         let grad = if weight_decay != 0.0 { flat_grad + flat_params * weight_decay } else { flat_grad.shallow_clone() };
         let _ = self.exp_avg.f_lerp_(&grad, 1.0 - beta1).context("Adam: first moment")?;

@@ -19,6 +19,18 @@ use tch::Device;
 extern "C" {
     fn mgrun_shim_last_error() -> *const c_char;
     fn mgrun_set_grad(param: *mut std::ffi::c_void, grad: *mut std::ffi::c_void) -> c_int;
+    fn mgrun_fused_adam(
+        param: *mut std::ffi::c_void,
+        grad: *mut std::ffi::c_void,
+        exp_avg: *mut std::ffi::c_void,
+        exp_avg_sq: *mut std::ffi::c_void,
+        step: *mut std::ffi::c_void,
+        lr: f64,
+        beta1: f64,
+        beta2: f64,
+        weight_decay: f64,
+        eps: f64,
+    ) -> c_int;
     fn mgrun_pin_memory(src: *mut std::ffi::c_void, out: *mut *mut std::ffi::c_void) -> c_int;
     fn mgrun_autocast_enter_bf16(cuda: c_int, was_enabled: *mut c_int, previous_dtype: *mut c_int) -> c_int;
     fn mgrun_autocast_exit(cuda: c_int, was_enabled: c_int, previous_dtype: c_int) -> c_int;
@@ -48,6 +60,51 @@ pub fn pin_memory(t: &tch::Tensor) -> Result<tch::Tensor> {
         return Err(last_error("pin_memory"));
     }
     Ok(unsafe { tch::Tensor::from_ptr(out as *mut _) })
+}
+
+/// Coefficients of one Adam step, as `torch.optim.Adam` takes them (coupled L2 weight decay).
+#[derive(Debug, Clone, Copy)]
+pub struct AdamCoefficients {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub weight_decay: f64,
+    pub eps: f64,
+}
+
+/// One Adam step by libtorch's fused kernel (`torch.optim.Adam(fused=True)`): one pass over the
+/// parameters, gradient and both moments, updated in place. `step` is the f32 scalar step count on
+/// the parameters' device, already counting this step.
+pub fn fused_adam(
+    param: &tch::Tensor,
+    grad: &tch::Tensor,
+    exp_avg: &tch::Tensor,
+    exp_avg_sq: &tch::Tensor,
+    step: &tch::Tensor,
+    c: AdamCoefficients,
+) -> Result<()> {
+    let mut handles = [param, grad, exp_avg, exp_avg_sq, step].map(|t| t.shallow_clone());
+    let [p, g, m, v, s] = &mut handles;
+    // SAFETY: the five pointers are live at::Tensor handles owned by `handles`, which outlive the
+    // call; the shim only reads the handles (the kernel writes into the tensors' storage).
+    let rc = unsafe {
+        mgrun_fused_adam(
+            p.as_mut_ptr() as *mut _,
+            g.as_mut_ptr() as *mut _,
+            m.as_mut_ptr() as *mut _,
+            v.as_mut_ptr() as *mut _,
+            s.as_mut_ptr() as *mut _,
+            c.lr,
+            c.beta1,
+            c.beta2,
+            c.weight_decay,
+            c.eps,
+        )
+    };
+    if rc != 0 {
+        return Err(last_error("fused Adam"));
+    }
+    Ok(())
 }
 
 /// Makes `grad` the gradient of `param` (same shape, dtype and device). Later backward passes

@@ -4,6 +4,7 @@
 // absent; the CUDA allocator is reached through c10's allocator registry at run time.
 #include <ATen/Context.h>
 #include <ATen/autocast_mode.h>
+#include <ATen/ops/_fused_adam.h>
 #include <c10/core/CachingDeviceAllocator.h>
 #include <c10/core/DeviceType.h>
 
@@ -50,6 +51,25 @@ int mgrun_set_grad(void* param, void* grad) {
       return fail("set_grad: the gradient's shape, dtype or device differs from the parameter's");
     }
     p.mutable_grad() = g;
+    return 0;
+  } catch (const std::exception& e) {
+    return fail(e.what());
+  }
+}
+
+// One Adam step as libtorch's fused kernel (torch.optim.Adam(fused=True)): a single pass over `param`,
+// `grad`, `exp_avg` and `exp_avg_sq` (at::Tensor*, one flat buffer each), with torch.optim.Adam's
+// coupled L2 weight decay. `step` is the f32 scalar step count, already incremented, as PyTorch keeps it.
+int mgrun_fused_adam(void* param, void* grad, void* exp_avg, void* exp_avg_sq, void* step, double lr, double beta1,
+                     double beta2, double weight_decay, double eps) {
+  try {
+    const auto& p = *static_cast<at::Tensor*>(param);
+    const auto& g = *static_cast<at::Tensor*>(grad);
+    const auto& m = *static_cast<at::Tensor*>(exp_avg);
+    const auto& v = *static_cast<at::Tensor*>(exp_avg_sq);
+    const auto& s = *static_cast<at::Tensor*>(step);
+    at::_fused_adam_({p}, {g}, {m}, {v}, {}, {s}, lr, beta1, beta2, weight_decay, eps, /*amsgrad=*/false,
+                     /*maximize=*/false);
     return 0;
   } catch (const std::exception& e) {
     return fail(e.what());
