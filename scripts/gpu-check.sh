@@ -63,7 +63,7 @@ note "|---|---|---|"
 # (instead of skipping) when CUDA is missing.
 [[ -x "$BIN/test-nccl" ]] && run nccl-tests 180 env LD_PRELOAD="$TORCH_CUDA_PRELOAD" "$BIN/test-nccl" \
     --test-threads=1 --include-ignored
-run shim-tests 60 env LD_PRELOAD="$TORCH_CUDA_PRELOAD" "$BIN/test-shim" --test-threads=1
+run shim-tests 60 env LD_PRELOAD="$TORCH_CUDA_PRELOAD" "$BIN/test-shim" --test-threads=1 --include-ignored
 run launcher-nccl-link 60 "$BIN/test-launcher" --ignored ranks_can_load_nccl_by_the_name_cudarc_uses
 
 # 200 quickstart steps on the GPU; held-out (test domain) accuracy must beat chance (1/classes).

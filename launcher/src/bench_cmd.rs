@@ -68,7 +68,7 @@ fn bench_comm(
 }
 
 /// `mgrun bench step`: times training steps in this process and prints a markdown table.
-fn step_bench(device: tch::Device, args: StepBenchArgs) -> anyhow::Result<i32> {
+fn step_bench(device: tch::Device, args: Box<StepBenchArgs>) -> anyhow::Result<i32> {
     use mgrun_trainer::bench_step;
     let config = bench_step::StepBenchConfig {
         device,
@@ -85,7 +85,11 @@ fn step_bench(device: tch::Device, args: StepBenchArgs) -> anyhow::Result<i32> {
         warmup: args.warmup,
         phases: args.phases,
         micro_batch: args.micro_batch,
+        ranks: args.ranks,
     };
+    if args.vs_pytorch && (config.ranks != 1 || config.micro_batch.is_some() || config.arch == "small_cnn") {
+        anyhow::bail!("bench step --vs-pytorch: PyTorch runs the whole batch of a torchvision ResNet (no --ranks, --micro-batch or small_cnn)");
+    }
     println!(
         "bench step: {} {}x{}, {} domains x {} images, {} classes, Adam, on {:?} ({} timed steps after {} warm-up)",
         config.arch,
@@ -101,11 +105,77 @@ fn step_bench(device: tch::Device, args: StepBenchArgs) -> anyhow::Result<i32> {
     if config.precisions.contains(&bench_step::Precision::Bf16) {
         println!("{}", bench_step::check_bf16_autocast(device)?);
     }
-    let rows = bench_step::run_step_bench(&config)?;
+    let python = args
+        .python
+        .clone()
+        .or_else(|| std::env::var_os("MGRUN_PYTHON").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from("python3"));
+    // Alternating rounds, so that a slow spell of a shared machine hits both sides alike.
+    let (mut rounds, mut torch_rounds) = (Vec::new(), Vec::new());
+    for round in 0..args.rounds.max(1) {
+        if args.rounds > 1 {
+            println!("round {} of {}", round + 1, args.rounds);
+        }
+        rounds.push(bench_step::run_step_bench(&config)?);
+        if args.vs_pytorch {
+            torch_rounds.push(pytorch_step(&python, &config, &args.precision)?);
+        }
+    }
+    let rows = bench_step::median_rows(&rounds);
+    if args.rounds > 1 {
+        println!("\nmedians of {} rounds", args.rounds);
+    }
     print!("{}", bench_step::markdown_table(&rows));
-    if let Some(path) = args.json {
+    if let Some(path) = &args.json {
         let text = serde_json::to_string_pretty(&rows).context("serialising the step benchmark")?;
-        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+    }
+    if args.vs_pytorch {
+        let torch_rows = bench_step::median_pytorch_rows(&torch_rounds);
+        println!("\nmgrun against PyTorch eager on the same shapes (speed = PyTorch time / mgrun time)\n");
+        print!("{}", bench_step::pytorch_comparison(&rows, &torch_rows));
     }
     Ok(0)
+}
+
+/// The reference script, built into the binary so that `--vs-pytorch` runs from any directory.
+const PYTORCH_STEP_SCRIPT: &str = include_str!("../../bench/pytorch_step.py");
+
+/// Runs bench/pytorch_step.py with `config`'s shapes, once with foreach and once with fused Adam;
+/// its output goes to the console, its rows are returned.
+fn pytorch_step(
+    python: &std::path::Path,
+    config: &mgrun_trainer::bench_step::StepBenchConfig,
+    precisions: &str,
+) -> anyhow::Result<Vec<mgrun_trainer::bench_step::PytorchStepRow>> {
+    let dir = std::env::temp_dir().join(format!("mgrun-pytorch-step-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let script = dir.join("pytorch_step.py");
+    let json = dir.join("rows.json");
+    std::fs::write(&script, PYTORCH_STEP_SCRIPT).with_context(|| format!("writing {}", script.display()))?;
+    let device = if config.device.is_cuda() { "cuda" } else { "cpu" };
+    let channels_last = config.channels_last.unwrap_or(config.device.is_cuda());
+    let mut command = std::process::Command::new(python);
+    command.arg(&script).args(["--device", device, "--arch", &config.arch, "--optimizers", "foreach,fused"]);
+    command.args(["--image-size", &config.image_size.to_string()]);
+    command.args(["--batch-per-domain", &config.batch_per_domain.to_string()]);
+    command.args(["--domains", &config.domains.to_string(), "--classes", &config.classes.to_string()]);
+    command.args(["--methods", &config.methods.join(","), "--precision", precisions]);
+    command.args(["--channels-last", if channels_last { "true" } else { "false" }]);
+    command.args(["--steps", &config.steps.to_string(), "--warmup", &config.warmup.to_string()]);
+    if config.phases {
+        command.arg("--phases");
+    }
+    command.arg("--json").arg(&json);
+    let status = command.status().with_context(|| {
+        format!("running {} (set --python or MGRUN_PYTHON to a Python with torch)", python.display())
+    })?;
+    let rows = if status.success() {
+        let text = std::fs::read_to_string(&json).with_context(|| format!("reading {}", json.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", json.display()))
+    } else {
+        Err(anyhow::anyhow!("{} {} failed ({status})", python.display(), script.display()))
+    };
+    let _ = std::fs::remove_dir_all(&dir);
+    rows
 }

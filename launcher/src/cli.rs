@@ -140,8 +140,9 @@ pub enum BenchCommand {
     Step {
         #[command(flatten)]
         launch: LaunchArgs,
+        // Boxed: the step benchmark's options would make every command as large as they are.
         #[command(flatten)]
-        args: StepBenchArgs,
+        args: Box<StepBenchArgs>,
     },
     /// Images per rank and modelled step-time efficiency of the sharding plan for W = 1..8 ranks
     /// and the DomainBed datasets' numbers of training domains (the first plan against the balanced one).
@@ -240,6 +241,20 @@ pub struct StepBenchArgs {
     /// Deterministic mode with micro-batches of M images (train.micro_batch): its cost on one rank.
     #[arg(long, value_name = "M")]
     pub micro_batch: Option<usize>,
+    /// Time rank 0's share of a job of W ranks (W = --domains: one domain per rank), without its
+    /// communication.
+    #[arg(long, value_name = "W", default_value_t = 1)]
+    pub ranks: usize,
+    /// Then run the same steps in PyTorch eager (bench/pytorch_step.py, with foreach and with fused
+    /// Adam) in this command and print mgrun's ratio against both, per method and per phase.
+    #[arg(long)]
+    pub vs_pytorch: bool,
+    /// Alternate mgrun's and PyTorch's runs this many times and report the medians (noisy machines).
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub rounds: usize,
+    /// Python with torch and torchvision for --vs-pytorch [default: $MGRUN_PYTHON, else python3].
+    #[arg(long, value_name = "PATH")]
+    pub python: Option<PathBuf>,
     /// Also write the rows as JSON to FILE.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,

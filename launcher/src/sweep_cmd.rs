@@ -384,7 +384,7 @@ fn measure_steps(
             let time_forward = forward_s_per_image.is_none();
             let mut methods = algorithms.to_vec();
             if time_forward && !methods.iter().any(|m| m == "erm") {
-                // Only for the forward phase of its step, which times the evaluation's forward pass.
+                // Only for its phases, which time the evaluation's forward pass.
                 methods.push("erm".to_string());
             }
             let bench = StepBenchConfig {
@@ -402,6 +402,7 @@ fn measure_steps(
                 warmup: ESTIMATE_WARMUP_STEPS,
                 phases: time_forward,
                 micro_batch: config.train.deterministic.then_some(config.train.micro_batch),
+                ranks: 1,
             };
             let rows = run_step_bench(&bench).with_context(|| {
                 format!("measuring a training step of {train_domains} training domains x {batch} images")
@@ -411,9 +412,9 @@ fn measure_steps(
                     let forward_ms = row
                         .phases_ms
                         .iter()
-                        .find(|(phase, _)| phase == "forward+loss")
+                        .find(|(phase, _)| phase == "eval forward")
                         .map(|(_, ms)| *ms)
-                        .context("the step benchmark measured no forward phase")?;
+                        .context("the step benchmark measured no evaluation forward pass")?;
                     forward_s_per_image = Some(forward_ms / 1e3 / (train_domains * batch) as f64);
                 }
                 step_s.insert((train_domains, row.method, batch), row.ms_per_step / 1e3);

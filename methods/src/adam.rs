@@ -1,5 +1,6 @@
-//! Adam on the flat parameter buffer, with exactly `torch.optim.Adam`'s arithmetic (single-tensor
-//! path, coupled L2 weight decay), so that one optimizer step updates every parameter view at once.
+//! Adam on the flat parameter buffer: one optimizer step updates every parameter view at once, in
+//! one pass of libtorch's fused kernel (`torch.optim.Adam(fused=True)`'s arithmetic; coupled L2
+//! weight decay, or AdamW's decoupled decay).
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -17,13 +18,16 @@ pub struct AdamConfig {
     pub beta2: f64,
     /// Added to the bias-corrected square root of the second moment.
     pub eps: f64,
-    /// Coupled L2 penalty: `grad += weight_decay * param` before the moments (torch.optim.Adam, not AdamW).
+    /// Coupled L2 penalty `grad += weight_decay * param` before the moments (torch.optim.Adam), or
+    /// with `decoupled_weight_decay` AdamW's `param *= 1 - lr * weight_decay`.
     pub weight_decay: f64,
+    /// AdamW (torch.optim.AdamW, or Adam's `decoupled_weight_decay=True`).
+    pub decoupled_weight_decay: bool,
 }
 
 impl Default for AdamConfig {
     fn default() -> Self {
-        Self { lr: 5e-5, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 }
+        Self { lr: 5e-5, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0, decoupled_weight_decay: false }
     }
 }
 
@@ -58,13 +62,21 @@ pub struct Adam {
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
     step: u64,
+    /// The step count as the fused kernel reads it: an f32 scalar on the parameters' device.
+    step_tensor: Tensor,
 }
 
 impl Adam {
     /// Zero moments for a buffer of `numel` f32 values on `device`.
     pub fn new(cfg: AdamConfig, numel: usize, device: Device) -> Self {
         let zeros = || Tensor::zeros([numel as i64], (Kind::Float, device));
-        Self { cfg, exp_avg: zeros(), exp_avg_sq: zeros(), step: 0 }
+        Self {
+            cfg,
+            exp_avg: zeros(),
+            exp_avg_sq: zeros(),
+            step: 0,
+            step_tensor: Tensor::zeros([], (Kind::Float, device)),
+        }
     }
 
     pub fn config(&self) -> &AdamConfig {
@@ -98,40 +110,24 @@ impl Adam {
         }
         let _guard = tch::no_grad_guard();
         self.step += 1;
-        if flat_params.device() == Device::Cpu {
-            self.fused_step(flat_params, flat_grad)
-        } else {
-            self.elementwise_step(flat_params, flat_grad)
-        }
-    }
-
-    /// libtorch's fused kernel: one multi-threaded pass over parameters, gradient and moments.
-    fn fused_step(&mut self, flat_params: &Tensor, flat_grad: &Tensor) -> Result<()> {
-        let AdamConfig { lr, beta1, beta2, eps, weight_decay } = self.cfg;
-        // PyTorch keeps the count as an f32 scalar beside the moments.
-        let step = Tensor::from(self.step as f32);
-        let coefficients = mgrun_torch_shim::AdamCoefficients { lr, beta1, beta2, weight_decay, eps };
-        mgrun_torch_shim::fused_adam(flat_params, flat_grad, &self.exp_avg, &self.exp_avg_sq, &step, coefficients)
-    }
-
-    /// torch.optim.Adam's single-tensor arithmetic in whole-buffer operations. CUDA ranks keep it until
-    /// a GPU run has measured the fused kernel there.
-    fn elementwise_step(&mut self, flat_params: &Tensor, flat_grad: &Tensor) -> Result<()> {
-        let AdamConfig { lr, beta1, beta2, eps, weight_decay } = self.cfg;
-        let grad = if weight_decay != 0.0 { flat_grad + flat_params * weight_decay } else { flat_grad.shallow_clone() };
-        let _ = self.exp_avg.f_lerp_(&grad, 1.0 - beta1).context("Adam: first moment")?;
-        // torch's addcmul_(grad, grad, value=1-beta2) computes (value * grad) * grad.
-        let _ = self.exp_avg_sq.f_mul_scalar_(beta2).context("Adam: second moment")?;
-        let _ = self.exp_avg_sq.f_add_(&((&grad * (1.0 - beta2)) * &grad)).context("Adam: second moment")?;
-        // Bias corrections in f64, as Python computes them.
-        let bias_correction1 = 1.0 - beta1.powf(self.step as f64);
-        let bias_correction2 = 1.0 - beta2.powf(self.step as f64);
-        let step_size = lr / bias_correction1;
-        let denom = (self.exp_avg_sq.sqrt() / bias_correction2.sqrt()) + eps;
-        // torch's addcdiv_(exp_avg, denom, value=-step_size) computes (value * exp_avg) / denom.
-        let mut params = flat_params.shallow_clone();
-        let _ = params.f_add_(&((&self.exp_avg * -step_size) / denom)).context("Adam: parameter update")?;
-        Ok(())
+        let _ = self.step_tensor.f_fill_(self.step as f64).context("Adam: step count")?;
+        let AdamConfig { lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay } = self.cfg;
+        let coefficients = mgrun_torch_shim::AdamCoefficients {
+            lr,
+            beta1,
+            beta2,
+            weight_decay,
+            eps,
+            decoupled: decoupled_weight_decay,
+        };
+        mgrun_torch_shim::fused_adam(
+            flat_params,
+            flat_grad,
+            &self.exp_avg,
+            &self.exp_avg_sq,
+            &self.step_tensor,
+            coefficients,
+        )
     }
 
     /// Moments and step count, for checkpoints.

@@ -56,11 +56,12 @@ pub(crate) fn cross_entropy_sum(model: &dyn Model, x: &Tensor, y: &Tensor) -> Re
         .context("cross-entropy of the model's logits against the shard labels")
 }
 
-/// Gradient of `loss` with respect to every parameter, as a fresh flat tensor.
+/// Gradient of `loss` with respect to every parameter, as a flat tensor that aliases the store's
+/// gradient buffer (no copy): the next backward overwrites it.
 pub(crate) fn backward_flat(store: &mut ParamStore, loss: &Tensor) -> Result<Tensor> {
     store.zero_grad();
     loss.f_backward().context("backward pass")?;
-    Ok(store.flat_grad())
+    Ok(store.flat_grad_alias())
 }
 
 /// SUM all-reduce of a flat gradient, in buckets.

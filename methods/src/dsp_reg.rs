@@ -12,7 +12,7 @@
 use crate::common::check_shards;
 use crate::descriptor::{CrossRankStat, Hyperparameter, MessageSize, MethodDef, Search};
 use crate::gradients::{self, Pass};
-use crate::moments::{cross_domain_moments, CrossDomainMoments};
+use crate::moments::{cross_domain_sums_into, moments_of_sums, CrossDomainMoments};
 use crate::{DomainShard, Method, StepStats, UpdateContext};
 use anyhow::{bail, Context, Result};
 use mgrun_models::{Model, ParamKind};
@@ -178,6 +178,12 @@ pub struct DspReg {
     t: u64,
     /// Anchor weights (mode `anchor`), captured at the first update unless restored.
     theta0: Option<Tensor>,
+    /// The ratio score's statistics as one fused CPU pass where possible (see `fused_statistics`).
+    fuse: bool,
+    /// Per-step buffers kept across steps: [sum_e g_e; sum_e g_e^2] (2P) and the fused pass's update
+    /// direction (P). Fresh buffers of this size would be mapped and page-faulted every step.
+    sums: Tensor,
+    update: Option<Tensor>,
 }
 
 impl MethodDef for DspReg {
@@ -300,6 +306,9 @@ impl MethodDef for DspReg {
             ema_mean_sq: zeros(),
             t: 0,
             theta0: None,
+            fuse: true,
+            sums: Tensor::empty([2 * numel], (Kind::Float, device)),
+            update: None,
         })
     }
 
@@ -424,6 +433,59 @@ impl DspReg {
         Ok(())
     }
 
+    /// The ratio score on CPU ranks runs as one fused pass ([`DspReg::fused_statistics_step`]); the
+    /// other scores, and CUDA ranks, take the tensor path (about 20 passes over P).
+    fn fused_statistics(&self, theta: &Tensor) -> bool {
+        self.fuse && self.cfg.score == DspScore::Ratio && theta.device() == Device::Cpu
+    }
+
+    /// `false`: the tensor path even where the fused pass applies, as CUDA ranks compute it (for
+    /// tests and benchmarks that compare the two).
+    pub fn set_fused_statistics(&mut self, on: bool) {
+        self.fuse = on;
+    }
+
+    /// [`DspReg::update_statistics`], [`DspReg::sensitivity`], [`DspReg::weight_of`],
+    /// [`DspReg::regularized_gradient`] and [`DspReg::mean_sensitivity`] of the ratio score in one
+    /// pass over the parameters (the same arithmetic per element, in f32): the update direction and
+    /// the mean sensitivity.
+    fn fused_statistics_step(&mut self, sums: &Tensor, theta: &Tensor, strength: f64) -> Result<(Tensor, f64)> {
+        self.t += 1;
+        let theta0 = match (self.cfg.mode, strength != 0.0) {
+            (DspMode::Anchor, true) => Some(self.theta0.as_ref().context("DSP-Reg: anchor weights missing")?),
+            _ => None,
+        };
+        let update = self.update.get_or_insert_with(|| theta.empty_like()).shallow_clone();
+        let buffers = mgrun_torch_shim::DspBuffers {
+            sums,
+            ema_variance: &self.ema_variance,
+            ema_mean_sq: &self.ema_mean_sq,
+            theta,
+            theta0,
+            mask: &self.mask,
+            update: &update,
+        };
+        let coefficients = mgrun_torch_shim::DspCoefficients {
+            k: self.num_domains as f64,
+            denominator: self.variance_denominator(),
+            beta: self.cfg.beta,
+            correction: 1.0 - self.cfg.beta.powf(self.t as f64),
+            epsilon: self.cfg.epsilon,
+            tau: self.cfg.tau,
+            temperature: self.cfg.temperature,
+            strength,
+            sigmoid_weight: i32::from(self.cfg.weight == DspWeight::Sigmoid),
+            mode: match self.cfg.mode {
+                DspMode::Anchor => 0,
+                DspMode::Shrink => 1,
+                DspMode::Gate => 2,
+            },
+        };
+        let masked_score_sum = mgrun_torch_shim::dsp_ratio_step(&buffers, &coefficients)?;
+        let mean_sensitivity = if self.included == 0.0 { 0.0 } else { masked_score_sum / self.included };
+        Ok((update, mean_sensitivity))
+    }
+
     fn variance_denominator(&self) -> f64 {
         let k = self.num_domains as f64;
         match self.cfg.variance_denominator {
@@ -464,19 +526,23 @@ impl Method for DspReg {
         let grads = gradients::domain_gradients(ctx.model, ctx.topology, shards, &Pass::plain(ctx.step, 0))?;
         let _guard = tch::no_grad_guard();
         let theta = ctx.model.store().flat();
-        let moments = cross_domain_moments(&grads, ctx.topology, theta, self.num_domains, self.variance_denominator())?;
-
-        self.update_statistics(&moments)?;
-        let score = self.sensitivity()?;
-        let weight = self.weight_of(&score);
-
+        let mut sums = self.sums.shallow_clone();
+        cross_domain_sums_into(&grads, ctx.topology, &mut sums)?;
         let strength = self.cfg.strength() * self.cfg.penalty_fraction(ctx.step, ctx.total_steps);
-        let update = self.regularized_gradient(moments.mean, &weight, theta, strength)?;
+        let (update, mean_sensitivity) = if self.fused_statistics(theta) {
+            self.fused_statistics_step(&sums, theta, strength)?
+        } else {
+            let moments = moments_of_sums(&sums, self.num_domains, self.variance_denominator())?;
+            self.update_statistics(&moments)?;
+            let score = self.sensitivity()?;
+            let weight = self.weight_of(&score);
+            (self.regularized_gradient(moments.mean, &weight, theta, strength)?, self.mean_sensitivity(&score)?)
+        };
         ctx.optimizer.step(theta, &update)?;
 
         let mut extra = BTreeMap::new();
         extra.insert("dsp_lambda".to_string(), strength);
-        extra.insert("dsp_mean_sensitivity".to_string(), self.mean_sensitivity(&score)?);
+        extra.insert("dsp_mean_sensitivity".to_string(), mean_sensitivity);
         Ok(StepStats { loss: grads.loss, extra })
     }
 

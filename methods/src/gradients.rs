@@ -37,13 +37,15 @@ impl Pass<'_> {
     }
 }
 
-/// The ERM objective over the job's batch, L = (1/(KB)) sum_i l_i, and its gradient.
+/// The ERM objective over the job's batch, L = (1/(KB)) sum_i l_i, and its gradient (on the fast
+/// path an alias of the model's gradient buffer, valid until the next backward).
 pub struct BatchGradient {
     pub loss: f64,
     pub grad: Tensor,
 }
 
-/// One training domain's gradient g_e = grad L_e, L_e the mean loss over its B images.
+/// One training domain's gradient g_e = grad L_e, L_e the mean loss over its B images. On the fast
+/// path the last domain's may alias the model's gradient buffer, valid until the next backward.
 pub struct DomainGradient {
     pub domain: usize,
     pub grad: Tensor,
@@ -93,7 +95,7 @@ pub fn batch_gradient(
                 (loss_sum * scale).f_backward().context("backward pass")?;
             }
             saved.restore(model.store())?;
-            (local_loss, model.store().flat_grad())
+            (local_loss, model.store().flat_grad_alias())
         }
     };
     all_reduce_grad(world, &mut grad, topology.bucket_bytes, "the batch gradient")?;
@@ -123,12 +125,15 @@ pub fn domain_gradients(
         bail!("per-domain gradients at offset parameters are not supported");
     }
     let mut local_loss = 0.0;
-    let mut domains = Vec::with_capacity(shards.len());
-    for shard in shards.iter().filter(|s| shard_len(s) > 0) {
+    let nonempty: Vec<&DomainShard> = shards.iter().filter(|s| shard_len(s) > 0).collect();
+    let mut domains = Vec::with_capacity(nonempty.len());
+    for (i, shard) in nonempty.iter().enumerate() {
         let loss_sum = cross_entropy_sum(&*model, &shard.x, &shard.y)?;
         local_loss += loss_sum.f_double_value(&[]).context("reading a shard's loss")? / (k * b);
         let grad = backward_flat(model.store_mut(), &(loss_sum / b))
             .with_context(|| format!("backward of domain {}", shard.domain))?;
+        // The next shard's backward reuses the gradient buffer: all but the last keep a copy.
+        let grad = if i + 1 < nonempty.len() { grad.copy() } else { grad };
         domains.push(DomainGradient { domain: shard.domain, grad, leader: true });
     }
     // Pieces of a split domain are summed before anything non-linear. Every rank walks its groups in

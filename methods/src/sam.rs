@@ -49,6 +49,9 @@ impl Default for SamConfig {
 
 pub struct Sam {
     cfg: SamConfig,
+    /// theta during the perturbed pass, kept across steps (a fresh P-sized buffer would be mapped
+    /// and page-faulted every step).
+    saved_theta: Option<Tensor>,
 }
 
 impl MethodDef for Sam {
@@ -97,27 +100,49 @@ impl MethodDef for Sam {
     }
 
     fn new(cfg: &SamConfig, _model: &dyn Model, _num_domains: usize) -> Result<Self> {
-        Ok(Self { cfg: cfg.clone() })
+        Ok(Self { cfg: cfg.clone(), saved_theta: None })
+    }
+}
+
+/// eps = factor * direction: direction = g (SAM) or T^2 g (ASAM), factor = rho / (||T g|| + 1e-12).
+struct Perturbation {
+    direction: Tensor,
+    factor: f64,
+    /// ||T g||.
+    norm: f64,
+}
+
+impl Perturbation {
+    /// eps as a tensor of its own.
+    fn offset(&self) -> Tensor {
+        &self.direction * self.factor
+    }
+
+    /// theta += eps in one pass, without materialising eps (addcmul with the factor as a 0-dim
+    /// tensor computes (direction * factor) + theta, the same rounding as adding `offset()`).
+    fn add_to(&self, theta: &Tensor) -> Result<()> {
+        let factor = Tensor::from(self.factor as f32);
+        let _ = theta.shallow_clone().f_addcmul_(&self.direction, &factor).context("SAM: theta += eps")?;
+        Ok(())
     }
 }
 
 impl Sam {
-
-    /// eps = rho * T^2 g / (||T g|| + 1e-12) at parameters `theta`, and ||T g||.
-    fn perturbation(&self, theta: &Tensor, grad: &Tensor) -> Result<(Tensor, f64)> {
+    /// The perturbation at parameters `theta` for gradient `grad`: one pass over P for SAM's norm,
+    /// four more for ASAM's T.
+    fn perturbation(&self, theta: &Tensor, grad: &Tensor) -> Result<Perturbation> {
         let _guard = tch::no_grad_guard();
-        let scale = if self.cfg.adaptive { Some(theta.abs() + self.cfg.eta) } else { None };
-        let scaled_grad = match &scale {
-            Some(t) => t * grad,
-            None => grad.shallow_clone(),
+        let (direction, norm) = if self.cfg.adaptive {
+            let mut scale = theta.abs();
+            let _ = scale.f_add_scalar_(self.cfg.eta)?;
+            let scaled_grad = &scale * grad;
+            let norm = scaled_grad.norm().f_double_value(&[]).context("SAM gradient norm")?;
+            let _ = scale.f_mul_(&scaled_grad)?;
+            (scale, norm)
+        } else {
+            (grad.shallow_clone(), grad.norm().f_double_value(&[]).context("SAM gradient norm")?)
         };
-        let norm = scaled_grad.norm().f_double_value(&[]).context("SAM gradient norm")?;
-        let factor = self.cfg.rho / (norm + 1e-12);
-        let eps = match &scale {
-            Some(t) => t * &scaled_grad * factor,
-            None => grad * factor,
-        };
-        Ok((eps, norm))
+        Ok(Perturbation { direction, factor: self.cfg.rho / (norm + 1e-12), norm })
     }
 }
 
@@ -133,23 +158,24 @@ impl Method for Sam {
         let (loss, reported_norm, perturbed) = match self.cfg.perturb {
             SamPerturb::Global => {
                 let first = gradients::batch_gradient(ctx.model, topology, shards, &Pass::plain(ctx.step, 0))?;
-                let (eps, norm) = self.perturbation(&theta, &first.grad)?;
-                let saved_theta = theta.copy();
-                let _ = tch::no_grad(|| theta.shallow_clone().f_add_(&eps)).context("SAM: theta += eps")?;
+                let perturbation = self.perturbation(&theta, &first.grad)?;
+                let saved_theta = self.saved_theta.get_or_insert_with(|| theta.empty_like()).shallow_clone();
+                tch::no_grad(|| saved_theta.shallow_clone().f_copy_(&theta)).context("SAM: saving theta")?;
+                tch::no_grad(|| perturbation.add_to(&theta))?;
                 // Second pass on the same batch at theta + eps; its loss is not reported.
                 let second = gradients::batch_gradient(ctx.model, topology, shards, &Pass::plain(ctx.step, 1));
                 ctx.model.store().set_flat(&saved_theta).context("SAM: restoring theta")?;
-                (first.loss, norm, second?.grad)
+                (first.loss, perturbation.norm, second?.grad)
             }
             SamPerturb::Local => {
                 let first = gradients::domain_gradients(ctx.model, topology, shards, &Pass::plain(ctx.step, 0))?;
                 let mut offsets: Vec<Option<Tensor>> = (0..topology.num_domains()).map(|_| None).collect();
                 let mut norms = 0.0;
                 for domain in &first.domains {
-                    let (eps, norm) = self.perturbation(&theta, &domain.grad)?;
-                    offsets[domain.domain] = Some(eps);
+                    let perturbation = self.perturbation(&theta, &domain.grad)?;
+                    offsets[domain.domain] = Some(tch::no_grad(|| perturbation.offset()));
                     if domain.leader {
-                        norms += norm;
+                        norms += perturbation.norm;
                     }
                 }
                 if !first.replicated {

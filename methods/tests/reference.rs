@@ -68,6 +68,11 @@ fn cases() -> Vec<Case> {
     vec![
         case("erm", method("erm")),
         Case { name: "erm_wd", method: method("erm"), adam: AdamConfig { weight_decay: 0.1, ..adam() } },
+        Case {
+            name: "erm_adamw",
+            method: method("erm"),
+            adam: AdamConfig { weight_decay: 0.5, decoupled_weight_decay: true, ..adam() },
+        },
         case("sam_global", sam(&|_| {})),
         // Each domain perturbed by its own gradient.
         case("sam_local", sam(&|m| m.perturb = SamPerturb::Local)),
@@ -314,7 +319,7 @@ fn check_run(name: &str, micro_batch: Option<usize>) {
     }
     // The test must be able to fail: DSP-Reg's and SAM's results differ from ERM's by far more
     // than the tolerance, so a missing penalty or perturbation would be caught.
-    if key != "erm" && key != "erm_wd" {
+    if key != "erm" && key != "erm_wd" && key != "erm_adamw" {
         let erm_flat: Vec<Tensor> =
             run.params.iter().map(|(p, _)| reference[&format!("erm.param.{p}")].reshape([-1])).collect();
         let ours: Vec<Tensor> = run.params.iter().map(|(_, t)| t.reshape([-1])).collect();
@@ -331,6 +336,25 @@ fn erm_matches_reference() {
 #[test]
 fn erm_with_weight_decay_matches_reference() {
     check_case("erm_wd");
+}
+
+#[test]
+fn adamw_matches_reference_and_differs_from_coupled_decay() {
+    check_case("erm_adamw");
+    // Decoupled decay moves the weights elsewhere than Adam's coupled L2 and than no decay.
+    let reference = load(&fixture().output);
+    let flat = |case: &str| {
+        let names: Vec<&String> =
+            reference.keys().filter(|k| k.starts_with(&format!("{case}.param."))).collect::<Vec<_>>();
+        let mut names = names;
+        names.sort();
+        Tensor::cat(&names.iter().map(|k| reference[*k].reshape([-1])).collect::<Vec<_>>(), 0)
+    };
+    let adamw = flat("erm_adamw");
+    for other in ["erm", "erm_wd"] {
+        let distance = relative_error(&adamw, &flat(other));
+        assert!(distance > 100.0 * TOLERANCE, "AdamW's weights are within {distance:e} of {other}'s");
+    }
 }
 
 #[test]

@@ -180,10 +180,13 @@ fn fast_gradients(weights: &[f32], data: &Batches, plan: &ShardingPlan, world: &
     let groups = domain_groups(world, plan).unwrap();
     let topology = Topology { world, plan, domain_groups: &groups, bucket_bytes: 4096, exact: None };
     let shards = shards_of(data, plan, world.rank(), 0);
-    let batch = batch_gradient(&mut *model, &topology, &shards, &Pass::plain(0, 0)).unwrap();
+    // The batch gradient aliases the model's gradient buffer: read it before the next backward.
+    let batch =
+        Vec::<f32>::try_from(&batch_gradient(&mut *model, &topology, &shards, &Pass::plain(0, 0)).unwrap().grad)
+            .unwrap();
     let domains = domain_gradients(&mut *model, &topology, &shards, &Pass::plain(0, 0)).unwrap();
     FastGradients {
-        batch: Vec::<f32>::try_from(&batch.grad).unwrap(),
+        batch,
         domains: domains.domains.iter().map(|d| (d.domain, Vec::<f32>::try_from(&d.grad).unwrap())).collect(),
     }
 }

@@ -216,6 +216,124 @@ fn run_steps(
         .collect()
 }
 
+/// Bound on the relative difference of two f32 evaluations of DSP-Reg's per-element statistics that
+/// associate differently: about 20 roundings of 2^-24 in each path, doubled for margin, each step.
+const DSP_PATHS_TOLERANCE: f64 = 2.0 * 2.0 * 20.0 * (f32::EPSILON as f64 / 2.0) * 4.0;
+
+#[test]
+fn dsp_reg_fused_cpu_pass_matches_the_tensor_path() {
+    use mgrun_methods::dsp_reg::DspWeight;
+    let shards: Vec<Vec<DomainShard>> = (0..4).map(random_shards).collect();
+    let modes = [DspMode::Anchor, DspMode::Shrink, DspMode::Gate];
+    for (mode, weight) in modes.into_iter().flat_map(|m| [(m, DspWeight::Linear), (m, DspWeight::Sigmoid)]) {
+        // Warm-up at step 0 (no penalty), then a ramp: every branch of the pass runs.
+        let cfg = DspRegConfig {
+            mode,
+            weight,
+            tau: 0.2,
+            lambda: 5.0,
+            gamma: 0.9,
+            warmup_frac: 0.25,
+            ramp_frac: 0.5,
+            ..DspRegConfig::default()
+        };
+        let run = |fused: bool| {
+            let mut model = small_cnn();
+            let initial = model.store().flat().copy();
+            let mut dsp = DspReg::new(&cfg, &*model, 3).unwrap();
+            dsp.set_fused_statistics(fused);
+            let mut adam =
+                Adam::new(AdamConfig { lr: 1e-2, ..AdamConfig::default() }, model.store().numel(), Device::Cpu);
+            let stats = run_steps(&mut *model, &mut dsp, &mut adam, 0..4, &shards);
+            let moved = (model.store().flat() - initial).to_kind(Kind::Double);
+            (moved, stats, dsp.sensitivity().unwrap().to_kind(Kind::Double))
+        };
+        let (fused_moved, fused_stats, fused_score) = run(true);
+        let (tensor_moved, tensor_stats, tensor_score) = run(false);
+        let relative = |a: &Tensor, b: &Tensor| (a - b).norm().double_value(&[]) / b.norm().double_value(&[]);
+        let label = format!("{mode:?}/{weight:?}");
+        let moved = relative(&fused_moved, &tensor_moved);
+        assert!(moved <= DSP_PATHS_TOLERANCE, "{label}: weight updates differ by {moved:e}");
+        let score = relative(&fused_score, &tensor_score);
+        assert!(score <= DSP_PATHS_TOLERANCE, "{label}: sensitivities differ by {score:e}");
+        for (step, (f, t)) in fused_stats.iter().zip(&tensor_stats).enumerate() {
+            assert!((f.loss - t.loss).abs() <= DSP_PATHS_TOLERANCE * t.loss.abs(), "{label}: loss at step {step}");
+            let (a, b) = (f.extra["dsp_mean_sensitivity"], t.extra["dsp_mean_sensitivity"]);
+            assert!((a - b).abs() <= DSP_PATHS_TOLERANCE * b.abs(), "{label}: mean sensitivity {a} vs {b} at {step}");
+            assert_eq!(f.extra["dsp_lambda"], t.extra["dsp_lambda"]);
+        }
+        // The penalty (or gate) was in force in the steps compared.
+        assert!(fused_stats[3].extra["dsp_lambda"] > 0.0);
+    }
+}
+
+#[test]
+fn dsp_reg_fused_pass_is_the_same_on_any_thread_count() {
+    use mgrun_torch_shim::{dsp_ratio_step, DspBuffers, DspCoefficients};
+    // Several of the pass's fixed chunks (2^15 elements), so that threads split the work.
+    let n = 200_003i64;
+    tch::manual_seed(9);
+    let sums = Tensor::randn([2 * n], (Kind::Float, Device::Cpu)).abs();
+    let theta = Tensor::randn([n], (Kind::Float, Device::Cpu));
+    let theta0 = Tensor::randn([n], (Kind::Float, Device::Cpu));
+    let mask = Tensor::rand([n], (Kind::Float, Device::Cpu)).gt(0.3).to_kind(Kind::Float);
+    let ema = Tensor::rand([n], (Kind::Float, Device::Cpu));
+    let coefficients = DspCoefficients {
+        k: 3.0,
+        denominator: 2.0,
+        beta: 0.9,
+        correction: 1.0 - 0.9f64.powi(2),
+        epsilon: 1e-20,
+        tau: 0.5,
+        temperature: 0.1,
+        strength: 0.7,
+        sigmoid_weight: 0,
+        mode: 0,
+    };
+    let run = |threads: i32| {
+        let previous = tch::get_num_threads();
+        tch::set_num_threads(threads);
+        let (ema_variance, ema_mean_sq, update) = (ema.copy(), ema.copy(), theta.empty_like());
+        let buffers = DspBuffers {
+            sums: &sums,
+            ema_variance: &ema_variance,
+            ema_mean_sq: &ema_mean_sq,
+            theta: &theta,
+            theta0: Some(&theta0),
+            mask: &mask,
+            update: &update,
+        };
+        let sum = dsp_ratio_step(&buffers, &coefficients).unwrap();
+        tch::set_num_threads(previous);
+        (sum, [ema_variance, ema_mean_sq, update])
+    };
+    let (one, one_tensors) = run(1);
+    let (two, two_tensors) = run(2);
+    assert_eq!(one.to_bits(), two.to_bits(), "masked score sum depends on the thread count: {one} vs {two}");
+    for (a, b) in one_tensors.iter().zip(&two_tensors) {
+        assert!(a.equal(b), "an output depends on the thread count");
+    }
+    // The sum is the masked scores' (computed here by tensor ops, in f64).
+    let v = one_tensors[0].to_kind(Kind::Double) / coefficients.correction;
+    let m = one_tensors[1].to_kind(Kind::Double) / coefficients.correction;
+    let expected = (&v / (&v + &m + 1e-20) * mask.to_kind(Kind::Double)).sum(Kind::Double).double_value(&[]);
+    assert!((one - expected).abs() <= 1e-5 * expected, "masked score sum {one}, expected {expected}");
+
+    // A buffer of the wrong size is refused, not read past its end.
+    let short = Tensor::zeros([n - 1], (Kind::Float, Device::Cpu));
+    let buffers = DspBuffers {
+        sums: &sums,
+        ema_variance: &short,
+        ema_mean_sq: &ema,
+        theta: &theta,
+        theta0: Some(&theta0),
+        mask: &mask,
+        update: &theta,
+    };
+    let err = dsp_ratio_step(&buffers, &coefficients).unwrap_err().to_string();
+    assert!(err.contains("DSP-Reg statistics") && err.contains("contiguous f32 CPU"), "{err}");
+}
+
 #[test]
 fn dsp_reg_and_adam_state_round_trip_continue_identically() {
     let shards: Vec<Vec<DomainShard>> = (0..4).map(random_shards).collect();

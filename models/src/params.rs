@@ -236,6 +236,16 @@ impl ParamStore {
         Tensor::cat(&grads, 0)
     }
 
+    /// The current gradients as one flat tensor without a copy: the gradient buffer itself while every
+    /// .grad is a view of it (else what [`ParamStore::flat_grad`] gathers). The next `zero_grad` or
+    /// backward overwrites it: a caller that keeps a gradient across backward passes copies it.
+    pub fn flat_grad_alias(&self) -> Tensor {
+        match self.flat_grad_view() {
+            Some(grad) => grad.shallow_clone(),
+            None => self.flat_grad(),
+        }
+    }
+
     /// The flat gradient buffer itself, without a copy, while every .grad is a view of it.
     pub fn flat_grad_view(&self) -> Option<&Tensor> {
         self.grads_are_flat_views().then_some(&self.grad)

@@ -32,7 +32,9 @@ def make_model(cfg, weights):
 
 
 def make_adam(params, adam):
-    return torch.optim.Adam(
+    # AdamW is its own class (decoupled weight decay); foreach=False: the single-tensor loop.
+    optimizer = torch.optim.AdamW if adam.get("decoupled_weight_decay", False) else torch.optim.Adam
+    return optimizer(
         params,
         lr=adam.get("lr", 5e-5),
         betas=(adam.get("beta1", 0.9), adam.get("beta2", 0.999)),

@@ -4,7 +4,9 @@
 //!   get no per-call deprecation warnings (tch's own `autocast` prints one per call and only knows
 //!   CUDA's default float16);
 //! - deterministic algorithms (`at::globalContext().setDeterministicAlgorithms`, cuDNN);
-//! - the CUDA caching allocator's memory statistics (what `torch.cuda.max_memory_allocated` reads).
+//! - the CUDA caching allocator's memory statistics (what `torch.cuda.max_memory_allocated` reads);
+//! - fused per-parameter passes: libtorch's fused Adam/AdamW kernels (not in tch's bindings), and
+//!   DSP-Reg's step statistics as one multi-threaded CPU pass (the tensor path makes ~20).
 //!
 //! Only libtorch_cpu/libc10 symbols are linked: the CUDA allocator is looked up in c10's registry
 //! at run time, so the same binary runs on machines without CUDA (the calls then return errors).
@@ -30,6 +32,18 @@ extern "C" {
         beta2: f64,
         weight_decay: f64,
         eps: f64,
+        decoupled: c_int,
+    ) -> c_int;
+    fn mgrun_dsp_ratio_step(
+        sums: *mut std::ffi::c_void,
+        ema_variance: *mut std::ffi::c_void,
+        ema_mean_sq: *mut std::ffi::c_void,
+        theta: *mut std::ffi::c_void,
+        theta0: *mut std::ffi::c_void,
+        mask: *mut std::ffi::c_void,
+        update: *mut std::ffi::c_void,
+        coefficients: *const DspCoefficients,
+        masked_score_sum: *mut f64,
     ) -> c_int;
     fn mgrun_pin_memory(src: *mut std::ffi::c_void, out: *mut *mut std::ffi::c_void) -> c_int;
     fn mgrun_autocast_enter_bf16(cuda: c_int, was_enabled: *mut c_int, previous_dtype: *mut c_int) -> c_int;
@@ -62,7 +76,7 @@ pub fn pin_memory(t: &tch::Tensor) -> Result<tch::Tensor> {
     Ok(unsafe { tch::Tensor::from_ptr(out as *mut _) })
 }
 
-/// Coefficients of one Adam step, as `torch.optim.Adam` takes them (coupled L2 weight decay).
+/// Coefficients of one Adam step, as `torch.optim.Adam` takes them.
 #[derive(Debug, Clone, Copy)]
 pub struct AdamCoefficients {
     pub lr: f64,
@@ -70,11 +84,14 @@ pub struct AdamCoefficients {
     pub beta2: f64,
     pub weight_decay: f64,
     pub eps: f64,
+    /// AdamW's decoupled decay `param *= 1 - lr * weight_decay` instead of Adam's coupled L2.
+    pub decoupled: bool,
 }
 
-/// One Adam step by libtorch's fused kernel (`torch.optim.Adam(fused=True)`): one pass over the
-/// parameters, gradient and both moments, updated in place. `step` is the f32 scalar step count on
-/// the parameters' device, already counting this step.
+/// One Adam (or AdamW) step by libtorch's fused kernel (`torch.optim.Adam(fused=True)`,
+/// `torch.optim.AdamW(fused=True)`): one pass over the parameters, gradient and both moments,
+/// updated in place. `step` is the f32 scalar step count on the parameters' device, already
+/// counting this step.
 pub fn fused_adam(
     param: &tch::Tensor,
     grad: &tch::Tensor,
@@ -99,12 +116,87 @@ pub fn fused_adam(
             c.beta2,
             c.weight_decay,
             c.eps,
+            c_int::from(c.decoupled),
         )
     };
     if rc != 0 {
         return Err(last_error("fused Adam"));
     }
     Ok(())
+}
+
+/// The scalars of one DSP-Reg step for [`dsp_ratio_step`] (the C side's `MgrunDspCoefficients`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct DspCoefficients {
+    /// Number of training domains K.
+    pub k: f64,
+    /// Of the cross-domain variance: K - 1 or K.
+    pub denominator: f64,
+    /// EMA decay.
+    pub beta: f64,
+    /// Bias correction 1 - beta^t of this step's EMAs.
+    pub correction: f64,
+    /// In the ratio score's denominator.
+    pub epsilon: f64,
+    /// The sigmoid weight's centre and temperature.
+    pub tau: f64,
+    pub temperature: f64,
+    /// lambda_t (anchor, shrink) or gamma_t (gate) of this step; 0 = the plain mean gradient.
+    pub strength: f64,
+    /// 0: w = s; 1: w = sigmoid((s - tau) / temperature).
+    pub sigmoid_weight: i32,
+    /// 0 anchor, 1 shrink, 2 gate.
+    pub mode: i32,
+}
+
+/// The flat buffers of one DSP-Reg step for [`dsp_ratio_step`]: contiguous f32 CPU tensors.
+pub struct DspBuffers<'a> {
+    /// [sum_e g_e; sum_e g_e^2], 2P values.
+    pub sums: &'a tch::Tensor,
+    /// The EMAs, updated in place.
+    pub ema_variance: &'a tch::Tensor,
+    pub ema_mean_sq: &'a tch::Tensor,
+    pub theta: &'a tch::Tensor,
+    /// The anchor (anchor mode only).
+    pub theta0: Option<&'a tch::Tensor>,
+    /// 1 where the weight applies, 0 for excluded parameters.
+    pub mask: &'a tch::Tensor,
+    /// Receives the update direction.
+    pub update: &'a tch::Tensor,
+}
+
+/// DSP-Reg's statistics with the ratio score in one multi-threaded pass over the parameters, on the
+/// CPU: the cross-domain mean and variance from the sums, the EMA updates, the score, the weight
+/// and the update direction. Returns sum_i s_i * mask_i, added in fixed chunks so that it does not
+/// depend on the thread count.
+pub fn dsp_ratio_step(buffers: &DspBuffers<'_>, coefficients: &DspCoefficients) -> Result<f64> {
+    let b = buffers;
+    let mut handles = [b.sums, b.ema_variance, b.ema_mean_sq, b.theta, b.mask, b.update].map(|t| t.shallow_clone());
+    let mut theta0 = b.theta0.map(|t| t.shallow_clone());
+    let theta0_ptr = theta0.as_mut().map_or(std::ptr::null_mut(), |t| t.as_mut_ptr() as *mut std::ffi::c_void);
+    let [sums, ema_variance, ema_mean_sq, theta, mask, update] = &mut handles;
+    let mut masked_score_sum = 0.0f64;
+    // SAFETY: every pointer is a live at::Tensor handle owned by `handles`/`theta0` (or null for
+    // an absent anchor), which outlive the call; the shim checks devices, dtypes, sizes and
+    // contiguity before touching the data, and writes only the EMAs, `update` and the sum.
+    let rc = unsafe {
+        mgrun_dsp_ratio_step(
+            sums.as_mut_ptr() as *mut _,
+            ema_variance.as_mut_ptr() as *mut _,
+            ema_mean_sq.as_mut_ptr() as *mut _,
+            theta.as_mut_ptr() as *mut _,
+            theta0_ptr,
+            mask.as_mut_ptr() as *mut _,
+            update.as_mut_ptr() as *mut _,
+            coefficients,
+            &mut masked_score_sum,
+        )
+    };
+    if rc != 0 {
+        return Err(last_error("DSP-Reg statistics"));
+    }
+    Ok(masked_score_sum)
 }
 
 /// Makes `grad` the gradient of `param` (same shape, dtype and device). Later backward passes

@@ -72,3 +72,64 @@ fn set_grad_makes_backward_accumulate_into_the_given_tensor() {
     let err = mgrun_torch_shim::set_grad(&mut param, &mut wrong).unwrap_err();
     assert!(format!("{err:#}").contains("shape"), "{err:#}");
 }
+
+/// Three fused Adam (and AdamW) steps on `device` from fixed buffers; the parameters afterwards.
+fn fused_adam_steps(device: Device, decoupled: bool) -> Tensor {
+    tch::manual_seed(3);
+    let n = 100_003;
+    let [param, exp_avg, exp_avg_sq] =
+        [0, 1, 2].map(|_| Tensor::randn([n], (Kind::Float, Device::Cpu)).to_device(device));
+    let exp_avg_sq = exp_avg_sq.abs();
+    let coefficients = mgrun_torch_shim::AdamCoefficients {
+        lr: 1e-2,
+        beta1: 0.9,
+        beta2: 0.999,
+        weight_decay: 0.1,
+        eps: 1e-8,
+        decoupled,
+    };
+    for step in 1..=3 {
+        let grad = Tensor::randn([n], (Kind::Float, Device::Cpu)).to_device(device);
+        let count = Tensor::from(step as f32).to_device(device);
+        mgrun_torch_shim::fused_adam(&param, &grad, &exp_avg, &exp_avg_sq, &count, coefficients).unwrap();
+    }
+    param.to_device(Device::Cpu)
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: scripts/gpu-check.sh runs it with --include-ignored"]
+fn fused_adam_on_cuda_matches_the_cpu_kernel() {
+    assert!(tch::Cuda::is_available(), "this test needs CUDA");
+    for decoupled in [false, true] {
+        let (cpu, cuda) = (fused_adam_steps(Device::Cpu, decoupled), fused_adam_steps(Device::Cuda(0), decoupled));
+        // Both evaluate the same f32 formula per element; only fused multiply-adds and the sqrt's
+        // last bit differ, a few ulps per step.
+        let relative = (&cpu - &cuda).norm().double_value(&[]) / cpu.norm().double_value(&[]);
+        assert!(relative < 1e-6, "decoupled={decoupled}: CUDA and CPU fused Adam differ by {relative:e}");
+    }
+}
+
+#[test]
+fn fused_adamw_decays_the_weights_outside_the_moments() {
+    // With a zero gradient, Adam's moments stay zero: AdamW only shrinks theta by lr * wd, while
+    // Adam's coupled decay moves it by about lr (the normalised L2 gradient).
+    let run = |decoupled: bool| {
+        let param = Tensor::full([4], 2.0, (Kind::Float, Device::Cpu));
+        let zeros = || Tensor::zeros([4], (Kind::Float, Device::Cpu));
+        let coefficients = mgrun_torch_shim::AdamCoefficients {
+            lr: 0.1,
+            beta1: 0.9,
+            beta2: 0.999,
+            weight_decay: 0.5,
+            eps: 1e-8,
+            decoupled,
+        };
+        let count = Tensor::from(1.0f32);
+        mgrun_torch_shim::fused_adam(&param, &zeros(), &zeros(), &zeros(), &count, coefficients).unwrap();
+        param.double_value(&[0])
+    };
+    let adamw = run(true);
+    assert!((adamw - 2.0 * (1.0 - 0.1 * 0.5)).abs() < 1e-6, "AdamW gave {adamw}");
+    let adam = run(false);
+    assert!((adam - (2.0 - 0.1)).abs() < 1e-5, "Adam gave {adam}");
+}

@@ -1,6 +1,8 @@
 //! `mgrun bench step`: the time of one training step of the real model, method and optimizer on
 //! random inputs, for each (method, precision), with the device synchronized around the timed
-//! loop; plus a phase breakdown of the ERM step (forward, backward, flat gradient, optimizer).
+//! loop; plus a phase breakdown of the ERM step (forward, backward, optimizer) and of evaluation's
+//! forward pass. With `ranks` > 1 it times rank 0's share of a larger job (one domain per rank when
+//! ranks = domains), its collectives replaced by no-ops.
 
 use anyhow::{bail, Context, Result};
 use mgrun_collectives::SingleRank;
@@ -33,6 +35,8 @@ pub struct StepBenchConfig {
     pub phases: bool,
     /// Deterministic mode with micro-batches of this many images (its cost on one rank).
     pub micro_batch: Option<usize>,
+    /// Time rank 0 of a job of this many ranks (1: the whole batch in this process).
+    pub ranks: usize,
 }
 
 /// One measured (method, precision).
@@ -77,8 +81,8 @@ pub fn check_bf16_autocast(device: Device) -> Result<String> {
 
 /// Runs every (method, precision) of `cfg`.
 pub fn run_step_bench(cfg: &StepBenchConfig) -> Result<Vec<StepBenchRow>> {
-    if cfg.steps == 0 || cfg.domains == 0 || cfg.batch_per_domain == 0 || cfg.classes == 0 {
-        bail!("bench step: --steps, --domains, --batch-per-domain and --classes must be at least 1");
+    if cfg.steps == 0 || cfg.domains == 0 || cfg.batch_per_domain == 0 || cfg.classes == 0 || cfg.ranks == 0 {
+        bail!("bench step: --steps, --domains, --batch-per-domain, --classes and --ranks must be at least 1");
     }
     if cfg.device.is_cuda() {
         // Fixed shapes: let cuDNN pick its fastest kernels, as a training run does.
@@ -112,8 +116,10 @@ fn bench_one(cfg: &StepBenchConfig, method_name: &str, precision: Precision) -> 
     let mut optimizer = Adam::new(AdamConfig::default(), model.store().numel(), device);
     let method_cfg = MethodConfig::named(method_name);
     let mut method = mgrun_methods::build(&method_cfg, model.as_ref(), cfg.domains)?;
+    // Rank 0 of `cfg.ranks`: SingleRank's collectives return their input, so the step computes rank
+    // 0's images and statistics without communication.
     let world = SingleRank::new(device);
-    let plan = ShardingPlan::balanced(1, cfg.domains, cfg.batch_per_domain, cfg.micro_batch.unwrap_or(1))?;
+    let plan = ShardingPlan::balanced(cfg.ranks, cfg.domains, cfg.batch_per_domain, cfg.micro_batch.unwrap_or(1))?;
     let topology = Topology {
         world: &world,
         plan: &plan,
@@ -122,15 +128,17 @@ fn bench_one(cfg: &StepBenchConfig, method_name: &str, precision: Precision) -> 
         exact: cfg.micro_batch.map(|_| ExactMode { seed: 0 }),
     };
     tch::manual_seed(1);
-    let b = cfg.batch_per_domain as i64;
-    let shards: Vec<DomainShard> = (0..cfg.domains)
-        .map(|domain| DomainShard {
-            domain,
-            offset: 0,
-            x: Tensor::randn([b, 3, cfg.image_size, cfg.image_size], (Kind::Float, device)),
-            y: Tensor::randint(cfg.classes as i64, [b], (Kind::Int64, device)),
+    let shards: Vec<DomainShard> = plan
+        .pieces(0)
+        .iter()
+        .map(|piece| DomainShard {
+            domain: piece.domain,
+            offset: piece.lo,
+            x: Tensor::randn([piece.len() as i64, 3, cfg.image_size, cfg.image_size], (Kind::Float, device)),
+            y: Tensor::randint(cfg.classes as i64, [piece.len() as i64], (Kind::Int64, device)),
         })
         .collect();
+    let images: usize = plan.pieces(0).iter().map(|piece| piece.len()).sum();
     let total_steps = (cfg.warmup + cfg.steps) as u64;
     let mut run_steps = |first: usize, count: usize| -> Result<()> {
         for step in first..first + count {
@@ -172,14 +180,15 @@ fn bench_one(cfg: &StepBenchConfig, method_name: &str, precision: Precision) -> 
         precision: precision.to_string(),
         channels_last,
         ms_per_step: seconds * 1e3,
-        images_per_s: (cfg.domains * cfg.batch_per_domain) as f64 / seconds,
+        images_per_s: images as f64 / seconds,
         peak_gpu_mem_gb,
         phases_ms,
     })
 }
 
 /// The ERM step cut into phases with a device synchronization after each (so the sum exceeds an
-/// unsynchronized step a little): mean milliseconds per phase over `steps` steps.
+/// unsynchronized step a little), and evaluation's forward pass (eval mode, no gradient, argmax) of
+/// the same images: mean milliseconds per phase over `steps` steps.
 fn erm_phases(
     model: &mut dyn mgrun_models::Model,
     optimizer: &mut Adam,
@@ -190,7 +199,7 @@ fn erm_phases(
     let xs: Vec<&Tensor> = shards.iter().map(|s| &s.x).collect();
     let ys: Vec<&Tensor> = shards.iter().map(|s| &s.y).collect();
     let (x, y) = (Tensor::cat(&xs, 0), Tensor::cat(&ys, 0));
-    let names = ["forward+loss", "backward", "flat gradient", "optimizer"];
+    let names = ["forward+loss", "backward", "optimizer", "eval forward"];
     let mut totals = [0.0f64; 4];
     for _ in 0..steps {
         let mut marks = Vec::with_capacity(5);
@@ -203,10 +212,13 @@ fn erm_phases(
         loss.f_backward().context("backward")?;
         synchronize(device);
         marks.push(Instant::now());
-        let grad = model.store().flat_grad();
+        optimizer.step(model.store().flat(), &model.store().flat_grad_alias())?;
         synchronize(device);
         marks.push(Instant::now());
-        optimizer.step(model.store().flat(), &grad)?;
+        {
+            let _no_grad = tch::no_grad_guard();
+            let _ = model.forward_t(&x, false).f_argmax(-1, false)?;
+        }
         synchronize(device);
         marks.push(Instant::now());
         for (i, total) in totals.iter_mut().enumerate() {
@@ -236,6 +248,129 @@ pub fn markdown_table(rows: &[StepBenchRow]) -> String {
     for row in rows.iter().filter(|r| !r.phases_ms.is_empty()) {
         let phases: Vec<String> = row.phases_ms.iter().map(|(n, ms)| format!("{n} {ms:.1} ms")).collect();
         let _ = writeln!(out, "\nERM {} phases (synchronized): {}", row.precision, phases.join(", "));
+    }
+    out
+}
+
+/// The median of `values` (the mean of the middle two for an even count).
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    if n == 0 {
+        return f64::NAN;
+    }
+    if n % 2 == 1 {
+        values[n / 2]
+    } else {
+        (values[n / 2 - 1] + values[n / 2]) / 2.0
+    }
+}
+
+/// Per phase name, the median over rounds of its milliseconds (phases in the first round's order).
+fn median_phases(rounds: &[&[(String, f64)]]) -> Vec<(String, f64)> {
+    let Some(first) = rounds.first() else { return Vec::new() };
+    first
+        .iter()
+        .map(|(name, _)| {
+            let values = rounds.iter().filter_map(|r| r.iter().find(|(n, _)| n == name).map(|(_, ms)| *ms)).collect();
+            (name.clone(), median(values))
+        })
+        .collect()
+}
+
+/// Rounds of the same rows (same order) merged into one: the median step time and phase times.
+pub fn median_rows(rounds: &[Vec<StepBenchRow>]) -> Vec<StepBenchRow> {
+    let Some(first) = rounds.first() else { return Vec::new() };
+    first
+        .iter()
+        .enumerate()
+        .map(|(i, row)| {
+            let ms_per_step = median(rounds.iter().map(|r| r[i].ms_per_step).collect());
+            let phases: Vec<&[(String, f64)]> = rounds.iter().map(|r| r[i].phases_ms.as_slice()).collect();
+            StepBenchRow {
+                ms_per_step,
+                images_per_s: row.images_per_s * row.ms_per_step / ms_per_step,
+                peak_gpu_mem_gb: rounds.iter().filter_map(|r| r[i].peak_gpu_mem_gb).reduce(f64::max),
+                phases_ms: median_phases(&phases),
+                ..row.clone()
+            }
+        })
+        .collect()
+}
+
+/// [`median_rows`] for PyTorch's rows.
+pub fn median_pytorch_rows(rounds: &[Vec<PytorchStepRow>]) -> Vec<PytorchStepRow> {
+    let Some(first) = rounds.first() else { return Vec::new() };
+    first
+        .iter()
+        .enumerate()
+        .map(|(i, row)| {
+            let phases: Vec<&[(String, f64)]> = rounds.iter().map(|r| r[i].phases_ms.as_slice()).collect();
+            PytorchStepRow {
+                ms_per_step: median(rounds.iter().map(|r| r[i].ms_per_step).collect()),
+                phases_ms: median_phases(&phases),
+                ..row.clone()
+            }
+        })
+        .collect()
+}
+
+/// A row of `bench/pytorch_step.py --json`: the same step in PyTorch eager with one optimizer.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct PytorchStepRow {
+    pub method: String,
+    pub precision: String,
+    pub channels_last: bool,
+    /// `foreach` or `fused` Adam.
+    pub optimizer: String,
+    pub ms_per_step: f64,
+    #[serde(default)]
+    pub phases_ms: Vec<(String, f64)>,
+}
+
+/// mgrun's rows against PyTorch's (foreach and fused Adam) as markdown: per (method, precision) the
+/// step, and per phase of ERM, with speed = PyTorch time / mgrun time (above 1: mgrun is faster).
+pub fn pytorch_comparison(rows: &[StepBenchRow], torch_rows: &[PytorchStepRow]) -> String {
+    let torch = |row: &StepBenchRow, optimizer: &str| {
+        torch_rows.iter().find(|t| {
+            t.method == row.method
+                && t.precision == row.precision
+                && t.channels_last == row.channels_last
+                && t.optimizer == optimizer
+        })
+    };
+    let cell = |ours: f64, theirs: Option<f64>| match theirs {
+        Some(t) => (format!("{t:.1}"), format!("{:.2}x", t / ours)),
+        None => ("-".to_string(), "-".to_string()),
+    };
+    let mut out = String::from(
+        "| method | precision | mgrun ms/step | PyTorch foreach ms | PyTorch fused ms | speed vs foreach | speed vs fused |\n\
+         |---|---|---|---|---|---|---|\n",
+    );
+    for row in rows {
+        let (foreach_ms, vs_foreach) = cell(row.ms_per_step, torch(row, "foreach").map(|t| t.ms_per_step));
+        let (fused_ms, vs_fused) = cell(row.ms_per_step, torch(row, "fused").map(|t| t.ms_per_step));
+        let _ = writeln!(
+            out,
+            "| {} | {} | {:.1} | {foreach_ms} | {fused_ms} | {vs_foreach} | {vs_fused} |",
+            row.method, row.precision, row.ms_per_step
+        );
+    }
+    for row in rows.iter().filter(|r| !r.phases_ms.is_empty()) {
+        let _ = write!(
+            out,
+            "\nERM {} phases (synchronized)\n\n| phase | mgrun ms | PyTorch foreach ms | PyTorch fused ms | speed vs \
+             foreach | speed vs fused |\n|---|---|---|---|---|---|\n",
+            row.precision
+        );
+        for (phase, ms) in &row.phases_ms {
+            let phase_of = |optimizer: &str| {
+                torch(row, optimizer).and_then(|t| t.phases_ms.iter().find(|(n, _)| n == phase).map(|(_, ms)| *ms))
+            };
+            let (foreach_ms, vs_foreach) = cell(*ms, phase_of("foreach"));
+            let (fused_ms, vs_fused) = cell(*ms, phase_of("fused"));
+            let _ = writeln!(out, "| {phase} | {ms:.1} | {foreach_ms} | {fused_ms} | {vs_foreach} | {vs_fused} |");
+        }
     }
     out
 }

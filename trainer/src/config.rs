@@ -35,8 +35,10 @@ pub struct TrainConfig {
     pub steps: u64,
     /// Adam learning rate (DomainBed's default 5e-5).
     pub lr: f64,
-    /// Adam's coupled L2 weight decay, as torch.optim.Adam.
+    /// Adam's coupled L2 weight decay (torch.optim.Adam), or AdamW's decoupled decay.
     pub weight_decay: f64,
+    /// `adam` (torch.optim.Adam) or `adamw` (torch.optim.AdamW: decoupled weight decay).
+    pub optimizer: OptimizerKind,
     pub seed: u64,
     /// DomainBed's `hparams_seed` of this run (0 = default hyperparameters); recorded in
     /// results.jsonl `args`, set by `mgrun sweep`.
@@ -67,6 +69,7 @@ impl Default for TrainConfig {
             steps: 5001,
             lr: 5e-5,
             weight_decay: 0.0,
+            optimizer: OptimizerKind::Adam,
             seed: 0,
             hparams_seed: 0,
             deterministic: false,
@@ -79,7 +82,27 @@ impl Default for TrainConfig {
     }
 }
 
+/// Which Adam: both run as one fused pass over the flat parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimizerKind {
+    /// torch.optim.Adam: weight decay as a coupled L2 term in the gradient (DomainBed's choice).
+    Adam,
+    /// torch.optim.AdamW: weight decay applied to the weights, outside the moments.
+    Adamw,
+}
+
 impl TrainConfig {
+    /// The optimizer's settings.
+    pub fn adam(&self) -> mgrun_methods::AdamConfig {
+        mgrun_methods::AdamConfig {
+            lr: self.lr,
+            weight_decay: self.weight_decay,
+            decoupled_weight_decay: self.optimizer == OptimizerKind::Adamw,
+            ..mgrun_methods::AdamConfig::default()
+        }
+    }
+
     /// Intra-op threads of one rank among `ranks_on_node` on this machine: `threads` when set; 1 for a
     /// CPU rank in deterministic mode (libtorch's CPU kernels split their sums by thread count, so a
     /// fixed count keeps the bits the same whatever the number of ranks); else OMP_NUM_THREADS (the
@@ -205,6 +228,9 @@ impl JobConfig {
         }
         if self.train.lr.is_nan() || self.train.lr <= 0.0 {
             bail!("key `train.lr`: must be positive, got {}", self.train.lr);
+        }
+        if !(self.train.weight_decay.is_finite() && self.train.weight_decay >= 0.0) {
+            bail!("key `train.weight_decay`: must be a finite number >= 0, got {}", self.train.weight_decay);
         }
         if self.data.batch_per_domain == 0 {
             bail!("key `data.batch_per_domain`: must be at least 1");

@@ -159,6 +159,7 @@ fn run_hparams(config: &JobConfig) -> Result<Value> {
         "batch_size": config.data.batch_per_domain,
         "resnet_dropout": config.model.dropout,
         "weight_decay": config.train.weight_decay,
+        "optimizer": config.train.optimizer,
         "data_augmentation": config.data.augment,
         "class_balanced": false,
         "resnet18": config.model.arch == "resnet18",

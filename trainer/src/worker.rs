@@ -14,7 +14,7 @@ use mgrun_checkpoint::LoadedCheckpoint;
 use mgrun_collectives::store::StoreClient;
 use mgrun_collectives::{Backend, Communicator, DeviceKind, RankEnv, SingleRank};
 use mgrun_data::{Dataset, Loader};
-use mgrun_methods::{Adam, AdamConfig, DomainShard, ExactMode, ShardingPlan, Topology, UpdateContext};
+use mgrun_methods::{Adam, DomainShard, ExactMode, ShardingPlan, Topology, UpdateContext};
 use mgrun_models::{Model, ModelSpec};
 use std::path::Path;
 use std::sync::Arc;
@@ -44,8 +44,7 @@ pub fn run_worker(args: &WorkerArgs) -> Result<WorkerOutcome> {
     let shards = sharding::loader_shards(&plan, env.rank, dataset.train_domains());
     let mut loader = Loader::new_on(dataset.clone(), shards, &config.data, config.train.seed, start_step, device)?;
     let mut model = build_model(&config, &dataset, device, resumed.as_ref(), world.as_ref())?;
-    let adam = AdamConfig { lr: config.train.lr, weight_decay: config.train.weight_decay, ..AdamConfig::default() };
-    let mut optimizer = Adam::new(adam, model.store().numel(), device);
+    let mut optimizer = Adam::new(config.train.adam(), model.store().numel(), device);
     let mut method = mgrun_methods::build(&config.method, model.as_ref(), num_domains)?;
     if let Some(checkpoint) = &resumed {
         restore_optimizer_and_method(checkpoint, &mut optimizer, method.as_mut())?;
