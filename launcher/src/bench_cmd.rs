@@ -122,9 +122,7 @@ fn step_bench(device: tch::Device, args: Box<StepBenchArgs>) -> anyhow::Result<i
         }
     }
     let rows = bench_step::median_rows(&rounds);
-    if args.rounds > 1 {
-        println!("\nmedians of {} rounds", args.rounds);
-    }
+    println!("\nmedians of {} round(s)", args.rounds.max(1));
     print!("{}", bench_step::markdown_table(&rows));
     if let Some(path) = &args.json {
         let text = serde_json::to_string_pretty(&rows).context("serialising the step benchmark")?;

@@ -61,7 +61,7 @@ fn bench_step_against_pytorch_prints_both_optimizers_per_method_and_phase() {
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "stdout:\n{stdout}\nstderr:\n{}", String::from_utf8_lossy(&out.stderr));
-    assert!(stdout.contains("medians of 2 rounds"), "{stdout}");
+    assert!(stdout.contains("medians of 2 round(s)"), "{stdout}");
     // Method rows of the comparison: mgrun, foreach and fused times, then the two speed ratios.
     for method in ["erm", "sam"] {
         let row = cells(&stdout, method);
