@@ -115,7 +115,8 @@ run bench-comm 90 "$BIN/mgrun" --out "$OUT/bench-comm" bench comm --gpus 1 --max
 run bench-step 300 "$BIN/mgrun" bench step --gpus 1 --steps 20 --warmup 5 --phases --json "$OUT/mgrun-step.json"
 run bench-step-nchw 90 "$BIN/mgrun" bench step --gpus 1 --methods erm --precision fp32 --channels-last false \
     --steps 20 --warmup 5 --json "$OUT/mgrun-step-nchw.json"
-run pytorch-step 300 "$PYTHON" bench/pytorch_step.py --steps 20 --warmup 5 --profile --json "$OUT/pytorch-step.json" \
+run pytorch-step 420 "$PYTHON" bench/pytorch_step.py --steps 20 --warmup 5 --optimizers foreach,fused --profile \
+    --json "$OUT/pytorch-step.json" \
     --mgrun-json "$OUT/mgrun-step.json" "$OUT/mgrun-step-nchw.json"
 
 echo

@@ -110,16 +110,23 @@ fn step_bench(device: tch::Device, args: Box<StepBenchArgs>) -> anyhow::Result<i
         .clone()
         .or_else(|| std::env::var_os("MGRUN_PYTHON").map(PathBuf::from))
         .unwrap_or_else(|| PathBuf::from("python3"));
-    // Alternating rounds, so that a slow spell of a shared machine hits both sides alike.
+    // Alternating rounds, and within a round each method on both sides one after the other, so that a
+    // slow spell of a shared machine hits both sides of a pair alike.
     let (mut rounds, mut torch_rounds) = (Vec::new(), Vec::new());
     for round in 0..args.rounds.max(1) {
         if args.rounds > 1 {
             println!("round {} of {}", round + 1, args.rounds);
         }
-        rounds.push(bench_step::run_step_bench(&config)?);
-        if args.vs_pytorch {
-            torch_rounds.push(pytorch_step(&python, &config, &args.precision)?);
+        let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+        for method in &config.methods {
+            let one = bench_step::StepBenchConfig { methods: vec![method.clone()], ..config.clone() };
+            ours.extend(bench_step::run_step_bench(&one)?);
+            if args.vs_pytorch {
+                theirs.extend(pytorch_step(&python, &one, &args.precision)?);
+            }
         }
+        rounds.push(ours);
+        torch_rounds.push(theirs);
     }
     let rows = bench_step::median_rows(&rounds);
     println!("\nmedians of {} round(s)", args.rounds.max(1));
@@ -129,9 +136,11 @@ fn step_bench(device: tch::Device, args: Box<StepBenchArgs>) -> anyhow::Result<i
         std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
     }
     if args.vs_pytorch {
-        let torch_rows = bench_step::median_pytorch_rows(&torch_rounds);
-        println!("\nmgrun against PyTorch eager on the same shapes (speed = PyTorch time / mgrun time)\n");
-        print!("{}", bench_step::pytorch_comparison(&rows, &torch_rows));
+        println!(
+            "\nmgrun against PyTorch eager on the same shapes (speed = PyTorch time / mgrun time: the median of the \
+             rounds' ratios [their range])\n"
+        );
+        print!("{}", bench_step::pytorch_comparison(&rounds, &torch_rounds));
     }
     Ok(0)
 }

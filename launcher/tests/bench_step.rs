@@ -69,8 +69,11 @@ fn bench_step_against_pytorch_prints_both_optimizers_per_method_and_phase() {
         let (ours, foreach, fused): (f64, f64, f64) =
             (row[2].parse().unwrap(), row[3].parse().unwrap(), row[4].parse().unwrap());
         assert!(ours > 0.0 && foreach > 0.0 && fused > 0.0, "{row:?}");
-        let ratio: f64 = row[6].trim_end_matches('x').parse().unwrap();
-        assert!((ratio - fused / ours).abs() <= 0.01 * ratio + 0.005, "speed vs fused {ratio} for {row:?}");
+        // "speed [low, high]": the median of the rounds' ratios lies in their range.
+        let numbers: Vec<f64> =
+            row[6].split(|c: char| !(c.is_ascii_digit() || c == '.')).filter_map(|n| n.parse().ok()).collect();
+        let [ratio, low, high] = numbers[..] else { panic!("speed vs fused: {row:?}") };
+        assert!(low <= ratio && ratio <= high && low > 0.0, "{row:?}");
     }
     for phase in ["forward+loss", "backward", "optimizer", "eval forward"] {
         let row = cells(&stdout, phase);

@@ -298,23 +298,6 @@ pub fn median_rows(rounds: &[Vec<StepBenchRow>]) -> Vec<StepBenchRow> {
         .collect()
 }
 
-/// [`median_rows`] for PyTorch's rows.
-pub fn median_pytorch_rows(rounds: &[Vec<PytorchStepRow>]) -> Vec<PytorchStepRow> {
-    let Some(first) = rounds.first() else { return Vec::new() };
-    first
-        .iter()
-        .enumerate()
-        .map(|(i, row)| {
-            let phases: Vec<&[(String, f64)]> = rounds.iter().map(|r| r[i].phases_ms.as_slice()).collect();
-            PytorchStepRow {
-                ms_per_step: median(rounds.iter().map(|r| r[i].ms_per_step).collect()),
-                phases_ms: median_phases(&phases),
-                ..row.clone()
-            }
-        })
-        .collect()
-}
-
 /// A row of `bench/pytorch_step.py --json`: the same step in PyTorch eager with one optimizer.
 #[derive(Debug, Clone, serde::Deserialize)]
 pub struct PytorchStepRow {
@@ -328,47 +311,77 @@ pub struct PytorchStepRow {
     pub phases_ms: Vec<(String, f64)>,
 }
 
-/// mgrun's rows against PyTorch's (foreach and fused Adam) as markdown: per (method, precision) the
-/// step, and per phase of ERM, with speed = PyTorch time / mgrun time (above 1: mgrun is faster).
-pub fn pytorch_comparison(rows: &[StepBenchRow], torch_rows: &[PytorchStepRow]) -> String {
-    let torch = |row: &StepBenchRow, optimizer: &str| {
-        torch_rows.iter().find(|t| {
-            t.method == row.method
-                && t.precision == row.precision
-                && t.channels_last == row.channels_last
-                && t.optimizer == optimizer
-        })
+/// mgrun's rounds against PyTorch's (foreach and fused Adam, the same rounds) as markdown: per
+/// (method, precision) the step, and per phase of ERM. Times are medians over the rounds; speed =
+/// PyTorch time / mgrun time is the median of the rounds' ratios (above 1: mgrun is faster), with their
+/// range, so that a machine whose speed drifts between rounds shows as a wide range.
+pub fn pytorch_comparison(rounds: &[Vec<StepBenchRow>], torch_rounds: &[Vec<PytorchStepRow>]) -> String {
+    let find = |torch_rows: &'_ [PytorchStepRow], row: &StepBenchRow, optimizer: &str| {
+        torch_rows
+            .iter()
+            .find(|t| {
+                t.method == row.method
+                    && t.precision == row.precision
+                    && t.channels_last == row.channels_last
+                    && t.optimizer == optimizer
+            })
+            .cloned()
     };
-    let cell = |ours: f64, theirs: Option<f64>| match theirs {
-        Some(t) => (format!("{t:.1}"), format!("{:.2}x", t / ours)),
-        None => ("-".to_string(), "-".to_string()),
+    // (median PyTorch ms, "speed [min, max]") from per-round (ours, theirs) pairs.
+    let compare = |pairs: Vec<(f64, f64)>| {
+        if pairs.is_empty() {
+            return ("-".to_string(), "-".to_string());
+        }
+        let theirs = median(pairs.iter().map(|(_, t)| *t).collect());
+        let ratios: Vec<f64> = pairs.iter().map(|(ours, t)| t / ours).collect();
+        let (low, high) = ratios.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), r| (l.min(*r), h.max(*r)));
+        (format!("{theirs:.1}"), format!("{:.2}x [{low:.2}, {high:.2}]", median(ratios)))
     };
     let mut out = String::from(
         "| method | precision | mgrun ms/step | PyTorch foreach ms | PyTorch fused ms | speed vs foreach | speed vs fused |\n\
          |---|---|---|---|---|---|---|\n",
     );
-    for row in rows {
-        let (foreach_ms, vs_foreach) = cell(row.ms_per_step, torch(row, "foreach").map(|t| t.ms_per_step));
-        let (fused_ms, vs_fused) = cell(row.ms_per_step, torch(row, "fused").map(|t| t.ms_per_step));
+    let medians = median_rows(rounds);
+    for (i, row) in medians.iter().enumerate() {
+        let pairs = |optimizer: &str| -> Vec<(f64, f64)> {
+            rounds
+                .iter()
+                .zip(torch_rounds)
+                .filter_map(|(ours, theirs)| {
+                    find(theirs, &ours[i], optimizer).map(|t| (ours[i].ms_per_step, t.ms_per_step))
+                })
+                .collect()
+        };
+        let (foreach_ms, vs_foreach) = compare(pairs("foreach"));
+        let (fused_ms, vs_fused) = compare(pairs("fused"));
         let _ = writeln!(
             out,
             "| {} | {} | {:.1} | {foreach_ms} | {fused_ms} | {vs_foreach} | {vs_fused} |",
             row.method, row.precision, row.ms_per_step
         );
     }
-    for row in rows.iter().filter(|r| !r.phases_ms.is_empty()) {
+    for (i, row) in medians.iter().enumerate().filter(|(_, r)| !r.phases_ms.is_empty()) {
         let _ = write!(
             out,
             "\nERM {} phases (synchronized)\n\n| phase | mgrun ms | PyTorch foreach ms | PyTorch fused ms | speed vs \
              foreach | speed vs fused |\n|---|---|---|---|---|---|\n",
             row.precision
         );
+        let phase_ms =
+            |phases: &[(String, f64)], phase: &str| phases.iter().find(|(n, _)| n == phase).map(|(_, ms)| *ms);
         for (phase, ms) in &row.phases_ms {
-            let phase_of = |optimizer: &str| {
-                torch(row, optimizer).and_then(|t| t.phases_ms.iter().find(|(n, _)| n == phase).map(|(_, ms)| *ms))
+            let pairs = |optimizer: &str| -> Vec<(f64, f64)> {
+                rounds
+                    .iter()
+                    .zip(torch_rounds)
+                    .filter_map(|(ours, theirs)| {
+                        let t = find(theirs, &ours[i], optimizer)?;
+                        Some((phase_ms(&ours[i].phases_ms, phase)?, phase_ms(&t.phases_ms, phase)?))
+                    })
+                    .collect()
             };
-            let (foreach_ms, vs_foreach) = cell(*ms, phase_of("foreach"));
-            let (fused_ms, vs_fused) = cell(*ms, phase_of("fused"));
+            let (foreach_ms, vs_foreach) = compare(pairs("foreach"));
+            let (fused_ms, vs_fused) = compare(pairs("fused"));
             let _ = writeln!(out, "| {phase} | {ms:.1} | {foreach_ms} | {fused_ms} | {vs_foreach} | {vs_fused} |");
         }
     }
