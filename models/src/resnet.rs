@@ -159,17 +159,23 @@ impl Block {
         Block { conv1, bn1, conv2, bn2, conv3, downsample }
     }
 
+    /// In place where torchvision is (ReLU after BN, the residual sum): BN's backward keeps its input,
+    /// not its output, so the output can be overwritten; the values are those of the out-of-place ops,
+    /// without a fresh activation-sized buffer per ReLU.
     fn forward(&self, store: &ParamStore, xs: &Tensor, batch_stats: bool) -> Tensor {
-        let mut h = self.bn1.forward(store, &self.conv1.forward(store, xs), batch_stats).relu();
+        let mut h = self.bn1.forward(store, &self.conv1.forward(store, xs), batch_stats);
+        let _ = h.relu_();
         h = self.bn2.forward(store, &self.conv2.forward(store, &h), batch_stats);
         if let Some((conv3, bn3)) = &self.conv3 {
-            h = bn3.forward(store, &conv3.forward(store, &h.relu()), batch_stats);
+            let _ = h.relu_();
+            h = bn3.forward(store, &conv3.forward(store, &h), batch_stats);
         }
-        let identity = match &self.downsample {
-            Some(ds) => ds.bn.forward(store, &ds.conv.forward(store, xs), batch_stats),
-            None => xs.shallow_clone(),
-        };
-        (h + identity).relu()
+        match &self.downsample {
+            Some(ds) => h += ds.bn.forward(store, &ds.conv.forward(store, xs), batch_stats),
+            None => h += xs,
+        }
+        let _ = h.relu_();
+        h
     }
 }
 
@@ -238,7 +244,9 @@ impl Featurizer for ResNet {
         let store = self.classifier.store();
         // Frozen BN (DomainBed's protocol) always normalises with the running statistics.
         let batch_stats = train && !self.classifier.spec().freeze_bn;
-        let mut h = self.bn1.forward(store, &self.conv1.forward(store, xs), batch_stats).relu().max_pool2d(
+        let mut stem = self.bn1.forward(store, &self.conv1.forward(store, xs), batch_stats);
+        let _ = stem.relu_();
+        let mut h = stem.max_pool2d(
             [3, 3],
             [2, 2],
             [1, 1],
