@@ -246,13 +246,7 @@ impl Featurizer for ResNet {
         let batch_stats = train && !self.classifier.spec().freeze_bn;
         let mut stem = self.bn1.forward(store, &self.conv1.forward(store, xs), batch_stats);
         let _ = stem.relu_();
-        let mut h = stem.max_pool2d(
-            [3, 3],
-            [2, 2],
-            [1, 1],
-            [1, 1],
-            false,
-        );
+        let mut h = stem.max_pool2d([3, 3], [2, 2], [1, 1], [1, 1], false);
         for block in &self.blocks {
             h = block.forward(store, &h, batch_stats);
         }
