@@ -105,11 +105,16 @@ fn step_bench(device: tch::Device, args: Box<StepBenchArgs>) -> anyhow::Result<i
     if config.precisions.contains(&bench_step::Precision::Bf16) {
         println!("{}", bench_step::check_bf16_autocast(device)?);
     }
-    let python = args
-        .python
-        .clone()
-        .or_else(|| std::env::var_os("MGRUN_PYTHON").map(PathBuf::from))
-        .unwrap_or_else(|| PathBuf::from("python3"));
+    let reference = if args.vs_pytorch {
+        let python = args
+            .python
+            .clone()
+            .or_else(|| std::env::var_os("MGRUN_PYTHON").map(PathBuf::from))
+            .unwrap_or_else(|| PathBuf::from("python3"));
+        Some(PytorchReference::new(python)?)
+    } else {
+        None
+    };
     // Alternating rounds, and within a round each method on both sides one after the other, so that a
     // slow spell of a shared machine hits both sides of a pair alike.
     let (mut rounds, mut torch_rounds) = (Vec::new(), Vec::new());
@@ -121,8 +126,8 @@ fn step_bench(device: tch::Device, args: Box<StepBenchArgs>) -> anyhow::Result<i
         for method in &config.methods {
             let one = bench_step::StepBenchConfig { methods: vec![method.clone()], ..config.clone() };
             ours.extend(bench_step::run_step_bench(&one)?);
-            if args.vs_pytorch {
-                theirs.extend(pytorch_step(&python, &one, &args.precision)?);
+            if let Some(reference) = &reference {
+                theirs.extend(reference.run(&one)?);
             }
         }
         rounds.push(ours);
@@ -148,41 +153,55 @@ fn step_bench(device: tch::Device, args: Box<StepBenchArgs>) -> anyhow::Result<i
 /// The reference script, built into the binary so that `--vs-pytorch` runs from any directory.
 const PYTORCH_STEP_SCRIPT: &str = include_str!("../../bench/pytorch_step.py");
 
-/// Runs bench/pytorch_step.py with `config`'s shapes, once with foreach and once with fused Adam;
-/// its output goes to the console, its rows are returned.
-fn pytorch_step(
-    python: &std::path::Path,
-    config: &mgrun_trainer::bench_step::StepBenchConfig,
-    precisions: &str,
-) -> anyhow::Result<Vec<mgrun_trainer::bench_step::PytorchStepRow>> {
-    let dir = std::env::temp_dir().join(format!("mgrun-pytorch-step-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let script = dir.join("pytorch_step.py");
-    let json = dir.join("rows.json");
-    std::fs::write(&script, PYTORCH_STEP_SCRIPT).with_context(|| format!("writing {}", script.display()))?;
-    let device = if config.device.is_cuda() { "cuda" } else { "cpu" };
-    let channels_last = config.channels_last.unwrap_or(config.device.is_cuda());
-    let mut command = std::process::Command::new(python);
-    command.arg(&script).args(["--device", device, "--arch", &config.arch, "--optimizers", "foreach,fused"]);
-    command.args(["--image-size", &config.image_size.to_string()]);
-    command.args(["--batch-per-domain", &config.batch_per_domain.to_string()]);
-    command.args(["--domains", &config.domains.to_string(), "--classes", &config.classes.to_string()]);
-    command.args(["--methods", &config.methods.join(","), "--precision", precisions]);
-    command.args(["--channels-last", if channels_last { "true" } else { "false" }]);
-    command.args(["--steps", &config.steps.to_string(), "--warmup", &config.warmup.to_string()]);
-    if config.phases {
-        command.arg("--phases");
+/// bench/pytorch_step.py, written once into a temporary directory (removed on drop), and the Python
+/// that runs it.
+struct PytorchReference {
+    python: PathBuf,
+    dir: tempfile::TempDir,
+    script: PathBuf,
+}
+
+impl PytorchReference {
+    fn new(python: PathBuf) -> anyhow::Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix("mgrun-pytorch-step-")
+            .tempdir()
+            .context("creating a temporary directory")?;
+        let script = dir.path().join("pytorch_step.py");
+        std::fs::write(&script, PYTORCH_STEP_SCRIPT).with_context(|| format!("writing {}", script.display()))?;
+        Ok(Self { python, dir, script })
     }
-    command.arg("--json").arg(&json);
-    let status = command.status().with_context(|| {
-        format!("running {} (set --python or MGRUN_PYTHON to a Python with torch)", python.display())
-    })?;
-    let rows = if status.success() {
+
+    /// The steps of `config` in PyTorch, once with foreach and once with fused Adam; the script's
+    /// output goes to the console, its rows are returned.
+    fn run(
+        &self,
+        config: &mgrun_trainer::bench_step::StepBenchConfig,
+    ) -> anyhow::Result<Vec<mgrun_trainer::bench_step::PytorchStepRow>> {
+        let (python, script) = (&self.python, &self.script);
+        let json = self.dir.path().join("rows.json");
+        let device = if config.device.is_cuda() { "cuda" } else { "cpu" };
+        let channels_last = config.channels_last.unwrap_or(config.device.is_cuda());
+        let precisions: Vec<String> = config.precisions.iter().map(ToString::to_string).collect();
+        let mut command = std::process::Command::new(python);
+        command.arg(script).args(["--device", device, "--arch", &config.arch, "--optimizers", "foreach,fused"]);
+        command.args(["--image-size", &config.image_size.to_string()]);
+        command.args(["--batch-per-domain", &config.batch_per_domain.to_string()]);
+        command.args(["--domains", &config.domains.to_string(), "--classes", &config.classes.to_string()]);
+        command.args(["--methods", &config.methods.join(","), "--precision", &precisions.join(",")]);
+        command.args(["--channels-last", if channels_last { "true" } else { "false" }]);
+        command.args(["--steps", &config.steps.to_string(), "--warmup", &config.warmup.to_string()]);
+        if config.phases {
+            command.arg("--phases");
+        }
+        command.arg("--json").arg(&json);
+        let status = command.status().with_context(|| {
+            format!("running {} (set --python or MGRUN_PYTHON to a Python with torch)", python.display())
+        })?;
+        if !status.success() {
+            anyhow::bail!("{} {} failed ({status})", python.display(), script.display());
+        }
         let text = std::fs::read_to_string(&json).with_context(|| format!("reading {}", json.display()))?;
         serde_json::from_str(&text).with_context(|| format!("parsing {}", json.display()))
-    } else {
-        Err(anyhow::anyhow!("{} {} failed ({status})", python.display(), script.display()))
-    };
-    let _ = std::fs::remove_dir_all(&dir);
-    rows
+    }
 }

@@ -434,7 +434,7 @@ impl DspReg {
     }
 
     /// The ratio score on CPU ranks runs as one fused pass ([`DspReg::fused_statistics_step`]); the
-    /// other scores, and CUDA ranks, take the tensor path (about 20 passes over P).
+    /// other scores, and CUDA ranks, take the tensor path (about 25 passes over P).
     fn fused_statistics(&self, theta: &Tensor) -> bool {
         self.fuse && self.cfg.score == DspScore::Ratio && theta.device() == Device::Cpu
     }

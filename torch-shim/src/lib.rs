@@ -6,7 +6,7 @@
 //! - deterministic algorithms (`at::globalContext().setDeterministicAlgorithms`, cuDNN);
 //! - the CUDA caching allocator's memory statistics (what `torch.cuda.max_memory_allocated` reads);
 //! - fused per-parameter passes: libtorch's fused Adam/AdamW kernels (not in tch's bindings), and
-//!   DSP-Reg's step statistics as one multi-threaded CPU pass (the tensor path makes ~20).
+//!   DSP-Reg's step statistics as one multi-threaded CPU pass (the tensor path makes about 25).
 //!
 //! Only libtorch_cpu/libc10 symbols are linked: the CUDA allocator is looked up in c10's registry
 //! at run time, so the same binary runs on machines without CUDA (the calls then return errors).

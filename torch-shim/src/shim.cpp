@@ -32,7 +32,7 @@ c10::DeviceType device_type(int cuda) {
 }  // namespace
 
 // DSP-Reg's per-step statistics with the ratio score, fused into one pass over the P parameters
-// (the tensor path in methods/src/dsp_reg.rs makes about 20). Mirrors the Rust repr(C) struct.
+// (the tensor path in methods/src/dsp_reg.rs makes about 25). Mirrors the Rust repr(C) struct.
 struct MgrunDspCoefficients {
   double k;                // number of training domains K
   double denominator;      // of the cross-domain variance: K - 1 or K

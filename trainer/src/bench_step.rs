@@ -316,19 +316,29 @@ pub struct PytorchStepRow {
 /// PyTorch time / mgrun time is the median of the rounds' ratios (above 1: mgrun is faster), with their
 /// range, so that a machine whose speed drifts between rounds shows as a wide range.
 pub fn pytorch_comparison(rounds: &[Vec<StepBenchRow>], torch_rounds: &[Vec<PytorchStepRow>]) -> String {
-    let find = |torch_rows: &'_ [PytorchStepRow], row: &StepBenchRow, optimizer: &str| {
-        torch_rows
+    // A row's time: the whole step (`phase` None) or one phase.
+    fn time(ms_per_step: f64, phases: &[(String, f64)], phase: Option<&str>) -> Option<f64> {
+        match phase {
+            None => Some(ms_per_step),
+            Some(phase) => phases.iter().find(|(n, _)| n == phase).map(|(_, ms)| *ms),
+        }
+    }
+    // "median PyTorch ms | speed [min, max]" of row `i` against `optimizer`, over the rounds.
+    let compare = |i: usize, phase: Option<&str>, optimizer: &str| {
+        let pairs: Vec<(f64, f64)> = rounds
             .iter()
-            .find(|t| {
-                t.method == row.method
-                    && t.precision == row.precision
-                    && t.channels_last == row.channels_last
-                    && t.optimizer == optimizer
+            .zip(torch_rounds)
+            .filter_map(|(ours, theirs)| {
+                let row = &ours[i];
+                let t = theirs.iter().find(|t| {
+                    t.method == row.method
+                        && t.precision == row.precision
+                        && t.channels_last == row.channels_last
+                        && t.optimizer == optimizer
+                })?;
+                Some((time(row.ms_per_step, &row.phases_ms, phase)?, time(t.ms_per_step, &t.phases_ms, phase)?))
             })
-            .cloned()
-    };
-    // (median PyTorch ms, "speed [min, max]") from per-round (ours, theirs) pairs.
-    let compare = |pairs: Vec<(f64, f64)>| {
+            .collect();
         if pairs.is_empty() {
             return ("-".to_string(), "-".to_string());
         }
@@ -337,28 +347,18 @@ pub fn pytorch_comparison(rounds: &[Vec<StepBenchRow>], torch_rounds: &[Vec<Pyto
         let (low, high) = ratios.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), r| (l.min(*r), h.max(*r)));
         (format!("{theirs:.1}"), format!("{:.2}x [{low:.2}, {high:.2}]", median(ratios)))
     };
+    let cells = |i: usize, phase: Option<&str>| {
+        let (foreach_ms, vs_foreach) = compare(i, phase, "foreach");
+        let (fused_ms, vs_fused) = compare(i, phase, "fused");
+        format!("{foreach_ms} | {fused_ms} | {vs_foreach} | {vs_fused}")
+    };
     let mut out = String::from(
         "| method | precision | mgrun ms/step | PyTorch foreach ms | PyTorch fused ms | speed vs foreach | speed vs fused |\n\
          |---|---|---|---|---|---|---|\n",
     );
     let medians = median_rows(rounds);
     for (i, row) in medians.iter().enumerate() {
-        let pairs = |optimizer: &str| -> Vec<(f64, f64)> {
-            rounds
-                .iter()
-                .zip(torch_rounds)
-                .filter_map(|(ours, theirs)| {
-                    find(theirs, &ours[i], optimizer).map(|t| (ours[i].ms_per_step, t.ms_per_step))
-                })
-                .collect()
-        };
-        let (foreach_ms, vs_foreach) = compare(pairs("foreach"));
-        let (fused_ms, vs_fused) = compare(pairs("fused"));
-        let _ = writeln!(
-            out,
-            "| {} | {} | {:.1} | {foreach_ms} | {fused_ms} | {vs_foreach} | {vs_fused} |",
-            row.method, row.precision, row.ms_per_step
-        );
+        let _ = writeln!(out, "| {} | {} | {:.1} | {} |", row.method, row.precision, row.ms_per_step, cells(i, None));
     }
     for (i, row) in medians.iter().enumerate().filter(|(_, r)| !r.phases_ms.is_empty()) {
         let _ = write!(
@@ -367,22 +367,8 @@ pub fn pytorch_comparison(rounds: &[Vec<StepBenchRow>], torch_rounds: &[Vec<Pyto
              foreach | speed vs fused |\n|---|---|---|---|---|---|\n",
             row.precision
         );
-        let phase_ms =
-            |phases: &[(String, f64)], phase: &str| phases.iter().find(|(n, _)| n == phase).map(|(_, ms)| *ms);
         for (phase, ms) in &row.phases_ms {
-            let pairs = |optimizer: &str| -> Vec<(f64, f64)> {
-                rounds
-                    .iter()
-                    .zip(torch_rounds)
-                    .filter_map(|(ours, theirs)| {
-                        let t = find(theirs, &ours[i], optimizer)?;
-                        Some((phase_ms(&ours[i].phases_ms, phase)?, phase_ms(&t.phases_ms, phase)?))
-                    })
-                    .collect()
-            };
-            let (foreach_ms, vs_foreach) = compare(pairs("foreach"));
-            let (fused_ms, vs_fused) = compare(pairs("fused"));
-            let _ = writeln!(out, "| {phase} | {ms:.1} | {foreach_ms} | {fused_ms} | {vs_foreach} | {vs_fused} |");
+            let _ = writeln!(out, "| {phase} | {ms:.1} | {} |", cells(i, Some(phase)));
         }
     }
     out
