@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 
 use crate::cli::{DataBenchArgs, DatagenCommand};
+use crate::console::say;
 
 /// `mgrun bench data`: the training loader's throughput, printed and optionally written as JSON.
 pub fn bench_data(args: &DataBenchArgs) -> anyhow::Result<()> {
@@ -66,7 +67,7 @@ pub fn inspect(
     let report = mgrun_data::inspect::inspect(&job.data, threads)?;
     print!("{report}");
     if let Some(failure) = report.failure() {
-        eprintln!("{failure}");
+        say!("{failure}");
         return Ok(1);
     }
     if let Some(path) = splits {

@@ -24,6 +24,7 @@ use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+use crate::console::{self, say};
 use crate::rendezvous::{
     decide, hostname, Decision, JobStore, LauncherInfo, LauncherReport, LocalOutcome, RankFailure, RendezvousPlan,
 };
@@ -184,9 +185,10 @@ pub fn launch(plan: &LaunchPlan) -> anyhow::Result<i32> {
         match decision {
             Decision::Restart => {
                 attempt += 1;
-                eprintln!(
+                say!(
                     "mgrun: restarting all {} rank(s) from the newest checkpoint (restart {attempt} of {})",
-                    plan.world_size, plan.max_restarts
+                    plan.world_size,
+                    plan.max_restarts
                 );
             }
             Decision::Finished => {
@@ -228,29 +230,27 @@ pub fn launch(plan: &LaunchPlan) -> anyhow::Result<i32> {
 fn preempted(plan: &LaunchPlan, store: &JobStore) -> i32 {
     let label = plan.rendezvous.label(plan.rendezvous.launcher_rank);
     let Some(target) = &plan.requeue_target else {
-        eprintln!(
+        say!(
             "mgrun: preempted: every rank stopped after writing a checkpoint; start the job again with --resume auto \
              (and the same --out) to continue"
         );
         return PREEMPTED_EXIT_CODE;
     };
     if store.plan().launcher_rank != 0 {
-        eprintln!("mgrun: {label}: preempted; node 0 requeues Slurm job {target}");
+        say!("mgrun: {label}: preempted; node 0 requeues Slurm job {target}");
         return PREEMPTED_EXIT_CODE;
     }
     match std::process::Command::new("scontrol").args(["requeue", target]).output() {
         Ok(output) if output.status.success() => {
-            eprintln!(
-                "mgrun: preempted: checkpoint written; requeued Slurm job {target} (it resumes with --resume auto)"
-            );
+            say!("mgrun: preempted: checkpoint written; requeued Slurm job {target} (it resumes with --resume auto)");
         }
-        Ok(output) => eprintln!(
+        Ok(output) => say!(
             "mgrun: preempted: checkpoint written, but `scontrol requeue {target}` failed ({}): {}; resubmit the job, \
              it resumes with --resume auto",
             describe_exit(&Ok(output.status)),
             String::from_utf8_lossy(&output.stderr).trim()
         ),
-        Err(error) => eprintln!(
+        Err(error) => say!(
             "mgrun: preempted: checkpoint written, but the job cannot be requeued: running `scontrol` failed ({error}; \
              is Slurm's scontrol on PATH?); resubmit the job, it resumes with --resume auto"
         ),
@@ -365,13 +365,13 @@ async fn supervise(
             received = signals.recv() => {
                 if matches!(received, libc::SIGUSR1 | libc::SIGUSR2) {
                     // Preemption notice (Slurm's --signal): the ranks checkpoint at their next step boundary.
-                    eprintln!("mgrun: received {}; passing it to {running} rank(s)", signal_name(received));
+                    say!("mgrun: received {}; passing it to {running} rank(s)", signal_name(received));
                     signal_running(&ranks, received);
                     continue;
                 }
                 match stop_reason {
                     None => {
-                        eprintln!(
+                        say!(
                             "mgrun: received {}; stopping {running} rank(s) (SIGTERM, SIGKILL after {:.1} s)",
                             signal_name(received),
                             plan.grace.as_secs_f64()
@@ -384,7 +384,7 @@ async fn supervise(
                     }
                     Some(_) => {
                         // A second request means "now": skip the rest of the grace period.
-                        eprintln!("mgrun: received {} again; killing the remaining ranks", signal_name(received));
+                        say!("mgrun: received {} again; killing the remaining ranks", signal_name(received));
                         signal_running(&ranks, libc::SIGKILL);
                         kill_at = None;
                         give_up_at.get_or_insert(Instant::now() + KILL_REAP_TIMEOUT);
@@ -394,7 +394,7 @@ async fn supervise(
             by = &mut abort_watch.receiver, if !abort_seen => {
                 abort_seen = true;
                 if let (Ok(by), None) = (by, stop_reason) {
-                    eprintln!(
+                    say!(
                         "mgrun: {} stopped the job; stopping {running} rank(s) here",
                         plan.rendezvous.label(by)
                     );
@@ -409,7 +409,7 @@ async fn supervise(
                 let failed = !outcome.succeeded() && !outcome.preempted();
                 let rank = ranks[index].rank;
                 if failed && stop_reason.is_none() {
-                    eprintln!(
+                    say!(
                         "mgrun: rank {rank} failed ({}); stopping the other {running} rank(s)",
                         describe_exit(&outcome.exit)
                     );
@@ -424,11 +424,11 @@ async fn supervise(
             }
             _ = sleep_until_optional(next_deadline), if next_deadline.is_some() => {
                 if kill_at.take().is_some() {
-                    eprintln!("mgrun: grace period over; sending SIGKILL to {running} rank(s)");
+                    say!("mgrun: grace period over; sending SIGKILL to {running} rank(s)");
                     signal_running(&ranks, libc::SIGKILL);
                     give_up_at = Some(Instant::now() + KILL_REAP_TIMEOUT);
                 } else {
-                    eprintln!("mgrun: {running} rank(s) did not exit after SIGKILL; giving up on them");
+                    say!("mgrun: {running} rank(s) did not exit after SIGKILL; giving up on them");
                     break;
                 }
             }
@@ -539,7 +539,7 @@ fn spawn_rank(
             Ok(library_path) => {
                 command.env("LD_LIBRARY_PATH", library_path);
             }
-            Err(why) if index == 0 => eprintln!("mgrun: warning: NCCL: {why}; comm.backend = \"nccl\" will fail"),
+            Err(why) if index == 0 => say!("mgrun: warning: NCCL: {why}; comm.backend = \"nccl\" will fail"),
             Err(_) => {}
         }
     }
@@ -626,16 +626,17 @@ async fn pump_lines<R: AsyncRead + Unpin>(
         if let Ok(mut file) = log.lock() {
             if let Err(error) = writeln!(file, "{line}") {
                 if !log_failed {
-                    eprintln!("mgrun: writing the log of rank {rank}: {error}; console output continues");
+                    say!("mgrun: writing the log of rank {rank}: {error}; console output continues");
                     log_failed = true;
                 }
             }
         }
         // Console errors (closed pipe) must not stop the job.
-        let _ = match stream {
-            Stream::Stdout => writeln!(std::io::stdout().lock(), "[{rank}] {line}"),
-            Stream::Stderr => writeln!(std::io::stderr().lock(), "[{rank}] {line}"),
-        };
+        let prefixed = format!("[{rank}] {line}");
+        match stream {
+            Stream::Stdout => console::stdout_line(&prefixed),
+            Stream::Stderr => console::stderr_line(&prefixed),
+        }
         if let Some(tail) = &stderr_tail {
             if let Ok(mut tail) = tail.lock() {
                 if tail.len() == STDERR_TAIL_LINES {

@@ -4,6 +4,7 @@
 
 mod bench_cmd;
 mod cli;
+mod console;
 mod cuda;
 mod data_cmd;
 mod job;
@@ -21,6 +22,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 use crate::cli::{Cli, Command, DataCommand, LaunchArgs};
+use crate::console::say;
 
 fn main() -> ExitCode {
     // Before anything touches tch, in every mode, so that workers see the GPUs too.
@@ -29,7 +31,7 @@ fn main() -> ExitCode {
     match run(cli, cuda_load_error.as_deref()) {
         Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
         Err(error) => {
-            eprintln!("mgrun: error: {error:#}");
+            say!("mgrun: error: {error:#}");
             ExitCode::FAILURE
         }
     }

@@ -11,6 +11,7 @@ use mgrun_collectives::store::StoreClient;
 use mgrun_collectives::RankEnv;
 
 use crate::cli::LaunchArgs;
+use crate::console::say;
 use crate::job::{launch_job, WorkerCommand};
 
 /// Environment variables a rank reports, as it finds them: torchrun's contract plus mgrun's own.
@@ -101,7 +102,7 @@ pub fn selftest_worker_main(args: &SelftestArgs) -> anyhow::Result<()> {
     let (rank, world_size) = (env.rank, env.world_size);
     let pid = std::process::id();
     println!("selftest rank {rank} of {world_size}: hello on stdout (pid {pid})");
-    eprintln!("selftest rank {rank} of {world_size}: hello on stderr");
+    say!("selftest rank {rank} of {world_size}: hello on stderr");
     let env_report: Vec<String> = REPORTED_ENV
         .iter()
         .map(|name| {
@@ -126,18 +127,18 @@ pub fn selftest_worker_main(args: &SelftestArgs) -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(args.fail_after_ms));
         match args.fail_how {
             FailHow::Exit => {
-                eprintln!("selftest rank {rank}: failing on purpose with exit code 3");
+                say!("selftest rank {rank}: failing on purpose with exit code 3");
                 std::process::exit(3);
             }
             FailHow::Sigkill => {
-                eprintln!("selftest rank {rank}: killing itself with SIGKILL");
+                say!("selftest rank {rank}: killing itself with SIGKILL");
                 // SAFETY: plain kill(2) on our own pid.
                 unsafe {
                     libc::kill(libc::getpid(), libc::SIGKILL);
                 }
             }
             FailHow::Hang => {
-                eprintln!("selftest rank {rank}: hanging, ignoring SIGTERM");
+                say!("selftest rank {rank}: hanging, ignoring SIGTERM");
                 // SAFETY: setting a signal's disposition to SIG_IGN has no preconditions.
                 unsafe {
                     libc::signal(libc::SIGTERM, libc::SIG_IGN);
