@@ -90,6 +90,44 @@ fn five_domains_on_1_2_3_8_ranks() {
     }
 }
 
+/// The penalty methods switch their penalty on (and restart Adam) in mid-run.
+const VREX: &str = "[method.vrex]\nlambda = 10.0\npenalty_anneal_iters = 3\n";
+const GROUP_DRO: &str = "[method.group_dro]\neta = 0.5\n";
+const CORAL: &str = "[method.coral]\ngamma = 1.0\n";
+const FISHR: &str = "[method.fishr]\nlambda = 100.0\npenalty_anneal_iters = 3\nema = 0.9\n";
+
+/// 2 ranks split a domain, 3 hold one each, 4 split two (uneven pieces).
+#[test]
+fn penalty_methods_on_1_2_3_4_ranks() {
+    let data = tempfile::tempdir().unwrap();
+    let job = three_domains(data.path());
+    for (method, extra) in [("vrex", VREX), ("group_dro", GROUP_DRO), ("coral", CORAL), ("fishr", FISHR)] {
+        check_invariance(&job, &[2, 3, 4], method, extra);
+    }
+}
+
+/// Fishr's EMAs and GroupDRO's weights travel in the checkpoint: resumed on another number of ranks
+/// after the penalty switched on, the run continues as if uninterrupted.
+#[test]
+fn stateful_methods_resume_exactly_on_another_world_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = three_domains(dir.path());
+    let checkpoints = "\n[checkpoint]\nevery_steps = 4\nkeep_last = 0\n";
+    for (method, extra) in [("fishr", FISHR), ("group_dro", GROUP_DRO)] {
+        let cfg = config(dir.path(), &job, method, extra, checkpoints);
+        let (uninterrupted, _) = run(dir.path(), &cfg, 1, &[]);
+        let (ref_losses, ref_params) = run_outputs(&uninterrupted);
+        let (three, _) = run(dir.path(), &cfg, 3, &[]);
+        let checkpoint = three.join("checkpoints").join("step4");
+        let (resumed, log) = run(dir.path(), &cfg, 2, &["--resume", checkpoint.to_str().unwrap()]);
+        assert!(log.contains("resuming from") && log.contains("written on 3 rank(s)"), "{log}");
+        let (losses, params) = run_outputs(&resumed);
+        let expected: Vec<(u64, f64)> = ref_losses.iter().filter(|(s, _)| *s >= 4).copied().collect();
+        assert_eq!(losses, expected, "{method} resumed on 2 ranks: losses differ from the uninterrupted run");
+        assert!(params == ref_params, "{method} resumed on 2 ranks: parameters differ from the uninterrupted run");
+    }
+}
+
 /// A checkpoint written on 5 ranks, resumed on 2, equals the uninterrupted run, with dropout on:
 /// its draws follow the micro-batch, not the rank.
 #[test]
@@ -134,5 +172,14 @@ fn fast_path_runs_uneven_plans() {
             assert_eq!(losses.len(), STEPS);
             assert!(losses.iter().all(|(_, l)| l.is_finite()), "{method}, {world} ranks: {losses:?}");
         }
+    }
+    // The cross-domain objectives need no domain groups: only their statistics cross ranks.
+    for (method, extra) in [("coral", CORAL), ("fishr", FISHR)] {
+        let cfg = config(dir.path(), &job, method, extra, "");
+        let (out_dir, log) = run(dir.path(), &cfg, 2, &["--set", "train.deterministic=false"]);
+        assert!(log.contains("communication per step: per-domain"), "{method}:\n{log}");
+        let (losses, _) = run_outputs(&out_dir);
+        assert_eq!(losses.len(), STEPS);
+        assert!(losses.iter().all(|(_, l)| l.is_finite()), "{method}, 2 ranks: {losses:?}");
     }
 }

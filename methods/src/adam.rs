@@ -130,6 +130,16 @@ impl Adam {
         )
     }
 
+    /// Forgets the moments and the step count, as a freshly created optimizer (DomainBed's IRM,
+    /// VREx and Fishr re-create Adam when their penalty switches on).
+    pub fn reset(&mut self) -> Result<()> {
+        let _guard = tch::no_grad_guard();
+        let _ = self.exp_avg.f_zero_().context("Adam: resetting the first moment")?;
+        let _ = self.exp_avg_sq.f_zero_().context("Adam: resetting the second moment")?;
+        self.step = 0;
+        Ok(())
+    }
+
     /// Moments and step count, for checkpoints.
     pub fn state(&self) -> Vec<(String, Tensor)> {
         vec![

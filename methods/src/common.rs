@@ -1,7 +1,7 @@
 //! Pieces shared by the methods: shard checks, summed cross-entropy, backward into a flat gradient,
 //! and the bucketed all-reduce of a flat gradient.
 
-use crate::{DomainShard, Topology};
+use crate::{DomainShard, Topology, UpdateContext};
 use anyhow::{bail, Context, Result};
 use mgrun_collectives::{all_reduce_flat, Communicator, ReduceOp};
 use mgrun_models::{Model, ParamStore};
@@ -73,4 +73,14 @@ pub(crate) fn all_reduce_grad(
 ) -> Result<()> {
     all_reduce_flat(comm, grad, ReduceOp::Sum, bucket_bytes)
         .with_context(|| format!("all-reduce of {what} (rank {} of {})", comm.rank(), comm.world_size()))
+}
+
+/// DomainBed's penalty annealing (IRM, VREx, Fishr): the penalty weight is `before` until step
+/// `anneal_iters` and `after` from it on; Adam restarts at the switch, since the gradient's scale
+/// jumps there (DomainBed re-creates the optimizer).
+pub(crate) fn penalty_switch(ctx: &mut UpdateContext<'_>, anneal_iters: u64, before: f64, after: f64) -> Result<f64> {
+    if ctx.step == anneal_iters && anneal_iters != 0 {
+        ctx.optimizer.reset()?;
+    }
+    Ok(if ctx.step >= anneal_iters { after } else { before })
 }

@@ -23,6 +23,8 @@ pub enum Search {
     Uniform { low: f64, high: f64 },
     /// `int(r.uniform(low, high))`.
     IntUniform { low: f64, high: f64 },
+    /// `int(10 ** r.uniform(low, high))`.
+    IntLogUniform { low: f64, high: f64 },
     /// `r.choice(values)`.
     Choice(&'static [f64]),
 }
@@ -74,6 +76,13 @@ pub enum MessageSize {
     PerParameter(u32),
     /// `n` scalars.
     Scalars(u32),
+    /// `n` values per training domain (K n floats).
+    PerDomain(u32),
+    /// Per training domain, the loss sum and the features' sum and second moment (K (1 + D + D^2)).
+    PerDomainFeatureMoments,
+    /// Per training domain, the loss sum and the head's per-sample gradients' sum and sum of squares
+    /// (K (1 + 2 C (D + 1))).
+    PerDomainHeadGradientMoments,
 }
 
 /// A statistic that a method exchanges across ranks at every step on the fast path (deterministic
@@ -110,6 +119,7 @@ impl fmt::Display for Search {
             Search::LogUniform { low, high } => write!(f, "10^U({low}, {high})"),
             Search::Uniform { low, high } => write!(f, "U({low}, {high})"),
             Search::IntUniform { low, high } => write!(f, "int(U({low}, {high}))"),
+            Search::IntLogUniform { low, high } => write!(f, "int(10^U({low}, {high}))"),
             Search::Choice(values) => write!(f, "choice of {values:?}"),
         }
     }
@@ -146,18 +156,39 @@ impl fmt::Display for MessageSize {
             MessageSize::PerParameter(1) => f.write_str("P"),
             MessageSize::PerParameter(n) => write!(f, "{n}P"),
             MessageSize::Scalars(n) => write!(f, "{n}"),
+            MessageSize::PerDomain(1) => f.write_str("K"),
+            MessageSize::PerDomain(n) => write!(f, "{n}K"),
+            MessageSize::PerDomainFeatureMoments => f.write_str("K(1 + D + D^2)"),
+            MessageSize::PerDomainHeadGradientMoments => f.write_str("K(1 + 2C(D + 1))"),
         }
     }
 }
 
 impl MessageSize {
-    /// Bytes of one message for a model of `params` f32 parameters (scalars travel as f64).
-    pub fn bytes(self, params: usize) -> usize {
+    /// Bytes of one message (scalars travel as f64, everything else as f32).
+    pub fn bytes(self, dims: MessageDims) -> usize {
+        let MessageDims { params, features, classes, domains } = dims;
         match self {
             MessageSize::PerParameter(n) => n as usize * params * 4,
             MessageSize::Scalars(n) => n as usize * 8,
+            MessageSize::PerDomain(n) => n as usize * domains * 4,
+            MessageSize::PerDomainFeatureMoments => domains * (1 + features + features * features) * 4,
+            MessageSize::PerDomainHeadGradientMoments => domains * (1 + 2 * classes * (features + 1)) * 4,
         }
     }
+}
+
+/// The sizes that a message's length depends on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MessageDims {
+    /// Parameters P.
+    pub params: usize,
+    /// Features D (the head's input).
+    pub features: usize,
+    /// Classes C.
+    pub classes: usize,
+    /// Training domains K.
+    pub domains: usize,
 }
 
 /// The static side of a method type: everything [`MethodDescriptor`] records about it.

@@ -188,18 +188,47 @@ fn exact_domain_sums(
     shards: &[DomainShard],
     pass: &Pass<'_>,
 ) -> Result<DomainSums> {
-    let plan = topology.plan;
-    let world = topology.world;
-    let seed = topology.exact.map_or(0, |e| e.seed);
-    let rank = world.rank();
-    let mine = plan.units_of(rank);
-    let slots = plan.max_units_per_rank().max(1);
+    let slots = topology.plan.max_units_per_rank().max(1);
     let (numel, device) = (model.store().numel() as i64, model.store().device());
-    let units_per_domain = plan.units_per_domain();
-
     // This rank's units, one forward and backward each, into rows of `local` (padded to `slots`).
     let local = Tensor::zeros([slots as i64, numel], (Kind::Float, device));
     let mut losses = vec![0.0f64; slots];
+    for_each_unit(model, topology, shards, pass, |model, unit| {
+        let store = model.store_mut();
+        store.zero_grad();
+        let loss_sum = cross_entropy_sum(&*model, &unit.x, &unit.y)?;
+        losses[unit.slot] = loss_sum.f_double_value(&[]).context("reading a micro-batch's loss")?;
+        loss_sum.f_backward().with_context(|| format!("backward of a micro-batch of domain {}", unit.domain))?;
+        copy_flat_grad(model.store(), &local.get(unit.slot as i64))
+    })?;
+    let grads = gather_domain_sums(topology, &local)?;
+    Ok(DomainSums { grads, loss_sum: gather_loss_sum(topology, &losses)? })
+}
+
+/// One of this rank's units on the exact path: a micro-batch of one domain, in its own copies.
+pub(crate) struct Unit {
+    /// Row of this unit in the rank's `[slots, n]` buffers.
+    pub slot: usize,
+    pub domain: usize,
+    pub x: Tensor,
+    pub y: Tensor,
+}
+
+/// Calls `visit` on each of this rank's units in plan order, with the unit's random stream seeded
+/// and the pass's offset for its domain applied to the parameters (restored afterwards).
+pub(crate) fn for_each_unit(
+    model: &mut dyn Model,
+    topology: &Topology<'_>,
+    shards: &[DomainShard],
+    pass: &Pass<'_>,
+    mut visit: impl FnMut(&mut dyn Model, Unit) -> Result<()>,
+) -> Result<()> {
+    let plan = topology.plan;
+    let seed = topology.exact.map_or(0, |e| e.seed);
+    let rank = topology.world.rank();
+    let mine = plan.units_of(rank);
+    let slots = plan.max_units_per_rank().max(1);
+    let units_per_domain = plan.units_per_domain();
     let saved = pass.offsets.map(|_| OffsetParameters::save(model.store()));
     for shard in shards {
         let n = shard_len(shard) as usize;
@@ -226,44 +255,53 @@ fn exact_domain_sums(
             if let (Some(saved), Some(offsets)) = (&saved, pass.offsets) {
                 saved.apply(model.store(), offsets.get(shard.domain).and_then(Option::as_ref))?;
             }
-            let store = model.store_mut();
-            store.zero_grad();
-            let loss_sum = cross_entropy_sum(&*model, &x, &y)?;
-            losses[slot] = loss_sum.f_double_value(&[]).context("reading a micro-batch's loss")?;
-            loss_sum.f_backward().with_context(|| format!("backward of micro-batch {j} of domain {}", shard.domain))?;
-            let _guard = tch::no_grad_guard();
-            let mut row = local.get(slot as i64);
-            match model.store().flat_grad_view() {
-                Some(grad) => row.f_copy_(grad)?,
-                None => row.f_copy_(&model.store().flat_grad())?,
-            }
+            visit(&mut *model, Unit { slot, domain: shard.domain, x, y })?;
         }
     }
     if let Some(saved) = &saved {
         saved.restore(model.store())?;
     }
+    Ok(())
+}
 
-    // Every unit's gradient on every rank, a bucket of parameters at a time, summed in unit order.
+/// Copies the model's flat gradient into `row`.
+fn copy_flat_grad(store: &ParamStore, row: &Tensor) -> Result<()> {
     let _guard = tch::no_grad_guard();
-    let k = plan.num_domains();
-    let sums: Vec<Tensor> = (0..k).map(|_| Tensor::zeros([numel], (Kind::Float, device))).collect();
-    let chunk = (topology.bucket_bytes / (4 * slots)).max(1) as i64;
+    let mut row = row.shallow_clone();
+    match store.flat_grad_view() {
+        Some(grad) => row.f_copy_(grad)?,
+        None => row.f_copy_(&store.flat_grad())?,
+    };
+    Ok(())
+}
+
+/// Every rank's unit rows of `local` (`[slots, n]`, a row per unit of this rank) on every rank, a
+/// bucket of columns at a time, summed per training domain in unit order: K tensors `[n]`, the same
+/// bits on every rank and at every world size.
+pub(crate) fn gather_domain_sums(topology: &Topology<'_>, local: &Tensor) -> Result<Vec<Tensor>> {
+    let _guard = tch::no_grad_guard();
+    let (plan, world) = (topology.plan, topology.world);
+    let (slots, numel) = (local.size()[0], local.size()[1]);
+    let units_per_domain = plan.units_per_domain();
+    let sums: Vec<Tensor> =
+        (0..plan.num_domains()).map(|_| Tensor::zeros([numel], (local.kind(), local.device()))).collect();
+    let chunk = (topology.bucket_bytes / (4 * slots as usize)).max(1) as i64;
     let mut start = 0i64;
     while start < numel {
         let len = chunk.min(numel - start);
         let part = local.narrow(1, start, len).contiguous();
-        let gathered = world
-            .all_gather(&part)
-            .with_context(|| format!("all-gather of micro-batch gradients (rank {rank} of {})", world.world_size()))?;
+        let gathered = world.all_gather(&part).with_context(|| {
+            format!("all-gather of micro-batch rows (rank {} of {})", world.rank(), world.world_size())
+        })?;
         for (domain, sum) in sums.iter().enumerate() {
             let mut acc: Option<Tensor> = None;
             for j in 0..units_per_domain {
                 let (owner, slot) = plan.unit_location(domain * units_per_domain + j);
-                let grad = gathered.get(owner as i64).get(slot as i64);
+                let row = gathered.get(owner as i64).get(slot as i64);
                 acc = Some(match acc {
-                    None => grad.copy(),
+                    None => row.copy(),
                     Some(mut acc) => {
-                        acc += &grad;
+                        acc += &row;
                         acc
                     }
                 });
@@ -274,13 +312,19 @@ fn exact_domain_sums(
         }
         start += len;
     }
-    let gathered_losses = scalars::all_gather_f64(world, &losses).context("all-gather of micro-batch losses")?;
+    Ok(sums)
+}
+
+/// The sum of every unit's loss (`losses` holds this rank's, by slot), added in unit order.
+pub(crate) fn gather_loss_sum(topology: &Topology<'_>, losses: &[f64]) -> Result<f64> {
+    let plan = topology.plan;
+    let gathered = scalars::all_gather_f64(topology.world, losses).context("all-gather of micro-batch losses")?;
     let mut loss_sum = 0.0;
     for unit in 0..plan.total_units() {
         let (owner, slot) = plan.unit_location(unit);
-        loss_sum += gathered_losses[owner][slot];
+        loss_sum += gathered[owner][slot];
     }
-    Ok(DomainSums { grads: sums, loss_sum })
+    Ok(loss_sum)
 }
 
 /// The random stream of micro-batch `unit` in pass `pass` of `step` (splitmix64 of the four).

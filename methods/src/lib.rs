@@ -12,6 +12,7 @@ mod common;
 pub mod descriptor;
 pub mod gradients;
 pub mod moments;
+pub mod objective;
 pub mod registry;
 pub mod sharding;
 
@@ -29,15 +30,23 @@ methods! {
     erm::Erm,
     sam::Sam,
     dsp_reg::DspReg,
+    vrex::Vrex,
+    group_dro::GroupDro,
+    coral::Coral,
+    fishr::Fishr,
 }
 
 pub use adam::{Adam, AdamConfig};
+pub use coral::{Coral, CoralConfig};
 pub use descriptor::{CrossRankStat, Hyperparameter, MethodDef, MethodDescriptor, Search};
 pub use dsp_reg::{DspReg, DspRegConfig};
 pub use erm::{Erm, ErmConfig};
+pub use fishr::{Fishr, FishrConfig};
+pub use group_dro::{GroupDro, GroupDroConfig};
 pub use registry::{available, build, descriptor, MethodConfig};
 pub use sam::{Sam, SamConfig, SamPerturb};
 pub use sharding::{domain_groups, DomainGroup, Piece, ShardingPlan};
+pub use vrex::{Vrex, VrexConfig};
 
 use anyhow::Result;
 use mgrun_collectives::Communicator;

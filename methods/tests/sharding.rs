@@ -16,8 +16,9 @@ use mgrun_collectives::Communicator;
 use mgrun_methods::dsp_reg::DspMode;
 use mgrun_methods::gradients::{batch_gradient, domain_gradients, Pass};
 use mgrun_methods::{
-    build, domain_groups, Adam, AdamConfig, DomainShard, DspReg, DspRegConfig, ExactMode, MethodConfig, Sam, SamConfig,
-    SamPerturb, ShardingPlan, Topology, UpdateContext,
+    build, domain_groups, Adam, AdamConfig, Coral, CoralConfig, DomainShard, DspReg, DspRegConfig, ExactMode, Fishr,
+    FishrConfig, GroupDro, GroupDroConfig, MethodConfig, Sam, SamConfig, SamPerturb, ShardingPlan, Topology,
+    UpdateContext, Vrex, VrexConfig,
 };
 use mgrun_models::ModelSpec;
 use std::time::Duration;
@@ -166,6 +167,28 @@ fn dsp_reg_is_invariant_to_sharding() {
         ..DspRegConfig::default()
     };
     check_invariance(MethodConfig::of::<DspReg>(&dsp_reg).unwrap());
+}
+
+#[test]
+fn vrex_is_invariant_to_sharding() {
+    // The penalty switches on (and Adam restarts) at step 1.
+    check_invariance(MethodConfig::of::<Vrex>(&VrexConfig { lambda: 10.0, penalty_anneal_iters: 1 }).unwrap());
+}
+
+#[test]
+fn group_dro_is_invariant_to_sharding() {
+    check_invariance(MethodConfig::of::<GroupDro>(&GroupDroConfig { eta: 0.5 }).unwrap());
+}
+
+#[test]
+fn coral_is_invariant_to_sharding() {
+    check_invariance(MethodConfig::of::<Coral>(&CoralConfig { gamma: 1.0 }).unwrap());
+}
+
+#[test]
+fn fishr_is_invariant_to_sharding() {
+    let fishr = FishrConfig { lambda: 100.0, penalty_anneal_iters: 1, ema: 0.9 };
+    check_invariance(MethodConfig::of::<Fishr>(&fishr).unwrap());
 }
 
 /// What one rank of the fast path computed at step 0: the batch gradient and its domain gradients.

@@ -126,17 +126,17 @@ fn dsp_reg_needs_two_domains() {
 #[test]
 fn unknown_method_lists_the_available_ones() {
     let model = small_cnn();
-    let cfg = MethodConfig::named("fishr");
+    let cfg = MethodConfig::named("irm");
     let err = build(&cfg, &*model, 3).err().unwrap().to_string();
-    assert!(err.contains("fishr") && err.contains("erm, sam, dsp_reg"), "{err}");
-    let err = serde_json::from_str::<MethodConfig>(r#"{"name": "fishr"}"#).unwrap_err().to_string();
-    assert!(err.contains("fishr") && err.contains("erm, sam, dsp_reg"), "{err}");
+    assert!(err.contains("irm") && err.contains("erm, sam, dsp_reg, vrex"), "{err}");
+    let err = serde_json::from_str::<MethodConfig>(r#"{"name": "irm"}"#).unwrap_err().to_string();
+    assert!(err.contains("irm") && err.contains("erm, sam, dsp_reg, vrex"), "{err}");
 }
 
 #[test]
 fn descriptors_list_methods_with_their_defaults() {
     let names: Vec<&str> = METHODS.iter().map(|m| m.name).collect();
-    assert_eq!(names, ["erm", "sam", "dsp_reg"]);
+    assert_eq!(names, ["erm", "sam", "dsp_reg", "vrex", "group_dro", "coral", "fishr"]);
     let documented: Vec<(String, String, &str)> =
         METHODS.iter().flat_map(|m| m.documented_defaults().unwrap()).collect();
     let find =
@@ -147,6 +147,14 @@ fn descriptors_list_methods_with_their_defaults() {
     assert_eq!(find("method.dsp_reg.mode"), "\"anchor\"");
     assert_eq!(find("method.dsp_reg.variance_denominator"), "\"k_minus_1\"");
     assert_eq!(find("method.dsp_reg.epsilon"), "1e-20");
+    // DomainBed's defaults (hparams_registry.py).
+    assert_eq!(find("method.vrex.lambda"), "10.0");
+    assert_eq!(find("method.vrex.penalty_anneal_iters"), "500");
+    assert_eq!(find("method.group_dro.eta"), "0.01");
+    assert_eq!(find("method.coral.gamma"), "1.0");
+    assert_eq!(find("method.fishr.lambda"), "1000.0");
+    assert_eq!(find("method.fishr.penalty_anneal_iters"), "1500");
+    assert_eq!(find("method.fishr.ema"), "0.95");
     let dsp = mgrun_methods::descriptor("dsp_reg").unwrap();
     assert_eq!(dsp.hyperparameters.len(), 16);
     assert_eq!(dsp.domainbed_name, "DSPReg");

@@ -45,8 +45,15 @@ impl Classifier {
 
     /// Dropout (when training) and the linear head.
     fn head(&self, features: &Tensor, train: bool) -> Tensor {
-        let store = &self.store;
-        features.dropout(self.spec.dropout, train).linear(store.get(self.fc_weight), Some(store.get(self.fc_bias)))
+        self.linear(&self.dropout(features, train))
+    }
+
+    fn dropout(&self, features: &Tensor, train: bool) -> Tensor {
+        features.dropout(self.spec.dropout, train)
+    }
+
+    fn linear(&self, head_input: &Tensor) -> Tensor {
+        head_input.linear(self.store.get(self.fc_weight), Some(self.store.get(self.fc_bias)))
     }
 }
 
@@ -72,6 +79,20 @@ impl<F: Featurizer> Model for F {
     fn classify(&self, features: &Tensor, train: bool) -> Tensor {
         let c = self.classifier();
         c.execution.run(features, |f| c.head(f, train))
+    }
+
+    fn head_input(&self, features: &Tensor, train: bool) -> Tensor {
+        self.classifier().dropout(features, train)
+    }
+
+    fn linear_head(&self, head_input: &Tensor) -> Tensor {
+        let c = self.classifier();
+        c.execution.run(head_input, |h| c.linear(h))
+    }
+
+    fn feature_dim(&self) -> usize {
+        let c = self.classifier();
+        c.store.get(c.fc_weight).size().get(1).map_or(0, |&d| d as usize)
     }
 
     fn store(&self) -> &ParamStore {

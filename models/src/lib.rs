@@ -151,7 +151,16 @@ pub trait Model: Send {
     /// Pooled features, `[N, feature_dim]`.
     fn features(&self, xs: &Tensor, train: bool) -> Tensor;
     /// Dropout (when training) and the linear head on features.
-    fn classify(&self, features: &Tensor, train: bool) -> Tensor;
+    fn classify(&self, features: &Tensor, train: bool) -> Tensor {
+        self.linear_head(&self.head_input(features, train))
+    }
+    /// The head's input: features after its dropout (DomainBed's featurizer output, on which
+    /// CORAL aligns moments and Fishr takes per-sample head gradients).
+    fn head_input(&self, features: &Tensor, train: bool) -> Tensor;
+    /// The linear head alone, logits = W h + b.
+    fn linear_head(&self, head_input: &Tensor) -> Tensor;
+    /// D, the length of a feature vector (the head's input).
+    fn feature_dim(&self) -> usize;
     fn store(&self) -> &ParamStore;
     fn store_mut(&mut self) -> &mut ParamStore;
     fn spec(&self) -> &ModelSpec;

@@ -164,6 +164,7 @@ fn draw(r: &mut RandomState, search: Search) -> Result<HValue> {
         Search::Uniform { low, high } => HValue::Float(r.uniform(low, high)),
         // Python's int() truncates towards zero, as `as` does.
         Search::IntUniform { low, high } => HValue::Int(r.uniform(low, high) as i64),
+        Search::IntLogUniform { low, high } => HValue::Int(10f64.powf(r.uniform(low, high)) as i64),
         Search::Choice(values) => choice(r, values)?,
     })
 }

@@ -5,7 +5,7 @@ Usage: methods_ref.py INPUT.safetensors CONFIG.json OUTPUT.safetensors
 
 INPUT holds the initial SmallCnn weights (state-dict names) and the batches `x.{step}.{domain}`,
 `y.{step}.{domain}`. CONFIG is {"width", "num_classes", "steps", "num_domains", "cases": [{"name",
-"method": "erm"|"sam"|"dsp_reg", "adam": {...}, "sam": {...}, "dsp_reg": {...}, "total_steps"}]}.
+"method", "adam": {...}, and a section per method ("sam": {...}, "dsp_reg": {...}, ...), "total_steps"}]}.
 OUTPUT gets, per case, `{name}.loss` (f64, one per step), `{name}.extra.{key}` (f64 per step) and
 `{name}.param.{param name}` (final weights).
 
@@ -217,7 +217,119 @@ def dsp_step(model, params, opt, doms, case, state, step):
     return sum(losses) / K, extra
 
 
-STEPS = {"erm": erm_step, "sam": sam_step, "dsp_reg": dsp_step}
+def reset_adam(opt):
+    """DomainBed re-creates Adam when a penalty switches on: a fresh state."""
+    opt.state.clear()
+
+
+def domain_losses(logits, doms):
+    """Each domain's mean cross-entropy from the logits of the concatenated batch."""
+    sizes = [y.numel() for _, y in doms]
+    return torch.stack([F.cross_entropy(z, y) for z, (_, y) in zip(logits.split(sizes), doms)])
+
+
+def vrex_step(model, params, opt, doms, case, state, step):
+    """DomainBed's VREx.update."""
+    cfg = {"lambda": 10.0, "penalty_anneal_iters": 500, **case.get("vrex", {})}
+    weight = cfg["lambda"] if step >= cfg["penalty_anneal_iters"] else 1.0
+    losses = domain_losses(model(pooled(doms)[0]), doms)
+    mean = losses.mean()
+    penalty = ((losses - mean) ** 2).mean()
+    loss = mean + weight * penalty
+    if step == cfg["penalty_anneal_iters"]:
+        reset_adam(opt)
+    apply_update(params, torch.autograd.grad(loss, params), opt)
+    return mean.item(), {"vrex_penalty": penalty.item()}
+
+
+def group_dro_step(model, params, opt, doms, case, state, step):
+    """DomainBed's GroupDRO.update."""
+    eta = {"eta": 0.01, **case.get("group_dro", {})}["eta"]
+    if "q" not in state:
+        state["q"] = torch.ones(len(doms))
+    losses = torch.zeros(len(doms))
+    for m, (x, y) in enumerate(doms):
+        losses[m] = F.cross_entropy(model(x), y)
+        state["q"][m] *= (eta * losses[m].data).exp()
+    state["q"] /= state["q"].sum()
+    loss = torch.dot(losses, state["q"])
+    apply_update(params, torch.autograd.grad(loss, params), opt)
+    return losses.mean().item(), {"group_dro_q_max": state["q"].max().item()}
+
+
+def coral_distance(x, y):
+    """DomainBed's AbstractMMD.mmd with kernel_type "mean_cov"."""
+    mean_x, mean_y = x.mean(0, keepdim=True), y.mean(0, keepdim=True)
+    cent_x, cent_y = x - mean_x, y - mean_y
+    cova_x = (cent_x.t() @ cent_x) / (len(x) - 1)
+    cova_y = (cent_y.t() @ cent_y) / (len(y) - 1)
+    return (mean_x - mean_y).pow(2).mean() + (cova_x - cova_y).pow(2).mean()
+
+
+def coral_step(model, params, opt, doms, case, state, step):
+    """DomainBed's AbstractMMD.update (CORAL): a featurizer call per domain."""
+    gamma = {"gamma": 1.0, **case.get("coral", {})}["gamma"]
+    features = [model.dropout(model.features(x)) for x, _ in doms]
+    logits = [model.fc(f) for f in features]
+    nmb = len(doms)
+    objective, penalty = 0, 0
+    for i in range(nmb):
+        objective += F.cross_entropy(logits[i], doms[i][1])
+        for j in range(i + 1, nmb):
+            penalty += coral_distance(features[i], features[j])
+    objective /= nmb
+    if nmb > 1:
+        penalty /= nmb * (nmb - 1) / 2
+    loss = objective + gamma * penalty
+    apply_update(params, torch.autograd.grad(loss, params), opt)
+    return objective.item(), {"coral_penalty": penalty.item()}
+
+
+def fishr_step(model, params, opt, doms, case, state, step):
+    """DomainBed's Fishr.update. Per-sample head gradients by autograd, one sample at a time with
+    create_graph (BackPACK's BatchGrad in DomainBed), not by their closed form."""
+    cfg = {"lambda": 1000.0, "penalty_anneal_iters": 1500, "ema": 0.95, **case.get("fishr", {})}
+    x, y = pooled(doms)
+    z = model.dropout(model.features(x))
+    logits = model.fc(z)
+    head = [model.fc.weight, model.fc.bias]
+    per_sample = []
+    for i in range(len(y)):
+        loss_i = F.cross_entropy(logits[i:i + 1], y[i:i + 1], reduction="sum")
+        grads_i = torch.autograd.grad(loss_i, head, create_graph=True)
+        per_sample.append(torch.cat([g.reshape(-1) for g in grads_i]))
+    grads = torch.stack(per_sample)
+    variances, start = [], 0
+    for _, yd in doms:
+        g = grads[start:start + yd.numel()]
+        start += yd.numel()
+        variances.append((g - g.mean(0, keepdim=True)).pow(2).mean(0))
+    # misc.MovingAverage per domain, with the 1/(1 - ema) correction.
+    ema = cfg["ema"]
+    if "ema" not in state:
+        state["ema"] = [torch.zeros_like(v) for v in variances]
+    smoothed = []
+    for e, v in enumerate(variances):
+        ema_data = ema * state["ema"][e] + (1 - ema) * v
+        smoothed.append(ema_data / (1 - ema))
+        state["ema"][e] = ema_data.clone().detach()
+    mean_var = torch.stack(smoothed).mean(0)
+    penalty = sum((v - mean_var).pow(2).mean() for v in smoothed) / len(doms)
+    nll = F.cross_entropy(logits, y)
+    weight = 0.0
+    if step >= cfg["penalty_anneal_iters"]:
+        weight = cfg["lambda"]
+        if step == cfg["penalty_anneal_iters"] != 0:
+            reset_adam(opt)
+    loss = nll + weight * penalty
+    apply_update(params, torch.autograd.grad(loss, params), opt)
+    return nll.item(), {"fishr_penalty": penalty.item()}
+
+
+STEPS = {
+    "erm": erm_step, "sam": sam_step, "dsp_reg": dsp_step, "vrex": vrex_step, "group_dro": group_dro_step,
+    "coral": coral_step, "fishr": fishr_step,
+}
 
 
 def main():

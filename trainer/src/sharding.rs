@@ -5,7 +5,7 @@
 use crate::config::JobConfig;
 use anyhow::Result;
 use mgrun_data::loader::ShardSpec;
-use mgrun_methods::descriptor::{Group, MessageSize};
+use mgrun_methods::descriptor::{Group, MessageDims, MessageSize};
 use mgrun_methods::{CrossRankStat, ShardingPlan};
 use std::fmt::Write as _;
 
@@ -32,8 +32,9 @@ pub fn describe(
     domain_names: &[String],
     statistics: &[CrossRankStat],
     deterministic: bool,
-    params: usize,
+    dims: MessageDims,
 ) -> String {
+    let params = dims.params;
     let mut out = String::new();
     let unit = if deterministic {
         format!("micro-batches of {} image(s) (deterministic mode)", plan.unit())
@@ -55,8 +56,9 @@ pub fn describe(
         return out;
     }
     let bytes = |size: MessageSize| match size {
-        MessageSize::PerParameter(_) => format!("{:.1} MB", size.bytes(params) as f64 / 1e6),
         MessageSize::Scalars(n) => format!("{n} value(s)"),
+        MessageSize::PerDomain(n) => format!("{} value(s)", n as usize * dims.domains),
+        _ => format!("{:.1} MB", size.bytes(dims) as f64 / 1e6),
     };
     if deterministic {
         let slots = plan.max_units_per_rank();

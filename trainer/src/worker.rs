@@ -14,6 +14,7 @@ use mgrun_checkpoint::LoadedCheckpoint;
 use mgrun_collectives::store::StoreClient;
 use mgrun_collectives::{Backend, Communicator, DeviceKind, RankEnv, SingleRank};
 use mgrun_data::{Dataset, Loader};
+use mgrun_methods::descriptor::MessageDims;
 use mgrun_methods::{Adam, DomainShard, ExactMode, ShardingPlan, Topology, UpdateContext};
 use mgrun_models::{Model, ModelSpec};
 use std::path::Path;
@@ -67,7 +68,7 @@ pub fn run_worker(args: &WorkerArgs) -> Result<WorkerOutcome> {
     // --- Records, evaluation and progress.
     let mut records = RunRecords::open(&config, &env, &dataset, &args.out_dir, start_step)?;
     if is_main {
-        announce(&config, &env, &dataset, &plan, model.store().numel());
+        announce(&config, &env, &dataset, &plan, &*model);
     }
     let evaluator = Evaluator::new(&config, device);
     let images_per_step = config.data.batch_per_domain * num_domains;
@@ -247,7 +248,8 @@ fn broadcast_model(model: &dyn Model, world: &dyn Communicator) -> Result<()> {
     Ok(())
 }
 
-fn announce(config: &JobConfig, env: &RankEnv, dataset: &Dataset, plan: &ShardingPlan, params: usize) {
+fn announce(config: &JobConfig, env: &RankEnv, dataset: &Dataset, plan: &ShardingPlan, model: &dyn Model) {
+    let params = model.store().numel();
     let names: Vec<String> = dataset
         .domains()
         .iter()
@@ -268,7 +270,13 @@ fn announce(config: &JobConfig, env: &RankEnv, dataset: &Dataset, plan: &Shardin
     let train_names: Vec<String> = dataset.train_domains().iter().map(|&d| dataset.domains()[d].name.clone()).collect();
     // Built from this config already, so its section parses.
     let statistics = config.method.cross_rank_statistics().unwrap_or_default();
-    print!("{}", sharding::describe(plan, &train_names, &statistics, config.train.deterministic, params));
+    let dims = MessageDims {
+        params,
+        features: model.feature_dim(),
+        classes: dataset.classes().len(),
+        domains: train_names.len(),
+    };
+    print!("{}", sharding::describe(plan, &train_names, &statistics, config.train.deterministic, dims));
     if config.train.deterministic && env.device_kind == DeviceKind::Cpu {
         println!(
             "deterministic mode: {} thread(s) per CPU rank (train.threads), the same at any world size",

@@ -1,7 +1,8 @@
 """Reference values for mgrun-sweep's hyperparameter registry, drawn with numpy's RandomState the way
 DomainBed does (published 7df6f06: one shared stream seeded with seed_hash(hparams_seed, trial_seed),
 draws in definition order; current: one stream per hyperparameter seeded with seed_hash(random_seed,
-name)). Distributions: DomainBed's image-dataset entries plus mgrun's sam/dsp_reg entries.
+name)). Distributions: DomainBed's image-dataset entries and its GroupDRO, CORAL, VREx and Fishr
+entries, plus mgrun's sam/dsp_reg entries.
 
 Usage: python hparams_reference.py OUT.json
 Floats are written as {"bits": <IEEE-754 bits as an integer>} so that no JSON parser rounds them.
@@ -32,7 +33,22 @@ def definitions(algorithm, dataset):
     elif algorithm == "dsp_reg":
         defs.append(("dsp_lambda", lambda r: float(10 ** r.uniform(-3, 0))))
         defs.append(("dsp_beta", lambda r: float(r.choice([0.9, 0.95, 0.99]))))
+    # DomainBed's own entries (hparams_registry.py, HEAD), copied as written there.
+    elif algorithm == "group_dro":
+        defs.append(("groupdro_eta", lambda r: float(10 ** r.uniform(-3, -1))))
+    elif algorithm == "coral":
+        defs.append(("mmd_gamma", lambda r: float(10 ** r.uniform(-1, 1))))
+    elif algorithm == "vrex":
+        defs.append(("vrex_lambda", lambda r: float(10 ** r.uniform(-1, 5))))
+        defs.append(("vrex_penalty_anneal_iters", lambda r: int(10 ** r.uniform(0, 4))))
+    elif algorithm == "fishr":
+        defs.append(("lambda", lambda r: float(10 ** r.uniform(1., 4.))))
+        defs.append(("penalty_anneal_iters", lambda r: int(r.uniform(0., 5000.))))
+        defs.append(("ema", lambda r: float(r.uniform(0.90, 0.99))))
     return defs
+
+
+ALGORITHMS = ["erm", "sam", "dsp_reg", "group_dro", "coral", "vrex", "fishr"]
 
 
 def draw(version, algorithm, dataset, hparams_seed, trial_seed):
@@ -51,7 +67,7 @@ def draw(version, algorithm, dataset, hparams_seed, trial_seed):
 def main():
     cases = []
     for version in ["published", "current"]:
-        for algorithm in ["erm", "sam", "dsp_reg"]:
+        for algorithm in ALGORITHMS:
             for dataset in ["pacs", "domain_net"]:
                 for trial_seed in range(3):
                     for hparams_seed in range(1, 21):
