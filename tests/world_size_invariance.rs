@@ -95,13 +95,15 @@ const VREX: &str = "[method.vrex]\nlambda = 10.0\npenalty_anneal_iters = 3\n";
 const GROUP_DRO: &str = "[method.group_dro]\neta = 0.5\n";
 const CORAL: &str = "[method.coral]\ngamma = 1.0\n";
 const FISHR: &str = "[method.fishr]\nlambda = 100.0\npenalty_anneal_iters = 3\nema = 0.9\n";
+const DISAM: &str = "[method.disam]\nrho = 0.05\nlambda = 5.0\n";
 
 /// 2 ranks split a domain, 3 hold one each, 4 split two (uneven pieces).
 #[test]
-fn penalty_methods_on_1_2_3_4_ranks() {
+fn cross_domain_objectives_on_1_2_3_4_ranks() {
     let data = tempfile::tempdir().unwrap();
     let job = three_domains(data.path());
-    for (method, extra) in [("vrex", VREX), ("group_dro", GROUP_DRO), ("coral", CORAL), ("fishr", FISHR)] {
+    let methods = [("vrex", VREX), ("group_dro", GROUP_DRO), ("coral", CORAL), ("fishr", FISHR), ("disam", DISAM)];
+    for (method, extra) in methods {
         check_invariance(&job, &[2, 3, 4], method, extra);
     }
 }

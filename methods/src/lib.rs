@@ -34,11 +34,13 @@ methods! {
     group_dro::GroupDro,
     coral::Coral,
     fishr::Fishr,
+    disam::Disam,
 }
 
 pub use adam::{Adam, AdamConfig};
 pub use coral::{Coral, CoralConfig};
 pub use descriptor::{CrossRankStat, Hyperparameter, MethodDef, MethodDescriptor, Search};
+pub use disam::{Disam, DisamConfig};
 pub use dsp_reg::{DspReg, DspRegConfig};
 pub use erm::{Erm, ErmConfig};
 pub use fishr::{Fishr, FishrConfig};

@@ -127,23 +127,42 @@ impl Perturbation {
     }
 }
 
-impl Sam {
-    /// The perturbation at parameters `theta` for gradient `grad`: one pass over P for SAM's norm,
-    /// four more for ASAM's T.
-    fn perturbation(&self, theta: &Tensor, grad: &Tensor) -> Result<Perturbation> {
-        let _guard = tch::no_grad_guard();
-        let (direction, norm) = if self.cfg.adaptive {
-            let mut scale = theta.abs();
-            let _ = scale.f_add_scalar_(self.cfg.eta)?;
-            let scaled_grad = &scale * grad;
-            let norm = scaled_grad.norm().f_double_value(&[]).context("SAM gradient norm")?;
-            let _ = scale.f_mul_(&scaled_grad)?;
-            (scale, norm)
-        } else {
-            (grad.shallow_clone(), grad.norm().f_double_value(&[]).context("SAM gradient norm")?)
-        };
-        Ok(Perturbation { direction, factor: self.cfg.rho / (norm + 1e-12), norm })
-    }
+/// The perturbation at parameters `theta` for gradient `grad`: one pass over P for SAM's norm, four
+/// more for ASAM's T.
+fn perturbation(cfg: &SamConfig, theta: &Tensor, grad: &Tensor) -> Result<Perturbation> {
+    let _guard = tch::no_grad_guard();
+    let (direction, norm) = if cfg.adaptive {
+        let mut scale = theta.abs();
+        let _ = scale.f_add_scalar_(cfg.eta)?;
+        let scaled_grad = &scale * grad;
+        let norm = scaled_grad.norm().f_double_value(&[]).context("SAM gradient norm")?;
+        let _ = scale.f_mul_(&scaled_grad)?;
+        (scale, norm)
+    } else {
+        (grad.shallow_clone(), grad.norm().f_double_value(&[]).context("SAM gradient norm")?)
+    };
+    Ok(Perturbation { direction, factor: cfg.rho / (norm + 1e-12), norm })
+}
+
+/// The second pass of a global SAM step: the batch gradient at theta + eps, eps from the first pass's
+/// `ascent` gradient (the same on every rank), with theta restored bit for bit afterwards. Returns
+/// ||T g|| and the gradient. `saved_theta` is kept across steps by the caller.
+pub(crate) fn perturbed_batch_gradient(
+    cfg: &SamConfig,
+    saved_theta: &mut Option<Tensor>,
+    ctx: &mut UpdateContext<'_>,
+    shards: &[DomainShard],
+    ascent: &Tensor,
+) -> Result<(f64, Tensor)> {
+    let theta = ctx.model.store().flat().shallow_clone();
+    let perturbation = perturbation(cfg, &theta, ascent)?;
+    let saved_theta = saved_theta.get_or_insert_with(|| theta.empty_like()).shallow_clone();
+    tch::no_grad(|| saved_theta.shallow_clone().f_copy_(&theta)).context("SAM: saving theta")?;
+    tch::no_grad(|| perturbation.add_to(&theta))?;
+    // Second pass on the same batch at theta + eps; its loss is not reported.
+    let second = gradients::batch_gradient(ctx.model, ctx.topology, shards, &Pass::plain(ctx.step, 1));
+    ctx.model.store().set_flat(&saved_theta).context("SAM: restoring theta")?;
+    Ok((perturbation.norm, second?.grad))
 }
 
 impl Method for Sam {
@@ -158,21 +177,15 @@ impl Method for Sam {
         let (loss, reported_norm, perturbed) = match self.cfg.perturb {
             SamPerturb::Global => {
                 let first = gradients::batch_gradient(ctx.model, topology, shards, &Pass::plain(ctx.step, 0))?;
-                let perturbation = self.perturbation(&theta, &first.grad)?;
-                let saved_theta = self.saved_theta.get_or_insert_with(|| theta.empty_like()).shallow_clone();
-                tch::no_grad(|| saved_theta.shallow_clone().f_copy_(&theta)).context("SAM: saving theta")?;
-                tch::no_grad(|| perturbation.add_to(&theta))?;
-                // Second pass on the same batch at theta + eps; its loss is not reported.
-                let second = gradients::batch_gradient(ctx.model, topology, shards, &Pass::plain(ctx.step, 1));
-                ctx.model.store().set_flat(&saved_theta).context("SAM: restoring theta")?;
-                (first.loss, perturbation.norm, second?.grad)
+                let (norm, grad) = perturbed_batch_gradient(&self.cfg, &mut self.saved_theta, ctx, shards, &first.grad)?;
+                (first.loss, norm, grad)
             }
             SamPerturb::Local => {
                 let first = gradients::domain_gradients(ctx.model, topology, shards, &Pass::plain(ctx.step, 0))?;
                 let mut offsets: Vec<Option<Tensor>> = (0..topology.num_domains()).map(|_| None).collect();
                 let mut norms = 0.0;
                 for domain in &first.domains {
-                    let perturbation = self.perturbation(&theta, &domain.grad)?;
+                    let perturbation = perturbation(&self.cfg, &theta, &domain.grad)?;
                     offsets[domain.domain] = Some(tch::no_grad(|| perturbation.offset()));
                     if domain.leader {
                         norms += perturbation.norm;

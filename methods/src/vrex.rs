@@ -31,9 +31,15 @@ impl Default for VrexConfig {
 
 pub struct Vrex {
     cfg: VrexConfig,
-    /// The penalty weight of the current step, and the variance it multiplies (for the report).
-    weight: f64,
-    penalty: f64,
+    objective: LossVariance,
+}
+
+/// mean_e L_e + weight x the population variance of the L_e, over the sums of the domains' losses
+/// (VREx; DISAM's ascent objective with a negative weight).
+pub(crate) struct LossVariance {
+    pub weight: f64,
+    /// The variance at the last evaluation, for the step's report.
+    pub variance: f64,
 }
 
 impl MethodDef for Vrex {
@@ -73,11 +79,11 @@ impl MethodDef for Vrex {
     }
 
     fn new(cfg: &VrexConfig, _model: &dyn Model, _num_domains: usize) -> Result<Self> {
-        Ok(Self { cfg: cfg.clone(), weight: 1.0, penalty: 0.0 })
+        Ok(Self { cfg: cfg.clone(), objective: LossVariance { weight: 1.0, variance: 0.0 } })
     }
 }
 
-impl DomainObjective for Vrex {
+impl DomainObjective for LossVariance {
     fn width(&self, _model: &dyn Model) -> usize {
         0
     }
@@ -85,19 +91,20 @@ impl DomainObjective for Vrex {
     fn objective(&mut self, sums: &Tensor, batch: usize) -> Result<Tensor> {
         let losses = sums.select(1, 0) / batch as f64;
         let mean = losses.mean(Kind::Double);
-        let penalty = (&losses - &mean).square().mean(Kind::Double);
-        self.penalty = penalty.f_double_value(&[]).context("VREx penalty")?;
-        Ok(mean + penalty * self.weight)
+        let variance = (&losses - &mean).square().mean(Kind::Double);
+        self.variance = variance.f_double_value(&[]).context("the variance of the domains' losses")?;
+        Ok(mean + variance * self.weight)
     }
 }
 
 impl Method for Vrex {
     fn update(&mut self, ctx: &mut UpdateContext<'_>, shards: &[DomainShard]) -> Result<StepStats> {
         check_shards("vrex", ctx.topology, shards)?;
-        self.weight = penalty_switch(ctx, self.cfg.penalty_anneal_iters, 1.0, self.cfg.lambda)?;
-        let result = objective_gradient(ctx.model, ctx.topology, shards, &Pass::plain(ctx.step, 0), self)?;
+        let objective = &mut self.objective;
+        objective.weight = penalty_switch(ctx, self.cfg.penalty_anneal_iters, 1.0, self.cfg.lambda)?;
+        let result = objective_gradient(ctx.model, ctx.topology, shards, &Pass::plain(ctx.step, 0), objective)?;
         ctx.optimizer.step(ctx.model.store().flat(), &result.grad)?;
-        let extra = [("vrex_penalty".to_string(), self.penalty), ("vrex_weight".to_string(), self.weight)];
+        let extra = [("vrex_penalty".to_string(), objective.variance), ("vrex_weight".to_string(), objective.weight)];
         Ok(StepStats { loss: result.loss, extra: extra.into_iter().collect() })
     }
 }

@@ -8,9 +8,9 @@
 use mgrun_collectives::SingleRank;
 use mgrun_methods::dsp_reg::{DspMode, DspScore, DspWeight, VarianceDenominator};
 use mgrun_methods::{
-    build, Adam, AdamConfig, Coral, CoralConfig, DomainShard, DspReg, DspRegConfig, ExactMode, Fishr, FishrConfig,
-    GroupDro, GroupDroConfig, MethodConfig, Sam, SamConfig, SamPerturb, ShardingPlan, Topology, UpdateContext, Vrex,
-    VrexConfig, METHODS,
+    build, Adam, AdamConfig, Coral, CoralConfig, Disam, DisamConfig, DomainShard, DspReg, DspRegConfig, ExactMode,
+    Fishr, FishrConfig, GroupDro, GroupDroConfig, MethodConfig, Sam, SamConfig, SamPerturb, ShardingPlan, Topology,
+    UpdateContext, Vrex, VrexConfig, METHODS,
 };
 use mgrun_models::ModelSpec;
 use std::collections::{BTreeMap, HashMap};
@@ -134,6 +134,8 @@ fn cases() -> Vec<Case> {
             "fishr",
             MethodConfig::of::<Fishr>(&FishrConfig { lambda: 100.0, penalty_anneal_iters: 1, ema: 0.9 }).unwrap(),
         ),
+        // A large lambda, so that the variance term visibly turns the ascent direction.
+        case("disam", MethodConfig::of::<Disam>(&DisamConfig { rho: 0.05, lambda: 5.0 }).unwrap()),
         // Ranks are discontinuous: scores 1 ulp apart (common in 2304-element tensors; fc.weight
         // even has exact ties near 1) swap or split under the 1e-7 weight differences that the
         // first step leaves, which moves a few weights w by 1/(numel-1). This case is therefore
@@ -332,12 +334,18 @@ fn check_run(name: &str, micro_batch: Option<usize>) {
     println!("{name}: worst parameter relative error {worst:.2e} after {STEPS} steps");
     // The test must be able to fail: DSP-Reg's and SAM's results differ from ERM's by far more
     // than the tolerance, so a missing penalty or perturbation would be caught.
-    if key != "erm" && key != "erm_wd" && key != "erm_adamw" {
-        let erm_flat: Vec<Tensor> =
-            run.params.iter().map(|(p, _)| reference[&format!("erm.param.{p}")].reshape([-1])).collect();
+    // DISAM must also differ from the SAM it modifies.
+    let baselines: &[&str] = match key {
+        "erm" | "erm_wd" | "erm_adamw" => &[],
+        "disam" => &["erm", "sam_global"],
+        _ => &["erm"],
+    };
+    for baseline in baselines {
+        let other: Vec<Tensor> =
+            run.params.iter().map(|(p, _)| reference[&format!("{baseline}.param.{p}")].reshape([-1])).collect();
         let ours: Vec<Tensor> = run.params.iter().map(|(_, t)| t.reshape([-1])).collect();
-        let distance = relative_error(&Tensor::cat(&ours, 0), &Tensor::cat(&erm_flat, 0));
-        assert!(distance > 100.0 * TOLERANCE, "{name}: final weights are within {distance:e} of ERM's");
+        let distance = relative_error(&Tensor::cat(&ours, 0), &Tensor::cat(&other, 0));
+        assert!(distance > 100.0 * TOLERANCE, "{name}: final weights are within {distance:e} of {baseline}'s");
     }
 }
 
@@ -438,4 +446,9 @@ fn coral_matches_reference() {
 #[test]
 fn fishr_with_penalty_switch_and_adam_restart_matches_reference() {
     check_case("fishr");
+}
+
+#[test]
+fn disam_matches_reference() {
+    check_case("disam");
 }

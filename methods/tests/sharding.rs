@@ -16,9 +16,9 @@ use mgrun_collectives::Communicator;
 use mgrun_methods::dsp_reg::DspMode;
 use mgrun_methods::gradients::{batch_gradient, domain_gradients, Pass};
 use mgrun_methods::{
-    build, domain_groups, Adam, AdamConfig, Coral, CoralConfig, DomainShard, DspReg, DspRegConfig, ExactMode, Fishr,
-    FishrConfig, GroupDro, GroupDroConfig, MethodConfig, Sam, SamConfig, SamPerturb, ShardingPlan, Topology,
-    UpdateContext, Vrex, VrexConfig,
+    build, domain_groups, Adam, AdamConfig, Coral, CoralConfig, Disam, DisamConfig, DomainShard, DspReg, DspRegConfig,
+    ExactMode, Fishr, FishrConfig, GroupDro, GroupDroConfig, MethodConfig, Sam, SamConfig, SamPerturb, ShardingPlan,
+    Topology, UpdateContext, Vrex, VrexConfig,
 };
 use mgrun_models::ModelSpec;
 use std::time::Duration;
@@ -189,6 +189,11 @@ fn coral_is_invariant_to_sharding() {
 fn fishr_is_invariant_to_sharding() {
     let fishr = FishrConfig { lambda: 100.0, penalty_anneal_iters: 1, ema: 0.9 };
     check_invariance(MethodConfig::of::<Fishr>(&fishr).unwrap());
+}
+
+#[test]
+fn disam_is_invariant_to_sharding() {
+    check_invariance(MethodConfig::of::<Disam>(&DisamConfig { rho: 0.05, lambda: 5.0 }).unwrap());
 }
 
 /// What one rank of the fast path computed at step 0: the batch gradient and its domain gradients.

@@ -326,9 +326,31 @@ def fishr_step(model, params, opt, doms, case, state, step):
     return nll.item(), {"fishr_penalty": penalty.item()}
 
 
+def disam_step(model, params, opt, doms, case, state, step):
+    """DISAM_Trainer.sam_train: the ascent from CE - lambda x the variance of the domains' losses, then
+    davda54/sam's first_step/second_step around the base optimizer."""
+    cfg = {"rho": 0.05, "lambda": 0.1, **case.get("disam", {})}
+    x, y = pooled(doms)
+    logits = model(x)
+    losses = domain_losses(logits, doms)
+    variance = ((losses - losses.mean()) ** 2).mean()
+    ce = F.cross_entropy(logits, y)
+    ascent = ce - cfg["lambda"] * variance
+    eps, grad_norm = sam_perturbation(
+        params, torch.autograd.grad(ascent, params), {"rho": cfg["rho"], "adaptive": False, "eta": 0.01})
+    old = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, e in zip(params, eps):
+            p.add_(e)
+    grads2 = torch.autograd.grad(F.cross_entropy(model(x), y), params)
+    restore(params, old)
+    apply_update(params, grads2, opt)
+    return ce.item(), {"sam_grad_norm": grad_norm, "disam_loss_variance": variance.item()}
+
+
 STEPS = {
     "erm": erm_step, "sam": sam_step, "dsp_reg": dsp_step, "vrex": vrex_step, "group_dro": group_dro_step,
-    "coral": coral_step, "fishr": fishr_step,
+    "coral": coral_step, "fishr": fishr_step, "disam": disam_step,
 }
 
 

@@ -33,6 +33,9 @@ def definitions(algorithm, dataset):
     elif algorithm == "dsp_reg":
         defs.append(("dsp_lambda", lambda r: float(10 ** r.uniform(-3, 0))))
         defs.append(("dsp_beta", lambda r: float(r.choice([0.9, 0.95, 0.99]))))
+    elif algorithm == "disam":
+        defs.append(("sam_rho", lambda r: float(10 ** r.uniform(-2, -0.5))))
+        defs.append(("disam_lambda", lambda r: float(10 ** r.uniform(-2, 0))))
     # DomainBed's own entries (hparams_registry.py, HEAD), copied as written there.
     elif algorithm == "group_dro":
         defs.append(("groupdro_eta", lambda r: float(10 ** r.uniform(-3, -1))))
@@ -48,7 +51,7 @@ def definitions(algorithm, dataset):
     return defs
 
 
-ALGORITHMS = ["erm", "sam", "dsp_reg", "group_dro", "coral", "vrex", "fishr"]
+ALGORITHMS = ["erm", "sam", "dsp_reg", "group_dro", "coral", "vrex", "fishr", "disam"]
 
 
 def draw(version, algorithm, dataset, hparams_seed, trial_seed):
