@@ -27,6 +27,10 @@ pub struct JobConfig {
     pub comm: CommConfig,
     #[serde(default)]
     pub checkpoint: CheckpointConfig,
+    /// Stochastic weight averaging densely (SWAD), for any method. Left out of the serialised config
+    /// while it is the default, so that checkpoints of runs without SWAD keep their fingerprint.
+    #[serde(default, skip_serializing_if = "SwadConfig::is_default")]
+    pub swad: SwadConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -180,6 +184,48 @@ impl Default for CheckpointConfig {
     }
 }
 
+/// SWAD (Cha et al. 2021, khanrc/swad's `LossValley`): parameters averaged every step inside the
+/// segments between evaluations, and segments averaged over the valley of the training domains'
+/// validation loss; training stops early when the valley ends.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SwadConfig {
+    pub enabled: bool,
+    /// Evaluations in the convergence window: the run has converged once the oldest of the last
+    /// `n_converge` segments has the lowest validation loss.
+    pub n_converge: usize,
+    /// Evaluations in the loss-smoothing window that decides when the valley ends.
+    pub n_tolerance: usize,
+    /// The valley's loss threshold is the mean of the converged window times (1 + ratio); swad
+    /// uses 0.3, and 0.2 for VLCS.
+    pub tolerance_ratio: f64,
+}
+
+impl Default for SwadConfig {
+    fn default() -> Self {
+        Self { enabled: false, n_converge: 3, n_tolerance: 6, tolerance_ratio: 0.3 }
+    }
+}
+
+impl SwadConfig {
+    fn is_default(&self) -> bool {
+        *self == SwadConfig::default()
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.n_converge == 0 {
+            bail!("key `swad.n_converge`: must be at least 1");
+        }
+        if self.n_tolerance == 0 {
+            bail!("key `swad.n_tolerance`: must be at least 1");
+        }
+        if !(self.tolerance_ratio.is_finite() && self.tolerance_ratio >= 0.0) {
+            bail!("key `swad.tolerance_ratio`: must be a finite number >= 0, got {}", self.tolerance_ratio);
+        }
+        Ok(())
+    }
+}
+
 impl JobConfig {
     /// Reads `path`, applies `overrides` (`a.b=value`, value in TOML syntax or a bare string) and
     /// checks the result.
@@ -250,7 +296,7 @@ impl JobConfig {
         if !(0.0..1.0).contains(&self.model.dropout) {
             bail!("key `model.dropout`: expected a probability in [0, 1), got {}", self.model.dropout);
         }
-        Ok(())
+        self.swad.validate()
     }
 }
 
@@ -355,5 +401,26 @@ mod tests {
         assert!(err.contains("train.precision") && err.contains("loss scaling"), "{err}");
         let err = format!("{:#}", JobConfig::load(f.path(), &["train.precision=fp8".into()]).unwrap_err());
         assert!(err.contains("fp8"), "{err}");
+    }
+
+    #[test]
+    fn swad_section_defaults_and_validation() {
+        let f = write(BASE);
+        let c = JobConfig::load(f.path(), &[]).unwrap();
+        assert_eq!(c.swad, SwadConfig::default());
+        assert!(!c.swad.enabled);
+        let c = JobConfig::load(f.path(), &["swad.enabled=true".into(), "swad.tolerance_ratio=0.2".into()]).unwrap();
+        assert!(c.swad.enabled && c.swad.tolerance_ratio == 0.2 && c.swad.n_converge == 3 && c.swad.n_tolerance == 6);
+        for (set, key) in [
+            ("swad.n_converge=0", "swad.n_converge"),
+            ("swad.n_tolerance=0", "swad.n_tolerance"),
+            ("swad.tolerance_ratio=-0.1", "swad.tolerance_ratio"),
+            ("swad.tolerance_ratio=nan", "swad.tolerance_ratio"),
+        ] {
+            let err = format!("{:#}", JobConfig::load(f.path(), &[set.into()]).unwrap_err());
+            assert!(err.contains(key), "{set}: {err}");
+        }
+        let err = format!("{:#}", JobConfig::load(f.path(), &["swad.n_converg=2".into()]).unwrap_err());
+        assert!(err.contains("n_converg"), "{err}");
     }
 }
