@@ -84,12 +84,14 @@ impl RunRecords {
         files.steps.write(&record)
     }
 
-    /// Records an evaluation after `step`: the accuracies, the means of the steps since the last one,
-    /// memory, the method's summaries and its sensitivity dump, and the run's identity.
+    /// Records an evaluation after `step`: the accuracies, the training domains' validation loss
+    /// (`tr_outloss`, swad's name), the means of the steps since the last one, memory, the method's
+    /// summaries and its sensitivity dump, and the run's identity.
     pub fn evaluation(
         &mut self,
         step: u64,
         accuracy: &[DomainAccuracy],
+        train_out_loss: f64,
         method: &dyn Method,
         model: &dyn Model,
     ) -> Result<()> {
@@ -99,10 +101,7 @@ impl RunRecords {
         record.insert("epoch".into(), json!(step as f64 / self.steps_per_epoch));
         record.extend(self.window.take());
         record.insert("mem_gb".into(), json!(peak_memory_gb()));
-        for a in accuracy {
-            record.insert(format!("env{}_in_acc", a.domain), json!(a.in_acc));
-            record.insert(format!("env{}_out_acc", a.domain), json!(a.out_acc));
-        }
+        insert_accuracy(&mut record, accuracy, train_out_loss);
         record.extend(method.summaries(model));
         if let Some(tensors) = method.evaluation_dump(model)? {
             let dir = &files.sensitivity_dir;
@@ -113,6 +112,48 @@ impl RunRecords {
             tch::Tensor::write_safetensors(&named, &path).with_context(|| format!("writing {}", path.display()))?;
             record.insert("sensitivity_dump".into(), json!(path));
         }
+        record.extend(self.identity.clone());
+        files.results.write(&Value::Object(record))
+    }
+}
+
+/// `env{i}_in_acc` / `env{i}_out_acc` (DomainBed's names) and `tr_outloss` into `record`.
+fn insert_accuracy(record: &mut Map<String, Value>, accuracy: &[DomainAccuracy], train_out_loss: f64) {
+    for a in accuracy {
+        record.insert(format!("env{}_in_acc", a.domain), json!(a.in_acc));
+        record.insert(format!("env{}_out_acc", a.domain), json!(a.out_acc));
+    }
+    // JSON has no NaN (a run without training domains' out splits).
+    if train_out_loss.is_finite() {
+        record.insert("tr_outloss".into(), json!(train_out_loss));
+    }
+}
+
+impl RunRecords {
+    /// Records the evaluation of the SWAD model at the end of the run (its last trained step is
+    /// `step`), marked `"swad": true`, with the segments it averages.
+    pub fn swad(
+        &mut self,
+        step: u64,
+        accuracy: &[DomainAccuracy],
+        train_out_loss: f64,
+        summary: &crate::swad::SwadSummary,
+    ) -> Result<()> {
+        let Some(files) = self.files.as_mut() else { return Ok(()) };
+        let mut record = Map::new();
+        record.insert("step".into(), json!(step));
+        record.insert("epoch".into(), json!(step as f64 / self.steps_per_epoch));
+        record.insert("swad".into(), json!(true));
+        insert_accuracy(&mut record, accuracy, train_out_loss);
+        let segments: Vec<Value> = summary.segments.iter().map(|s| json!([s.start_step, s.end_step])).collect();
+        record.insert("swad_segments".into(), json!(segments));
+        record.insert("swad_n_averaged".into(), json!(summary.n_averaged));
+        record.insert("swad_converge_step".into(), json!(summary.converge_step));
+        if summary.threshold.is_finite() {
+            record.insert("swad_threshold".into(), json!(summary.threshold));
+        }
+        record.insert("swad_early_stop".into(), json!(summary.early_stopped));
+        record.insert("swad_converged".into(), json!(!summary.last_segment_only));
         record.extend(self.identity.clone());
         files.results.write(&Value::Object(record))
     }
