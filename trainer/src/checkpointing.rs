@@ -4,6 +4,7 @@
 
 use crate::config::JobConfig;
 use crate::preemption::{PreemptionSignal, WorkerOutcome};
+use crate::swad::Swad;
 use anyhow::{bail, Context, Result};
 use mgrun_checkpoint::{CheckpointWriter, LoadedCheckpoint, Resume, Snapshot, StateTensor, WriteReport};
 use mgrun_collectives::store::StoreClient;
@@ -20,6 +21,7 @@ const OPTIMIZER_PREFIX: &str = "optimizer.";
 const METHOD_PREFIX: &str = "method.";
 const FLAT_PARAMS: &str = "model.flat";
 const BUFFER_PREFIX: &str = "model.buffer.";
+const SWAD_PREFIX: &str = "swad.";
 
 /// Config keys that may change when a run is resumed (length, logging, evaluation, transport,
 /// checkpointing itself, where the data lives); every other key must match the checkpoint's.
@@ -41,6 +43,8 @@ pub struct TrainingState<'a> {
     pub model: &'a dyn Model,
     pub optimizer: &'a Adam,
     pub method: &'a dyn Method,
+    /// SWAD's averages and valley, when `swad.enabled`.
+    pub swad: Option<&'a Swad>,
 }
 
 pub struct Checkpointer {
@@ -248,6 +252,9 @@ impl Checkpointer {
         }
         tensors.extend(state.optimizer.state().into_iter().map(|(n, t)| entry(format!("{OPTIMIZER_PREFIX}{n}"), t)));
         tensors.extend(state.method.state().into_iter().map(|(n, t)| entry(format!("{METHOD_PREFIX}{n}"), t)));
+        if let Some(swad) = state.swad {
+            tensors.extend(swad.state().into_iter().map(|(n, t)| entry(format!("{SWAD_PREFIX}{n}"), t)));
+        }
         let meta = mgrun_checkpoint::Meta {
             step: steps_done,
             world_size: self.world_size,
@@ -288,6 +295,12 @@ pub fn restore_optimizer_and_method(
     let what = || format!("restoring the optimizer and method state from {}", checkpoint.dir.display());
     optimizer.load_state(&checkpoint.with_prefix(OPTIMIZER_PREFIX)).with_context(what)?;
     method.load_state(&checkpoint.with_prefix(METHOD_PREFIX)).with_context(what)
+}
+
+/// Loads SWAD's state from `checkpoint` (the same config, so SWAD was on when it was written).
+pub fn restore_swad(checkpoint: &LoadedCheckpoint, swad: &mut Swad) -> Result<()> {
+    swad.load_state(&checkpoint.with_prefix(SWAD_PREFIX))
+        .with_context(|| format!("restoring the SWAD state from {}", checkpoint.dir.display()))
 }
 
 fn report(report: Option<&WriteReport>) {

@@ -8,6 +8,7 @@ pub mod preemption;
 pub mod progress;
 pub mod records;
 pub mod sharding;
+pub mod swad;
 mod worker;
 
 pub use config::JobConfig;

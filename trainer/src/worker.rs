@@ -1,13 +1,14 @@
 //! One rank of a training job, as a recipe: configuration, communicator, data, model, method, then
-//! the loop: batch, update, records, evaluation when due, checkpoint when due.
+//! the loop: batch, update, records, SWAD's averages, evaluation when due, checkpoint when due.
 
-use crate::checkpointing::{restore_model, restore_optimizer_and_method, Checkpointer, TrainingState};
+use crate::checkpointing::{restore_model, restore_optimizer_and_method, restore_swad, Checkpointer, TrainingState};
 use crate::config::JobConfig;
 use crate::eval::Evaluator;
 use crate::preemption::{PreemptionSignal, WorkerOutcome};
 use crate::progress::{fmt_duration, Progress};
 use crate::records::{accuracy_table, RunRecords};
 use crate::sharding;
+use crate::swad::{Swad, ValleyDecision};
 use crate::WorkerArgs;
 use anyhow::{bail, Context, Result};
 use mgrun_checkpoint::LoadedCheckpoint;
@@ -50,6 +51,10 @@ pub fn run_worker(args: &WorkerArgs) -> Result<WorkerOutcome> {
     if let Some(checkpoint) = &resumed {
         restore_optimizer_and_method(checkpoint, &mut optimizer, method.as_mut())?;
     }
+    let mut swad = config.swad.enabled.then(|| Swad::new(&config.swad, device));
+    if let (Some(checkpoint), Some(swad)) = (&resumed, swad.as_mut()) {
+        restore_swad(checkpoint, swad)?;
+    }
     // The groups that sum the pieces of split domains, when the method needs each domain's
     // gradient on the fast path (deterministic mode gathers every micro-batch instead).
     let domain_groups = if method.needs_domain_gradients() && !config.train.deterministic {
@@ -74,9 +79,14 @@ pub fn run_worker(args: &WorkerArgs) -> Result<WorkerOutcome> {
     let images_per_step = config.data.batch_per_domain * num_domains;
     let mut progress = Progress::new(is_main, config.train.steps, images_per_step, config.train.progress_every_s);
     let mut last_accuracy = Vec::new();
+    // Steps trained in all, fewer than train.steps when SWAD's valley ends early.
+    let mut steps_done = start_step;
 
     // --- The training loop.
     for step in start_step..config.train.steps {
+        if swad.as_ref().is_some_and(|s| s.valley().is_dead()) {
+            break;
+        }
         let started = Instant::now();
         // Random state as a function of the step, so that a resumed run draws the same numbers.
         tch::manual_seed(step_seed(config.train.seed, step, env.rank));
@@ -95,11 +105,33 @@ pub fn run_worker(args: &WorkerArgs) -> Result<WorkerOutcome> {
         if !stats.loss.is_finite() {
             bail!("step {step}: the loss is {} (diverged); lower train.lr", stats.loss);
         }
-        if evaluator.due(step) {
-            last_accuracy = evaluator.run(model.as_ref(), &dataset, world.as_ref()).context("evaluation")?;
-            records.evaluation(step, &last_accuracy, method.as_ref(), model.as_ref())?;
+        steps_done = step + 1;
+        if let Some(swad) = swad.as_mut() {
+            swad.after_step(step, model.store().flat());
         }
-        let state = TrainingState { model: model.as_ref(), optimizer: &optimizer, method: method.as_ref() };
+        if evaluator.due(step) {
+            let evaluation = evaluator.run(model.as_ref(), &dataset, world.as_ref()).context("evaluation")?;
+            let train_out_loss = evaluation.train_out_loss(dataset.train_domains());
+            records.evaluation(step, &evaluation.accuracy, train_out_loss, method.as_ref(), model.as_ref())?;
+            last_accuracy = evaluation.accuracy;
+            if let Some(swad) = swad.as_mut() {
+                let loss = rank0_value(world.as_ref(), train_out_loss).context("SWAD's validation loss")?;
+                let decision = swad.after_evaluation(step, loss)?;
+                if is_main {
+                    announce_valley(step, loss, &decision);
+                }
+                if decision == ValleyDecision::Dead {
+                    // swad.py stops here, before anything else of the step (every rank decides alike).
+                    break;
+                }
+            }
+        }
+        let state = TrainingState {
+            model: model.as_ref(),
+            optimizer: &optimizer,
+            method: method.as_ref(),
+            swad: swad.as_ref(),
+        };
         if let Some(preempted) = checkpointer.after_step(step, state, world.as_ref())? {
             return Ok(preempted);
         }
@@ -111,16 +143,76 @@ pub fn run_worker(args: &WorkerArgs) -> Result<WorkerOutcome> {
         let path = args.out_dir.join("model.safetensors");
         mgrun_models::io::save_safetensors(model.store(), &path)?;
         println!(
-            "done: {} steps in {} ({:.0} img/s); outputs in {}",
-            config.train.steps,
+            "done: {steps_done} steps in {} ({:.0} img/s); outputs in {}",
             fmt_duration(progress.elapsed()),
-            (config.train.steps as f64 * images_per_step as f64) / progress.elapsed().as_secs_f64().max(1e-9),
+            ((steps_done - start_step) as f64 * images_per_step as f64) / progress.elapsed().as_secs_f64().max(1e-9),
             args.out_dir.display()
         );
         print!("{}", accuracy_table(&last_accuracy));
     }
+    if let Some(swad) = swad.as_mut() {
+        let last_step = steps_done.saturating_sub(1);
+        finish_swad(swad, last_step, model.as_ref(), &evaluator, &dataset, world.as_ref(), &mut records, args)?;
+    }
     world.barrier().context("final barrier")?;
     Ok(WorkerOutcome::Finished)
+}
+
+/// `value` as rank 0 has it, on every rank: an all-reduced sum may differ in its last bits between
+/// ranks (ring reductions add in rank order), and SWAD's decisions must be the same everywhere.
+fn rank0_value(world: &dyn Communicator, value: f64) -> Result<f64> {
+    let bits = mgrun_collectives::scalars::broadcast_i64(world, &[value.to_bits() as i64], 0)?;
+    Ok(f64::from_bits(bits[0] as u64))
+}
+
+fn announce_valley(step: u64, loss: f64, decision: &ValleyDecision) {
+    match decision {
+        ValleyDecision::Converged { converge_step, threshold } => println!(
+            "swad: step {step}: tr_outloss {loss:.6}: converged at step {converge_step}, threshold {threshold:.6}"
+        ),
+        ValleyDecision::Dead => println!("swad: step {step}: tr_outloss {loss:.6}: the loss valley ended: early stop"),
+        _ => {}
+    }
+}
+
+/// SWAD's model at the end of the run: evaluated (accuracy table, a results record marked swad) and
+/// written to `<out>/model_swad.safetensors`. The model's parameters are replaced by the average
+/// (buffers stay the final iterate's: swad.py averages parameters only), after `model.safetensors`
+/// was written.
+#[allow(clippy::too_many_arguments)]
+fn finish_swad(
+    swad: &mut Swad,
+    last_step: u64,
+    model: &dyn Model,
+    evaluator: &Evaluator,
+    dataset: &Dataset,
+    world: &dyn Communicator,
+    records: &mut RunRecords,
+    args: &WorkerArgs,
+) -> Result<()> {
+    let (params, summary) = swad.finish()?;
+    model.store().set_flat(&params).context("loading the SWAD average into the model")?;
+    let evaluation = evaluator.run(model, dataset, world).context("evaluating the SWAD model")?;
+    let train_out_loss = evaluation.train_out_loss(dataset.train_domains());
+    records.swad(last_step, &evaluation.accuracy, train_out_loss, &summary)?;
+    if world.rank() == 0 {
+        let path = args.out_dir.join("model_swad.safetensors");
+        mgrun_models::io::save_safetensors(model.store(), &path)?;
+        let first = summary.segments.iter().map(|s| s.start_step).min().unwrap_or(0);
+        let last = summary.segments.iter().map(|s| s.end_step).max().unwrap_or(0);
+        let how = if summary.last_segment_only {
+            "never converged: the last segment's average".to_string()
+        } else {
+            format!("{} segment averages", summary.n_averaged)
+        };
+        println!(
+            "swad: steps {first}-{last}, {how}{}; written to {}",
+            if summary.early_stopped { ", stopped early" } else { "" },
+            path.display()
+        );
+        print!("{}", accuracy_table(&evaluation.accuracy));
+    }
+    Ok(())
 }
 
 /// The dataset tree, once rank 0 has created the output directory and, for the synthetic dataset, made
