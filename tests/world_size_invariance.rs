@@ -96,13 +96,22 @@ const GROUP_DRO: &str = "[method.group_dro]\neta = 0.5\n";
 const CORAL: &str = "[method.coral]\ngamma = 1.0\n";
 const FISHR: &str = "[method.fishr]\nlambda = 100.0\npenalty_anneal_iters = 3\nema = 0.9\n";
 const DISAM: &str = "[method.disam]\nrho = 0.05\nlambda = 5.0\n";
+const TRAM_NOISE: &str = "[method.tram]\ntarget = \"noise\"\nlogit_scale = 100.0\n";
 
-/// 2 ranks split a domain, 3 hold one each, 4 split two (uneven pieces).
+/// The cross-domain objectives, DISAM and TRAM-x (its noise follows the micro-batch): 2 ranks split a
+/// domain, 3 hold one each, 4 split two (uneven pieces).
 #[test]
-fn cross_domain_objectives_on_1_2_3_4_ranks() {
+fn dg_methods_on_1_2_3_4_ranks() {
     let data = tempfile::tempdir().unwrap();
     let job = three_domains(data.path());
-    let methods = [("vrex", VREX), ("group_dro", GROUP_DRO), ("coral", CORAL), ("fishr", FISHR), ("disam", DISAM)];
+    let methods = [
+        ("vrex", VREX),
+        ("group_dro", GROUP_DRO),
+        ("coral", CORAL),
+        ("fishr", FISHR),
+        ("disam", DISAM),
+        ("tram", TRAM_NOISE),
+    ];
     for (method, extra) in methods {
         check_invariance(&job, &[2, 3, 4], method, extra);
     }

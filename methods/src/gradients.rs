@@ -149,6 +149,38 @@ pub fn domain_gradients(
     Ok(DomainGradients { loss, domains, replicated: false })
 }
 
+/// The sum over the job's batch of a per-image quantity that `sum_of` returns summed over the images
+/// it is given (no gradient), the same on every rank: on the fast path over this rank's images
+/// concatenated and all-reduced; on the exact path per unit (with the unit's random stream, so noise
+/// drawn inside follows the unit), all-gathered and added in unit order.
+pub fn image_sum(
+    model: &mut dyn Model,
+    topology: &Topology<'_>,
+    shards: &[DomainShard],
+    pass: &Pass<'_>,
+    mut sum_of: impl FnMut(&mut dyn Model, &Tensor, &Tensor) -> Result<f64>,
+) -> Result<f64> {
+    let _guard = tch::no_grad_guard();
+    if topology.exact.is_some() {
+        let mut sums = vec![0.0f64; topology.plan.max_units_per_rank().max(1)];
+        for_each_unit(model, topology, shards, pass, |model, unit| {
+            sums[unit.slot] = sum_of(model, &unit.x, &unit.y)?;
+            Ok(())
+        })?;
+        return gather_unit_sum(topology, &sums);
+    }
+    let nonempty: Vec<&DomainShard> = shards.iter().filter(|s| shard_len(s) > 0).collect();
+    let mut local = 0.0;
+    if !nonempty.is_empty() {
+        let xs: Vec<&Tensor> = nonempty.iter().map(|s| &s.x).collect();
+        let ys: Vec<&Tensor> = nonempty.iter().map(|s| &s.y).collect();
+        let x = Tensor::f_cat(&xs, 0).context("concatenating the shards' images")?;
+        let y = Tensor::f_cat(&ys, 0).context("concatenating the shards' labels")?;
+        local = sum_of(model, &x, &y)?;
+    }
+    Ok(scalars::all_reduce_f64(topology.world, &[local], ReduceOp::Sum).context("all-reduce of a per-image sum")?[0])
+}
+
 /// One forward and backward over all of this rank's images concatenated, the loss scaled by `scale`
 /// (zeros when the rank holds no images): the local loss and flat gradient.
 fn concatenated_gradient(model: &mut dyn Model, shards: &[DomainShard], scale: f64) -> Result<(f64, Tensor)> {
@@ -202,7 +234,7 @@ fn exact_domain_sums(
         copy_flat_grad(model.store(), &local.get(unit.slot as i64))
     })?;
     let grads = gather_domain_sums(topology, &local)?;
-    Ok(DomainSums { grads, loss_sum: gather_loss_sum(topology, &losses)? })
+    Ok(DomainSums { grads, loss_sum: gather_unit_sum(topology, &losses)? })
 }
 
 /// One of this rank's units on the exact path: a micro-batch of one domain, in its own copies.
@@ -315,10 +347,11 @@ pub(crate) fn gather_domain_sums(topology: &Topology<'_>, local: &Tensor) -> Res
     Ok(sums)
 }
 
-/// The sum of every unit's loss (`losses` holds this rank's, by slot), added in unit order.
-pub(crate) fn gather_loss_sum(topology: &Topology<'_>, losses: &[f64]) -> Result<f64> {
+/// The sum of every unit's value (`values` holds this rank's, by slot; losses, or any per-unit
+/// sum), added in unit order.
+pub(crate) fn gather_unit_sum(topology: &Topology<'_>, values: &[f64]) -> Result<f64> {
     let plan = topology.plan;
-    let gathered = scalars::all_gather_f64(topology.world, losses).context("all-gather of micro-batch losses")?;
+    let gathered = scalars::all_gather_f64(topology.world, values).context("all-gather of micro-batch losses")?;
     let mut loss_sum = 0.0;
     for unit in 0..plan.total_units() {
         let (owner, slot) = plan.unit_location(unit);

@@ -35,6 +35,7 @@ methods! {
     coral::Coral,
     fishr::Fishr,
     disam::Disam,
+    tram::Tram,
 }
 
 pub use adam::{Adam, AdamConfig};
@@ -48,6 +49,7 @@ pub use group_dro::{GroupDro, GroupDroConfig};
 pub use registry::{available, build, descriptor, MethodConfig};
 pub use sam::{Sam, SamConfig, SamPerturb};
 pub use sharding::{domain_groups, DomainGroup, Piece, ShardingPlan};
+pub use tram::{Tram, TramConfig, TramTarget};
 pub use vrex::{Vrex, VrexConfig};
 
 use anyhow::Result;

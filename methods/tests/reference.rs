@@ -10,7 +10,7 @@ use mgrun_methods::dsp_reg::{DspMode, DspScore, DspWeight, VarianceDenominator};
 use mgrun_methods::{
     build, Adam, AdamConfig, Coral, CoralConfig, Disam, DisamConfig, DomainShard, DspReg, DspRegConfig, ExactMode,
     Fishr, FishrConfig, GroupDro, GroupDroConfig, MethodConfig, Sam, SamConfig, SamPerturb, ShardingPlan, Topology,
-    UpdateContext, Vrex, VrexConfig, METHODS,
+    Tram, TramConfig, TramTarget, UpdateContext, Vrex, VrexConfig, METHODS,
 };
 use mgrun_models::ModelSpec;
 use std::collections::{BTreeMap, HashMap};
@@ -136,6 +136,21 @@ fn cases() -> Vec<Case> {
         ),
         // A large lambda, so that the variance term visibly turns the ascent direction.
         case("disam", MethodConfig::of::<Disam>(&DisamConfig { rho: 0.05, lambda: 5.0 }).unwrap()),
+        // The KL distance between consecutive models is small: a large logit_scale makes eps count.
+        case(
+            "tram_previous",
+            MethodConfig::of::<Tram>(&TramConfig { logit_scale: 1000.0, ..TramConfig::default() }).unwrap(),
+        ),
+        case(
+            "tram_initial",
+            MethodConfig::of::<Tram>(&TramConfig {
+                target: TramTarget::Initial,
+                adaptive: false,
+                logit_scale: 100.0,
+                ..TramConfig::default()
+            })
+            .unwrap(),
+        ),
         // Ranks are discontinuous: scores 1 ulp apart (common in 2304-element tensors; fc.weight
         // even has exact ties near 1) swap or split under the 1e-7 weight differences that the
         // first step leaves, which moves a few weights w by 1/(numel-1). This case is therefore
@@ -338,6 +353,7 @@ fn check_run(name: &str, micro_batch: Option<usize>) {
     let baselines: &[&str] = match key {
         "erm" | "erm_wd" | "erm_adamw" => &[],
         "disam" => &["erm", "sam_global"],
+        "tram_previous" | "tram_initial" => &["erm", "sam_adaptive"],
         _ => &["erm"],
     };
     for baseline in baselines {
@@ -451,4 +467,14 @@ fn fishr_with_penalty_switch_and_adam_restart_matches_reference() {
 #[test]
 fn disam_matches_reference() {
     check_case("disam");
+}
+
+#[test]
+fn tram_previous_step_target_matches_reference() {
+    check_case("tram_previous");
+}
+
+#[test]
+fn tram_initial_target_matches_reference() {
+    check_case("tram_initial");
 }

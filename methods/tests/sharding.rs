@@ -18,7 +18,7 @@ use mgrun_methods::gradients::{batch_gradient, domain_gradients, Pass};
 use mgrun_methods::{
     build, domain_groups, Adam, AdamConfig, Coral, CoralConfig, Disam, DisamConfig, DomainShard, DspReg, DspRegConfig,
     ExactMode, Fishr, FishrConfig, GroupDro, GroupDroConfig, MethodConfig, Sam, SamConfig, SamPerturb, ShardingPlan,
-    Topology, UpdateContext, Vrex, VrexConfig,
+    Topology, Tram, TramConfig, TramTarget, UpdateContext, Vrex, VrexConfig,
 };
 use mgrun_models::ModelSpec;
 use std::time::Duration;
@@ -194,6 +194,17 @@ fn fishr_is_invariant_to_sharding() {
 #[test]
 fn disam_is_invariant_to_sharding() {
     check_invariance(MethodConfig::of::<Disam>(&DisamConfig { rho: 0.05, lambda: 5.0 }).unwrap());
+}
+
+#[test]
+fn tram_is_invariant_to_sharding() {
+    // Not target = "noise": its per-unit noise comes from libtorch's global generator, which these
+    // rank threads share (processes do not; tests/world_size_invariance.rs checks it there).
+    for target in [TramTarget::Previous, TramTarget::Initial] {
+        check_invariance(
+            MethodConfig::of::<Tram>(&TramConfig { target, logit_scale: 100.0, ..TramConfig::default() }).unwrap(),
+        );
+    }
 }
 
 /// What one rank of the fast path computed at step 0: the batch gradient and its domain gradients.

@@ -348,9 +348,42 @@ def disam_step(model, params, opt, doms, case, state, step):
     return ce.item(), {"sam_grad_norm": grad_norm, "disam_loss_variance": variance.item()}
 
 
+def tram_step(model, params, opt, doms, case, state, step):
+    """TRAM as the paper writes it (Alg. 1): ASAM with rho replaced by d = logit_scale x the batch-mean
+    KL(p_target || p_current), target the previous-step or the initial model; eps proportional to g."""
+    cfg = {"target": "previous", "adaptive": True, "eta": 0.01, "sigma": 0.1, "logit_scale": 1.0,
+           **case.get("tram", {})}
+    if "target" not in state:
+        state["target"] = [p.detach().clone() for p in params]
+    x, y = pooled(doms)
+    model.eval()
+    with torch.no_grad():
+        # In float64, as mgrun: the distributions are close.
+        log_q = F.log_softmax(model(x).double(), dim=1)
+        current = [p.detach().clone() for p in params]
+        restore(params, state["target"])
+        log_p = F.log_softmax(model(x).double(), dim=1)
+        restore(params, current)
+    model.train()
+    distance = cfg["logit_scale"] * (log_p.exp() * (log_p - log_q)).sum().item() / len(y)
+    loss = F.cross_entropy(model(x), y)
+    sam_cfg = {"rho": distance, "adaptive": cfg["adaptive"], "eta": cfg["eta"]}
+    eps, grad_norm = sam_perturbation(params, torch.autograd.grad(loss, params), sam_cfg)
+    with torch.no_grad():
+        for p, e in zip(params, eps):
+            p.add_(e)
+    grads2 = torch.autograd.grad(F.cross_entropy(model(x), y), params)
+    restore(params, current)
+    if cfg["target"] == "previous":
+        state["target"] = [p.detach().clone() for p in params]
+    apply_update(params, grads2, opt)
+    return loss.item(), {"tram_distance": distance, "sam_grad_norm": grad_norm}
+
+
 STEPS = {
     "erm": erm_step, "sam": sam_step, "dsp_reg": dsp_step, "vrex": vrex_step, "group_dro": group_dro_step,
     "coral": coral_step, "fishr": fishr_step, "disam": disam_step,
+    "tram": tram_step,
 }
 
 

@@ -51,7 +51,8 @@ def definitions(algorithm, dataset):
     return defs
 
 
-ALGORITHMS = ["erm", "sam", "dsp_reg", "group_dro", "coral", "vrex", "fishr", "disam"]
+# tram searches nothing of its own (no radius to tune): only the shared entries.
+ALGORITHMS = ["erm", "sam", "dsp_reg", "group_dro", "coral", "vrex", "fishr", "disam", "tram"]
 
 
 def draw(version, algorithm, dataset, hparams_seed, trial_seed):
