@@ -107,17 +107,8 @@ impl DomainObjective for Fishr {
         2 * self.head_params as usize
     }
 
-    /// [sum_i g_i; sum_i g_i²], g_i = r_i x [h_i, 1] with r_i = softmax(z_i) - onehot(y_i), as `[C, D + 1]`
-    /// row-major each.
     fn statistics(&self, out: &HeadOutput, y: &Tensor) -> Result<Tensor> {
-        let classes = out.logits.size()[1];
-        let residual = out.logits.softmax(1, Kind::Float) - y.one_hot(classes).to_kind(Kind::Float);
-        let h = &out.head_input;
-        let ones = Tensor::ones([h.size()[0], 1], (Kind::Float, h.device()));
-        let h1 = Tensor::f_cat(&[h, &ones], 1).context("Fishr: [h, 1]")?;
-        let sum = residual.tr().matmul(&h1).reshape([-1]);
-        let sum_sq = residual.square().tr().matmul(&h1.square()).reshape([-1]);
-        Tensor::f_cat(&[sum, sum_sq], 0).context("Fishr statistics")
+        head_gradient_moments(out, y)
     }
 
     fn objective(&mut self, sums: &Tensor, batch: usize) -> Result<Tensor> {
@@ -132,6 +123,20 @@ impl DomainObjective for Fishr {
         let cross_entropy = sums.select(1, 0).sum(Kind::Double) / (sums.size()[0] as f64 * n);
         Ok(cross_entropy + penalty * self.weight)
     }
+}
+
+/// [sum_i g_i; sum_i g_i²] over the rows i of `out`, g_i the gradient of the linear head's weight and
+/// bias for image i's cross-entropy: g_i = r_i x [h_i, 1] with r_i = softmax(z_i) - onehot(y_i)
+/// (what BackPACK's BatchGrad computes), each `[C, D + 1]` row-major (column D: the bias).
+pub(crate) fn head_gradient_moments(out: &HeadOutput, y: &Tensor) -> Result<Tensor> {
+    let classes = out.logits.size()[1];
+    let residual = out.logits.softmax(1, Kind::Float) - y.one_hot(classes).to_kind(Kind::Float);
+    let h = &out.head_input;
+    let ones = Tensor::ones([h.size()[0], 1], (Kind::Float, h.device()));
+    let h1 = Tensor::f_cat(&[h, &ones], 1).context("[h, 1]")?;
+    let sum = residual.tr().matmul(&h1).reshape([-1]);
+    let sum_sq = residual.square().tr().matmul(&h1.square()).reshape([-1]);
+    Tensor::f_cat(&[sum, sum_sq], 0).context("per-sample head gradient moments")
 }
 
 impl Method for Fishr {

@@ -242,6 +242,9 @@ pub(crate) struct Unit {
     /// Row of this unit in the rank's `[slots, n]` buffers.
     pub slot: usize,
     pub domain: usize,
+    /// The shard it comes from (an index into the shards given) and its first image there.
+    pub shard: usize,
+    pub start: i64,
     pub x: Tensor,
     pub y: Tensor,
 }
@@ -262,7 +265,7 @@ pub(crate) fn for_each_unit(
     let slots = plan.max_units_per_rank().max(1);
     let units_per_domain = plan.units_per_domain();
     let saved = pass.offsets.map(|_| OffsetParameters::save(model.store()));
-    for shard in shards {
+    for (shard_index, shard) in shards.iter().enumerate() {
         let n = shard_len(shard) as usize;
         let first = shard.offset / plan.unit();
         let last = (shard.offset + n).div_ceil(plan.unit());
@@ -287,7 +290,7 @@ pub(crate) fn for_each_unit(
             if let (Some(saved), Some(offsets)) = (&saved, pass.offsets) {
                 saved.apply(model.store(), offsets.get(shard.domain).and_then(Option::as_ref))?;
             }
-            visit(&mut *model, Unit { slot, domain: shard.domain, x, y })?;
+            visit(&mut *model, Unit { slot, domain: shard.domain, shard: shard_index, start, x, y })?;
         }
     }
     if let Some(saved) = &saved {

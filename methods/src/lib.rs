@@ -36,6 +36,7 @@ methods! {
     fishr::Fishr,
     disam::Disam,
     tram::Tram,
+    udim::Udim,
 }
 
 pub use adam::{Adam, AdamConfig};
@@ -50,6 +51,7 @@ pub use registry::{available, build, descriptor, MethodConfig};
 pub use sam::{Sam, SamConfig, SamPerturb};
 pub use sharding::{domain_groups, DomainGroup, Piece, ShardingPlan};
 pub use tram::{Tram, TramConfig, TramTarget};
+pub use udim::{Udim, UdimConfig};
 pub use vrex::{Vrex, VrexConfig};
 
 use anyhow::Result;

@@ -62,31 +62,64 @@ pub fn objective_gradient(
     pass: &Pass<'_>,
     objective: &mut dyn DomainObjective,
 ) -> Result<ObjectiveGradient> {
+    paired_objective_gradient(model, topology, shards, None, pass, objective)
+}
+
+/// [`objective_gradient`] where every image comes with a companion (`companions[i]` has the shape of
+/// `shards[i].x`, e.g. UDIM's perturbed copies): a piece's statistics then see the outputs of its
+/// images followed by those of their companions (2n rows), with the labels repeated.
+pub fn paired_objective_gradient(
+    model: &mut dyn Model,
+    topology: &Topology<'_>,
+    shards: &[DomainShard],
+    companions: Option<&[Tensor]>,
+    pass: &Pass<'_>,
+    objective: &mut dyn DomainObjective,
+) -> Result<ObjectiveGradient> {
     if pass.offsets.is_some() {
         bail!("cross-domain objectives at offset parameters are not supported");
     }
+    if let Some(companions) = companions {
+        if companions.len() != shards.len() || companions.iter().zip(shards).any(|(c, s)| c.size() != s.x.size()) {
+            bail!("each shard needs one companion image per image");
+        }
+    }
     let width = 1 + objective.width(&*model);
     if topology.exact.is_some() {
-        return exact_objective_gradient(model, topology, shards, pass, objective, width);
+        return exact_objective_gradient(model, topology, shards, companions, pass, objective, width);
     }
 
     // This rank's images in one forward; each piece's statistics from its rows.
     let (k, device) = (topology.num_domains() as i64, model.store().device());
     let local = Tensor::zeros([k, width as i64], (Kind::Float, device));
-    let nonempty: Vec<&DomainShard> = shards.iter().filter(|s| shard_len(s) > 0).collect();
+    let nonempty: Vec<(usize, &DomainShard)> = shards.iter().enumerate().filter(|(_, s)| shard_len(s) > 0).collect();
     let mut pieces: Vec<(usize, Tensor)> = Vec::with_capacity(nonempty.len());
     if !nonempty.is_empty() {
-        let xs: Vec<&Tensor> = nonempty.iter().map(|s| &s.x).collect();
-        let ys: Vec<&Tensor> = nonempty.iter().map(|s| &s.y).collect();
+        // Images (then their companions) of every piece in one forward; a piece's rows are its
+        // images' and its companions'.
+        let mut xs: Vec<&Tensor> = nonempty.iter().map(|(_, s)| &s.x).collect();
+        let mut ys: Vec<&Tensor> = nonempty.iter().map(|(_, s)| &s.y).collect();
+        if let Some(companions) = companions {
+            xs.extend(nonempty.iter().map(|(i, _)| &companions[*i]));
+            ys.extend(nonempty.iter().map(|(_, s)| &s.y));
+        }
         let x = Tensor::f_cat(&xs, 0).context("concatenating the shards' images")?;
         let y = Tensor::f_cat(&ys, 0).context("concatenating the shards' labels")?;
         let out = forward(&*model, &x);
+        let total: i64 = nonempty.iter().map(|(_, s)| shard_len(s)).sum();
         let mut start = 0;
-        for shard in &nonempty {
+        for (_, shard) in &nonempty {
             let n = shard_len(shard);
-            let rows =
-                HeadOutput { head_input: out.head_input.narrow(0, start, n), logits: out.logits.narrow(0, start, n) };
-            let s = piece_statistics(&*objective, width, &rows, &y.narrow(0, start, n))?;
+            let mut rows = vec![start];
+            if companions.is_some() {
+                rows.push(total + start);
+            }
+            let pick = |t: &Tensor| -> Result<Tensor> {
+                let parts: Vec<Tensor> = rows.iter().map(|&r| t.narrow(0, r, n)).collect();
+                Tensor::f_cat(&parts, 0).context("a piece's rows")
+            };
+            let piece = HeadOutput { head_input: pick(&out.head_input)?, logits: pick(&out.logits)? };
+            let s = piece_statistics(&*objective, width, &piece, &pick(&y)?)?;
             let _guard = tch::no_grad_guard();
             let mut row = local.get(shard.domain as i64);
             row += s.detach();
@@ -116,6 +149,7 @@ fn exact_objective_gradient(
     model: &mut dyn Model,
     topology: &Topology<'_>,
     shards: &[DomainShard],
+    companions: Option<&[Tensor]>,
     pass: &Pass<'_>,
     objective: &mut dyn DomainObjective,
     width: usize,
@@ -128,7 +162,14 @@ fn exact_objective_gradient(
     {
         let statistics = &*objective;
         for_each_unit(model, topology, shards, pass, |model, unit| {
-            let s = piece_statistics(statistics, width, &forward(&*model, &unit.x), &unit.y)?;
+            let (x, y) = match companions {
+                None => (unit.x.shallow_clone(), unit.y.shallow_clone()),
+                Some(companions) => {
+                    let paired = companions[unit.shard].narrow(0, unit.start, unit.x.size()[0]).copy();
+                    (Tensor::f_cat(&[&unit.x, &paired], 0)?, Tensor::f_cat(&[&unit.y, &unit.y], 0)?)
+                }
+            };
+            let s = piece_statistics(statistics, width, &forward(&*model, &x), &y)?;
             let _guard = tch::no_grad_guard();
             local.get(unit.slot as i64).f_copy_(&s.detach())?;
             units.push((unit.slot, unit.domain, s));

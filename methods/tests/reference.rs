@@ -10,7 +10,7 @@ use mgrun_methods::dsp_reg::{DspMode, DspScore, DspWeight, VarianceDenominator};
 use mgrun_methods::{
     build, Adam, AdamConfig, Coral, CoralConfig, Disam, DisamConfig, DomainShard, DspReg, DspRegConfig, ExactMode,
     Fishr, FishrConfig, GroupDro, GroupDroConfig, MethodConfig, Sam, SamConfig, SamPerturb, ShardingPlan, Topology,
-    Tram, TramConfig, TramTarget, UpdateContext, Vrex, VrexConfig, METHODS,
+    Tram, TramConfig, TramTarget, Udim, UdimConfig, UpdateContext, Vrex, VrexConfig, METHODS,
 };
 use mgrun_models::ModelSpec;
 use std::collections::{BTreeMap, HashMap};
@@ -148,6 +148,20 @@ fn cases() -> Vec<Case> {
                 adaptive: false,
                 logit_scale: 100.0,
                 ..TramConfig::default()
+            })
+            .unwrap(),
+        ),
+        // SAM at step 0, UDIM at steps 1 and 2.
+        case(
+            "udim",
+            MethodConfig::of::<Udim>(&UdimConfig { warmup_frac: 1.0 / 3.0, ..UdimConfig::default() }).unwrap(),
+        ),
+        case(
+            "udim_pooled",
+            MethodConfig::of::<Udim>(&UdimConfig {
+                warmup_frac: 1.0 / 3.0,
+                domain_wise: false,
+                ..UdimConfig::default()
             })
             .unwrap(),
         ),
@@ -354,6 +368,7 @@ fn check_run(name: &str, micro_batch: Option<usize>) {
         "erm" | "erm_wd" | "erm_adamw" => &[],
         "disam" => &["erm", "sam_global"],
         "tram_previous" | "tram_initial" => &["erm", "sam_adaptive"],
+        "udim" | "udim_pooled" => &["erm", "sam_global"],
         _ => &["erm"],
     };
     for baseline in baselines {
@@ -477,4 +492,14 @@ fn tram_previous_step_target_matches_reference() {
 #[test]
 fn tram_initial_target_matches_reference() {
     check_case("tram_initial");
+}
+
+#[test]
+fn udim_domain_wise_matches_reference() {
+    check_case("udim");
+}
+
+#[test]
+fn udim_over_the_batch_matches_reference() {
+    check_case("udim_pooled");
 }

@@ -18,7 +18,7 @@ use mgrun_methods::gradients::{batch_gradient, domain_gradients, Pass};
 use mgrun_methods::{
     build, domain_groups, Adam, AdamConfig, Coral, CoralConfig, Disam, DisamConfig, DomainShard, DspReg, DspRegConfig,
     ExactMode, Fishr, FishrConfig, GroupDro, GroupDroConfig, MethodConfig, Sam, SamConfig, SamPerturb, ShardingPlan,
-    Topology, Tram, TramConfig, TramTarget, UpdateContext, Vrex, VrexConfig,
+    Topology, Tram, TramConfig, TramTarget, Udim, UdimConfig, UpdateContext, Vrex, VrexConfig,
 };
 use mgrun_models::ModelSpec;
 use std::time::Duration;
@@ -204,6 +204,14 @@ fn tram_is_invariant_to_sharding() {
         check_invariance(
             MethodConfig::of::<Tram>(&TramConfig { target, logit_scale: 100.0, ..TramConfig::default() }).unwrap(),
         );
+    }
+}
+
+#[test]
+fn udim_is_invariant_to_sharding() {
+    for domain_wise in [true, false] {
+        let udim = UdimConfig { warmup_frac: 1.0 / 3.0, domain_wise, ..UdimConfig::default() };
+        check_invariance(MethodConfig::of::<Udim>(&udim).unwrap());
     }
 }
 

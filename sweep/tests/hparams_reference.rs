@@ -21,8 +21,8 @@ fn random_search_matches_numpy_bit_for_bit() {
     let status = Command::new(python()).arg(script).arg(&out).status().expect("run the venv python (make venv)");
     assert!(status.success(), "reference script failed");
     let cases: Vec<Value> = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
-    // 2 versions x 9 algorithms x 2 datasets x 3 trial seeds x 20 hparams seeds.
-    assert_eq!(cases.len(), 2160);
+    // 2 versions x 10 algorithms x 2 datasets x 3 trial seeds x 20 hparams seeds.
+    assert_eq!(cases.len(), 2400);
     let base = toml::Table::new();
     let mut compared = 0;
     for case in &cases {

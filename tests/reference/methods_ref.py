@@ -380,10 +380,80 @@ def tram_step(model, params, opt, doms, case, state, step):
     return loss.item(), {"tram_distance": distance, "sam_grad_norm": grad_norm}
 
 
+def head_gradients(model, logits, y):
+    """Per-sample gradients of the linear head (weight then bias, flattened) by autograd, one sample at
+    a time with create_graph (BackPACK's BatchGrad in the published code)."""
+    head = [model.fc.weight, model.fc.bias]
+    rows = []
+    for i in range(len(y)):
+        loss_i = F.cross_entropy(logits[i:i + 1], y[i:i + 1], reduction="sum")
+        rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss_i, head, create_graph=True)]))
+    return torch.stack(rows)
+
+
+def udim_inconsistency(model, source, perturbed, y):
+    """I = 1/2 sum_G mean((v_G - (v_src + v_syn)/2)^2) + sum_params mean_n ||g_syn,n||^2 / dim(param), the
+    perturbed images' variance centred on the source mean."""
+    logits = model.fc(model.dropout(model.features(torch.cat([source, perturbed]))))
+    grads = head_gradients(model, logits, torch.cat([y, y]))
+    g_src, g_syn = grads[:len(y)], grads[len(y):]
+    mean_src = g_src.mean(0)
+    var_src = ((g_src - mean_src) ** 2).mean(0)
+    var_syn = ((g_syn - mean_src) ** 2).mean(0)
+    middle = (var_src + var_syn) / 2
+    spread = 0.5 * (((var_src - middle) ** 2).mean() + ((var_syn - middle) ** 2).mean())
+    weight_numel = model.fc.weight.numel()
+    norms = (g_syn[:, :weight_numel] ** 2).sum(1).mean() / weight_numel
+    norms = norms + (g_syn[:, weight_numel:] ** 2).sum(1).mean() / model.fc.bias.numel()
+    return spread + norms
+
+
+def udim_step(model, params, opt, doms, case, state, step):
+    """UDIM as the paper's rule (see mgrun's udim.rs for the departures from iada_final.py): SAM warm-up,
+    then images perturbed along grad_x [CE + rho_syn ||grad_theta CE||] (normalised per image), SAM's
+    gradient, plus weight x grad I."""
+    cfg = {"rho": 0.05, "rho_syn": 0.05, "syn_lr": 10.0, "weight": 1.0, "warmup_frac": 0.2, "domain_wise": True,
+           **case.get("udim", {})}
+    sam_cfg = {"rho": cfg["rho"], "adaptive": False, "eta": 0.01}
+    x, y = pooled(doms)
+    loss = F.cross_entropy(model(x), y)
+    grads = torch.autograd.grad(loss, params)
+    extra = {}
+    if step >= round(cfg["warmup_frac"] * case["total_steps"]):
+        source = x.clone().requires_grad_(True)
+        ce = F.cross_entropy(model(source), y)
+        grad_theta = torch.autograd.grad(ce, params, create_graph=True)
+        ascent = ce + cfg["rho_syn"] * torch.cat([g.reshape(-1) for g in grad_theta]).norm()
+        grad_x, = torch.autograd.grad(ascent, source)
+        norms = grad_x.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+        perturbed = (x + cfg["syn_lr"] * grad_x / norms).detach()
+        if cfg["domain_wise"]:
+            sizes = [yd.numel() for _, yd in doms]
+            inconsistency = sum(udim_inconsistency(model, xs, ps, ys) for xs, ps, ys in
+                                zip(x.split(sizes), perturbed.split(sizes), y.split(sizes)))
+        else:
+            inconsistency = udim_inconsistency(model, x, perturbed, y)
+        extra["udim_inconsistency"] = inconsistency.item()
+        total = torch.autograd.grad(cfg["weight"] * inconsistency, params)
+    else:
+        extra["udim_inconsistency"] = 0.0
+        total = [torch.zeros_like(p) for p in params]
+    eps, grad_norm = sam_perturbation(params, grads, sam_cfg)
+    extra["sam_grad_norm"] = grad_norm
+    old = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, e in zip(params, eps):
+            p.add_(e)
+    grads2 = torch.autograd.grad(F.cross_entropy(model(x), y), params)
+    restore(params, old)
+    apply_update(params, [a + b for a, b in zip(grads2, total)], opt)
+    return loss.item(), extra
+
+
 STEPS = {
     "erm": erm_step, "sam": sam_step, "dsp_reg": dsp_step, "vrex": vrex_step, "group_dro": group_dro_step,
     "coral": coral_step, "fishr": fishr_step, "disam": disam_step,
-    "tram": tram_step,
+    "tram": tram_step, "udim": udim_step,
 }
 
 

@@ -51,8 +51,8 @@ def definitions(algorithm, dataset):
     return defs
 
 
-# tram searches nothing of its own (no radius to tune): only the shared entries.
-ALGORITHMS = ["erm", "sam", "dsp_reg", "group_dro", "coral", "vrex", "fishr", "disam", "tram"]
+# tram and udim search nothing of their own: only the shared entries.
+ALGORITHMS = ["erm", "sam", "dsp_reg", "group_dro", "coral", "vrex", "fishr", "disam", "tram", "udim"]
 
 
 def draw(version, algorithm, dataset, hparams_seed, trial_seed):
