@@ -19,6 +19,6 @@ pub mod transforms;
 
 pub use config::{DataConfig, OnCorrupt, SplitKind};
 pub use dataset::{Dataset, Domain};
-pub use loader::{bench_loader, load_eval_batch, Loader, LoaderBench, ShardSpec, StepBatch};
+pub use loader::{bench_loader, load_eval_batch, Loader, LoaderBench, ShardBatch, ShardSpec, StepBatch};
 pub use sampler::step_sample;
 pub use split::{split_in_out, split_seed_hash};

@@ -29,8 +29,21 @@ pub struct ShardSpec {
 #[derive(Debug)]
 pub struct StepBatch {
     pub step: u64,
-    /// Per shard, in the order the shards were given: `(train_domain, x [n,3,S,S] f32 normalised, y [n] i64)`.
-    pub shards: Vec<(usize, Tensor, Tensor)>,
+    /// Per shard, in the order the shards were given.
+    pub shards: Vec<ShardBatch>,
+}
+
+/// One shard's images of a step.
+#[derive(Debug)]
+pub struct ShardBatch {
+    pub train_domain: usize,
+    /// `[n, 3, S, S]` f32, normalised.
+    pub x: Tensor,
+    /// `[n]` i64 labels.
+    pub y: Tensor,
+    /// `[n]` i64 on the CPU: each image's index in its domain's file list, a stable identity for
+    /// per-sample state (PS-KD's and ELR's tables).
+    pub files: Tensor,
 }
 
 /// The settings of step loading, fixed for a loader's life.
@@ -187,12 +200,16 @@ impl Loader {
             return Ok(batch);
         }
         let mut shards = Vec::with_capacity(batch.shards.len());
-        for (domain, x, y) in batch.shards {
+        for shard in batch.shards {
             let to_device = |t: &Tensor, kind: Kind| {
                 t.f_to_device_(self.device, kind, true, false)
                     .with_context(|| format!("copying step {step}'s batch to {:?}", self.device))
             };
-            shards.push((domain, to_device(&x, Kind::Float)?, to_device(&y, Kind::Int64)?));
+            shards.push(ShardBatch {
+                x: to_device(&shard.x, Kind::Float)?,
+                y: to_device(&shard.y, Kind::Int64)?,
+                ..shard
+            });
         }
         Ok(StepBatch { step, shards })
     }
@@ -232,7 +249,8 @@ fn build_step(recipe: &StepRecipe, step: u64) -> Result<StepBatch> {
             load_images(&recipe.dataset, spec.domain, &files, recipe.image_size, 1)?
         };
         let (x, y) = if recipe.device.is_cuda() { (pin(x, recipe.device)?, pin(y, recipe.device)?) } else { (x, y) };
-        shards.push((spec.train_domain, x, y));
+        let files = Tensor::from_slice(&files.iter().map(|&f| f as i64).collect::<Vec<_>>());
+        shards.push(ShardBatch { train_domain: spec.train_domain, x, y, files });
     }
     Ok(StepBatch { step, shards })
 }

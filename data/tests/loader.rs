@@ -28,7 +28,7 @@ fn load_steps(
         .map(|i| {
             let batch = loader.next().unwrap();
             assert_eq!(batch.step, start + i);
-            batch.shards.into_iter().map(|(_, x, y)| (x, y)).collect()
+            batch.shards.into_iter().map(|s| (s.x, s.y)).collect()
         })
         .collect()
 }
@@ -72,8 +72,8 @@ fn steps_come_in_order_from_start_step_and_resume_identically() {
         let batch = loader.next().unwrap();
         assert_eq!(batch.step, expected);
         assert_eq!(batch.shards.len(), 1);
-        assert_eq!(batch.shards[0].0, 1);
-        from_zero.push(batch.shards[0].1.shallow_clone());
+        assert_eq!(batch.shards[0].train_domain, 1);
+        from_zero.push(batch.shards[0].x.shallow_clone());
     }
     drop(loader);
     // A run resumed at step 7 sees the same pixels for steps 7, 8, 9.

@@ -70,6 +70,9 @@ pub struct DomainShard {
     /// Images `[n, 3, H, W]` and labels `[n]` (int64), on the training device.
     pub x: Tensor,
     pub y: Tensor,
+    /// `[n]` int64 on the training device: each image's index in its domain's file list, the key
+    /// of per-sample state (PS-KD, ELR); `None` where images do not come from a dataset.
+    pub ids: Option<Tensor>,
 }
 
 /// Deterministic mode (`train.deterministic`): the plan's units are fixed micro-batches, each with

@@ -286,6 +286,7 @@ fn run_rust(case: &Case, inputs: &HashMap<String, Tensor>, micro_batch: Option<u
                 offset: 0,
                 x: inputs[&format!("x.{step}.{e}")].shallow_clone(),
                 y: inputs[&format!("y.{step}.{e}")].shallow_clone(),
+                ids: None,
             })
             .collect();
         let mut ctx = UpdateContext {

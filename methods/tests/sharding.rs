@@ -63,7 +63,13 @@ fn shards_of(data: &Batches, plan: &ShardingPlan, rank: usize, step: u64) -> Vec
             let x = Tensor::from_slice(x).view([BATCH, 3, 8, 8]);
             let y = Tensor::from_slice(y);
             let (lo, len) = (piece.lo as i64, piece.len() as i64);
-            DomainShard { domain: piece.domain, offset: piece.lo, x: x.narrow(0, lo, len), y: y.narrow(0, lo, len) }
+            DomainShard {
+                domain: piece.domain,
+                offset: piece.lo,
+                x: x.narrow(0, lo, len),
+                y: y.narrow(0, lo, len),
+                ids: None,
+            }
         })
         .collect()
 }

@@ -195,6 +195,7 @@ fn random_shards(step: u64) -> Vec<DomainShard> {
             offset: 0,
             x: Tensor::randn([2, 3, 8, 8], (Kind::Float, Device::Cpu)),
             y: Tensor::randint(5, [2], (Kind::Int64, Device::Cpu)),
+            ids: None,
         })
         .collect()
 }

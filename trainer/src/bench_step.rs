@@ -136,6 +136,7 @@ fn bench_one(cfg: &StepBenchConfig, method_name: &str, precision: Precision) -> 
             offset: piece.lo,
             x: Tensor::randn([piece.len() as i64, 3, cfg.image_size, cfg.image_size], (Kind::Float, device)),
             y: Tensor::randint(cfg.classes as i64, [piece.len() as i64], (Kind::Int64, device)),
+            ids: Some(Tensor::arange_start(piece.lo as i64, piece.hi as i64, (Kind::Int64, device))),
         })
         .collect();
     let images: usize = plan.pieces(0).iter().map(|piece| piece.len()).sum();

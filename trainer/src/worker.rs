@@ -263,11 +263,12 @@ fn next_shards(loader: &mut Loader, plan: &ShardingPlan, rank: usize, device: tc
         .shards
         .into_iter()
         .zip(plan.pieces(rank))
-        .map(|((domain, x, y), piece)| DomainShard {
-            domain,
+        .map(|(shard, piece)| DomainShard {
+            domain: shard.train_domain,
             offset: piece.lo,
-            x: x.to_device(device),
-            y: y.to_device(device),
+            x: shard.x.to_device(device),
+            y: shard.y.to_device(device),
+            ids: Some(shard.files.to_device(device)),
         })
         .collect())
 }
