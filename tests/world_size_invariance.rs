@@ -98,8 +98,11 @@ const FISHR: &str = "[method.fishr]\nlambda = 100.0\npenalty_anneal_iters = 3\ne
 const DISAM: &str = "[method.disam]\nrho = 0.05\nlambda = 5.0\n";
 const TRAM_NOISE: &str = "[method.tram]\ntarget = \"noise\"\nlogit_scale = 100.0\n";
 const UDIM: &str = "[method.udim]\nwarmup_frac = 0.25\n";
+/// The loader's images: partners cross ranks as 8-bit pixels.
+const MIXUP: &str = "[method.mixup]\nalpha = 0.5\ntransport = \"uint8\"\n";
 
-/// The cross-domain objectives, DISAM, TRAM-x (its noise follows the micro-batch) and UDIM: 2 ranks split a
+/// The cross-domain objectives, DISAM, TRAM-x (its noise follows the micro-batch), UDIM and Mixup
+/// (partner images as 8-bit pixels): 2 ranks split a
 /// domain, 3 hold one each, 4 split two (uneven pieces).
 #[test]
 fn dg_methods_on_1_2_3_4_ranks() {
@@ -113,6 +116,7 @@ fn dg_methods_on_1_2_3_4_ranks() {
         ("disam", DISAM),
         ("tram", TRAM_NOISE),
         ("udim", UDIM),
+        ("mixup", MIXUP),
     ];
     for (method, extra) in methods {
         check_invariance(&job, &[2, 3, 4], method, extra);

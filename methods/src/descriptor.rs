@@ -83,6 +83,8 @@ pub enum MessageSize {
     /// Per training domain, the loss sum and the head's per-sample gradients' sum and sum of squares
     /// (K (1 + 2 C (D + 1))).
     PerDomainHeadGradientMoments,
+    /// The step's images as 8-bit pixels (K B x 3 x S x S bytes) and their labels.
+    BatchImages,
 }
 
 /// A statistic that a method exchanges across ranks at every step on the fast path (deterministic
@@ -160,6 +162,7 @@ impl fmt::Display for MessageSize {
             MessageSize::PerDomain(n) => write!(f, "{n}K"),
             MessageSize::PerDomainFeatureMoments => f.write_str("K(1 + D + D^2)"),
             MessageSize::PerDomainHeadGradientMoments => f.write_str("K(1 + 2C(D + 1))"),
+            MessageSize::BatchImages => f.write_str("KB images (uint8) and labels"),
         }
     }
 }
@@ -167,13 +170,14 @@ impl fmt::Display for MessageSize {
 impl MessageSize {
     /// Bytes of one message (scalars travel as f64, everything else as f32).
     pub fn bytes(self, dims: MessageDims) -> usize {
-        let MessageDims { params, features, classes, domains } = dims;
+        let MessageDims { params, features, classes, domains, batch_pixels } = dims;
         match self {
             MessageSize::PerParameter(n) => n as usize * params * 4,
             MessageSize::Scalars(n) => n as usize * 8,
             MessageSize::PerDomain(n) => n as usize * domains * 4,
             MessageSize::PerDomainFeatureMoments => domains * (1 + features + features * features) * 4,
             MessageSize::PerDomainHeadGradientMoments => domains * (1 + 2 * classes * (features + 1)) * 4,
+            MessageSize::BatchImages => batch_pixels,
         }
     }
 }
@@ -189,6 +193,8 @@ pub struct MessageDims {
     pub classes: usize,
     /// Training domains K.
     pub domains: usize,
+    /// Pixel values of a step's images, K B x 3 x S x S.
+    pub batch_pixels: usize,
 }
 
 /// The static side of a method type: everything [`MethodDescriptor`] records about it.

@@ -63,6 +63,14 @@ pub struct DomainGradients {
     pub replicated: bool,
 }
 
+/// A per-image loss other than the cross-entropy of the images as given (Mixup's loss on mixed
+/// images, say), summed over some consecutive images of one domain.
+pub trait ImageLoss {
+    /// The sum of the losses of `x`/`y`: images `first..first + n` of training domain `domain`'s
+    /// per-step batch; a differentiable scalar.
+    fn loss_sum(&self, model: &dyn Model, domain: usize, first: usize, x: &Tensor, y: &Tensor) -> Result<Tensor>;
+}
+
 /// The batch gradient, the same on every rank (see the module docs).
 pub fn batch_gradient(
     model: &mut dyn Model,
@@ -70,9 +78,21 @@ pub fn batch_gradient(
     shards: &[DomainShard],
     pass: &Pass<'_>,
 ) -> Result<BatchGradient> {
+    batch_gradient_with(model, topology, shards, pass, None)
+}
+
+/// [`batch_gradient`] of (1/(KB)) times the sum of `loss` over the job's images (the cross-entropy
+/// when `None`).
+pub fn batch_gradient_with(
+    model: &mut dyn Model,
+    topology: &Topology<'_>,
+    shards: &[DomainShard],
+    pass: &Pass<'_>,
+    loss: Option<&dyn ImageLoss>,
+) -> Result<BatchGradient> {
     let scale = 1.0 / (topology.num_domains() * topology.batch_per_domain()) as f64;
     if topology.exact.is_some() {
-        let sums = exact_domain_sums(model, topology, shards, pass)?;
+        let sums = exact_domain_sums(model, topology, shards, pass, loss)?;
         let _guard = tch::no_grad_guard();
         let mut total = sums.grads[0].copy();
         for grad in &sums.grads[1..] {
@@ -81,9 +101,32 @@ pub fn batch_gradient(
         return Ok(BatchGradient { loss: sums.loss_sum * scale, grad: total * scale });
     }
     let world = topology.world;
-    let (local_loss, mut grad) = match pass.offsets {
-        None => concatenated_gradient(model, shards, scale)?,
-        Some(offsets) => {
+    let (local_loss, mut grad) = match (pass.offsets, loss) {
+        (None, None) => concatenated_gradient(model, shards, scale)?,
+        (Some(_), Some(_)) => bail!("a custom image loss at offset parameters is not supported"),
+        (None, Some(loss)) => {
+            // A loss term per piece (each draws on its own domain's data), one backward.
+            let mut total: Option<Tensor> = None;
+            for shard in shards.iter().filter(|s| shard_len(s) > 0) {
+                let term = loss.loss_sum(&*model, shard.domain, shard.offset, &shard.x, &shard.y)?;
+                total = Some(match total {
+                    None => term,
+                    Some(t) => t + term,
+                });
+            }
+            match total {
+                Some(total) => {
+                    let total = total * scale;
+                    let value = total.f_double_value(&[]).context("reading the local loss")?;
+                    (value, backward_flat(model.store_mut(), &total)?)
+                }
+                None => {
+                    let store = model.store();
+                    (0.0, Tensor::zeros([store.numel() as i64], (Kind::Float, store.device())))
+                }
+            }
+        }
+        (Some(offsets), None) => {
             // A backward per piece at that domain's offset parameters, accumulated in the flat gradient.
             model.store_mut().zero_grad();
             let mut local_loss = 0.0;
@@ -112,7 +155,7 @@ pub fn domain_gradients(
 ) -> Result<DomainGradients> {
     let (k, b) = (topology.num_domains() as f64, topology.batch_per_domain() as f64);
     if topology.exact.is_some() {
-        let sums = exact_domain_sums(model, topology, shards, pass)?;
+        let sums = exact_domain_sums(model, topology, shards, pass, None)?;
         let domains = sums
             .grads
             .into_iter()
@@ -219,6 +262,7 @@ fn exact_domain_sums(
     topology: &Topology<'_>,
     shards: &[DomainShard],
     pass: &Pass<'_>,
+    loss: Option<&dyn ImageLoss>,
 ) -> Result<DomainSums> {
     let slots = topology.plan.max_units_per_rank().max(1);
     let (numel, device) = (model.store().numel() as i64, model.store().device());
@@ -228,7 +272,13 @@ fn exact_domain_sums(
     for_each_unit(model, topology, shards, pass, |model, unit| {
         let store = model.store_mut();
         store.zero_grad();
-        let loss_sum = cross_entropy_sum(&*model, &unit.x, &unit.y)?;
+        let loss_sum = match loss {
+            None => cross_entropy_sum(&*model, &unit.x, &unit.y)?,
+            Some(loss) => {
+                let first = shards[unit.shard].offset + unit.start as usize;
+                loss.loss_sum(&*model, unit.domain, first, &unit.x, &unit.y)?
+            }
+        };
         losses[unit.slot] = loss_sum.f_double_value(&[]).context("reading a micro-batch's loss")?;
         loss_sum.f_backward().with_context(|| format!("backward of a micro-batch of domain {}", unit.domain))?;
         copy_flat_grad(model.store(), &local.get(unit.slot as i64))

@@ -37,6 +37,7 @@ methods! {
     disam::Disam,
     tram::Tram,
     udim::Udim,
+    mixup::Mixup,
 }
 
 pub use adam::{Adam, AdamConfig};
@@ -47,6 +48,7 @@ pub use dsp_reg::{DspReg, DspRegConfig};
 pub use erm::{Erm, ErmConfig};
 pub use fishr::{Fishr, FishrConfig};
 pub use group_dro::{GroupDro, GroupDroConfig};
+pub use mixup::{Mixup, MixupConfig, MixupTransport};
 pub use registry::{available, build, descriptor, MethodConfig};
 pub use sam::{Sam, SamConfig, SamPerturb};
 pub use sharding::{domain_groups, DomainGroup, Piece, ShardingPlan};
@@ -125,6 +127,9 @@ pub struct UpdateContext<'a> {
     /// 0-based index of this step and the run's total number of steps (for warm-up schedules).
     pub step: u64,
     pub total_steps: u64,
+    /// The run's seed (`train.seed`): random draws that every rank must share (Mixup's pairs and
+    /// mixing weights) are a function of it and the step.
+    pub seed: u64,
 }
 
 /// What one update reports; identical on every rank.

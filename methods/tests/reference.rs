@@ -9,8 +9,9 @@ use mgrun_collectives::SingleRank;
 use mgrun_methods::dsp_reg::{DspMode, DspScore, DspWeight, VarianceDenominator};
 use mgrun_methods::{
     build, Adam, AdamConfig, Coral, CoralConfig, Disam, DisamConfig, DomainShard, DspReg, DspRegConfig, ExactMode,
-    Fishr, FishrConfig, GroupDro, GroupDroConfig, MethodConfig, Sam, SamConfig, SamPerturb, ShardingPlan, Topology,
-    Tram, TramConfig, TramTarget, Udim, UdimConfig, UpdateContext, Vrex, VrexConfig, METHODS,
+    Fishr, FishrConfig, GroupDro, GroupDroConfig, MethodConfig, Mixup, MixupConfig, MixupTransport, Sam, SamConfig,
+    SamPerturb, ShardingPlan, Topology, Tram, TramConfig, TramTarget, Udim, UdimConfig, UpdateContext, Vrex,
+    VrexConfig, METHODS,
 };
 use mgrun_models::ModelSpec;
 use std::collections::{BTreeMap, HashMap};
@@ -29,6 +30,8 @@ const TOLERANCE: f64 = 1e-5;
 const RANK_TOLERANCE: f64 = 2e-4;
 /// Deterministic mode's micro-batch in the exact-path runs (does not divide BATCH on purpose).
 const MICRO_BATCH: usize = 3;
+/// The run seed (Mixup's pairs and weights derive from it).
+const SEED: u64 = 5;
 
 fn spec() -> ModelSpec {
     ModelSpec {
@@ -165,6 +168,11 @@ fn cases() -> Vec<Case> {
             })
             .unwrap(),
         ),
+        // The fixture's images are not 8-bit pixels: they travel as f32.
+        case(
+            "mixup",
+            MethodConfig::of::<Mixup>(&MixupConfig { alpha: 0.5, transport: MixupTransport::Float32 }).unwrap(),
+        ),
         // Ranks are discontinuous: scores 1 ulp apart (common in 2304-element tensors; fc.weight
         // even has exact ties near 1) swap or split under the 1e-7 weight differences that the
         // first step leaves, which moves a few weights w by 1/(numel-1). This case is therefore
@@ -228,6 +236,17 @@ fn fixture() -> &'static Fixture {
                 });
                 for m in METHODS {
                     entry[m.name] = c.method.section(m.name).unwrap().clone();
+                }
+                if c.method.name == "mixup" {
+                    // The pairs and weights are a function of the run seed: the reference gets them.
+                    let alpha = c.method.section("mixup").unwrap()["alpha"].as_f64().unwrap();
+                    let draws: Vec<serde_json::Value> = (0..STEPS)
+                        .map(|step| {
+                            let d = mgrun_methods::mixup::pair_draws(SEED, step, NUM_DOMAINS, alpha).unwrap();
+                            serde_json::json!({"perm": d.perm, "lambda": d.lambda})
+                        })
+                        .collect();
+                    entry["mixup_draws"] = serde_json::Value::Array(draws);
                 }
                 entry
             })
@@ -295,6 +314,7 @@ fn run_rust(case: &Case, inputs: &HashMap<String, Tensor>, micro_batch: Option<u
             topology: &topology,
             step,
             total_steps: STEPS,
+            seed: SEED,
         };
         let stats = method.update(&mut ctx, &shards).unwrap();
         losses.push(stats.loss);
@@ -503,4 +523,9 @@ fn udim_domain_wise_matches_reference() {
 #[test]
 fn udim_over_the_batch_matches_reference() {
     check_case("udim_pooled");
+}
+
+#[test]
+fn mixup_between_domains_matches_reference() {
+    check_case("mixup");
 }

@@ -17,8 +17,9 @@ use mgrun_methods::dsp_reg::DspMode;
 use mgrun_methods::gradients::{batch_gradient, domain_gradients, Pass};
 use mgrun_methods::{
     build, domain_groups, Adam, AdamConfig, Coral, CoralConfig, Disam, DisamConfig, DomainShard, DspReg, DspRegConfig,
-    ExactMode, Fishr, FishrConfig, GroupDro, GroupDroConfig, MethodConfig, Sam, SamConfig, SamPerturb, ShardingPlan,
-    Topology, Tram, TramConfig, TramTarget, Udim, UdimConfig, UpdateContext, Vrex, VrexConfig,
+    ExactMode, Fishr, FishrConfig, GroupDro, GroupDroConfig, MethodConfig, Mixup, MixupConfig, MixupTransport, Sam,
+    SamConfig, SamPerturb, ShardingPlan, Topology, Tram, TramConfig, TramTarget, Udim, UdimConfig, UpdateContext, Vrex,
+    VrexConfig,
 };
 use mgrun_models::ModelSpec;
 use std::time::Duration;
@@ -90,8 +91,14 @@ fn run_rank(
     let mut losses = Vec::new();
     for step in 0..STEPS {
         let shards = shards_of(data, plan, world.rank(), step);
-        let mut ctx =
-            UpdateContext { model: &mut *model, optimizer: &mut adam, topology: &topology, step, total_steps: STEPS };
+        let mut ctx = UpdateContext {
+            model: &mut *model,
+            optimizer: &mut adam,
+            topology: &topology,
+            step,
+            total_steps: STEPS,
+            seed: 3,
+        };
         losses.push(method.update(&mut ctx, &shards).unwrap().loss);
     }
     (Vec::<f32>::try_from(model.store().flat()).unwrap(), losses)
@@ -219,6 +226,13 @@ fn udim_is_invariant_to_sharding() {
         let udim = UdimConfig { warmup_frac: 1.0 / 3.0, domain_wise, ..UdimConfig::default() };
         check_invariance(MethodConfig::of::<Udim>(&udim).unwrap());
     }
+}
+
+#[test]
+fn mixup_is_invariant_to_sharding() {
+    // These batches are not 8-bit pixels (tests/world_size_invariance.rs runs the uint8 transport).
+    let mixup = MixupConfig { alpha: 0.5, transport: MixupTransport::Float32 };
+    check_invariance(MethodConfig::of::<Mixup>(&mixup).unwrap());
 }
 
 /// What one rank of the fast path computed at step 0: the batch gradient and its domain gradients.

@@ -136,7 +136,10 @@ fn unknown_method_lists_the_available_ones() {
 #[test]
 fn descriptors_list_methods_with_their_defaults() {
     let names: Vec<&str> = METHODS.iter().map(|m| m.name).collect();
-    assert_eq!(names, ["erm", "sam", "dsp_reg", "vrex", "group_dro", "coral", "fishr", "disam", "tram", "udim"]);
+    assert_eq!(
+        names,
+        ["erm", "sam", "dsp_reg", "vrex", "group_dro", "coral", "fishr", "disam", "tram", "udim", "mixup"]
+    );
     let documented: Vec<(String, String, &str)> =
         METHODS.iter().flat_map(|m| m.documented_defaults().unwrap()).collect();
     let find =
@@ -219,6 +222,7 @@ fn run_steps(
                 topology: &topology,
                 step,
                 total_steps: 4,
+                seed: 0,
             };
             method.update(&mut ctx, &shards[step as usize]).unwrap()
         })

@@ -450,10 +450,29 @@ def udim_step(model, params, opt, doms, case, state, step):
     return loss.item(), extra
 
 
+def mixup_step(model, params, opt, doms, case, state, step):
+    """DomainBed's Mixup.update with random_pairs_of_minibatches, the permutation and the Beta draws
+    given (mgrun draws them from the run seed: case["mixup_draws"][step])."""
+    draws = case["mixup_draws"][step]
+    perm, lam = draws["perm"], draws["lambda"]
+    objective = 0
+    for i in range(len(doms)):
+        a, b = perm[i], perm[(i + 1) % len(doms)]
+        (xi, yi), (xj, yj) = doms[a], doms[b]
+        n = min(len(xi), len(xj))
+        predictions = model(lam[a] * xi[:n] + (1 - lam[a]) * xj[:n])
+        objective += lam[a] * F.cross_entropy(predictions, yi[:n])
+        objective += (1 - lam[a]) * F.cross_entropy(predictions, yj[:n])
+    objective /= len(doms)
+    apply_update(params, torch.autograd.grad(objective, params), opt)
+    return objective.item(), {}
+
+
 STEPS = {
     "erm": erm_step, "sam": sam_step, "dsp_reg": dsp_step, "vrex": vrex_step, "group_dro": group_dro_step,
     "coral": coral_step, "fishr": fishr_step, "disam": disam_step,
     "tram": tram_step, "udim": udim_step,
+    "mixup": mixup_step,
 }
 
 

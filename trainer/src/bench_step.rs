@@ -149,6 +149,7 @@ fn bench_one(cfg: &StepBenchConfig, method_name: &str, precision: Precision) -> 
                 topology: &topology,
                 step: step as u64,
                 total_steps,
+                seed: 0,
             };
             method.update(&mut ctx, &shards).with_context(|| format!("step {step}"))?;
         }

@@ -98,6 +98,7 @@ pub fn run_worker(args: &WorkerArgs) -> Result<WorkerOutcome> {
             topology: &topo,
             step,
             total_steps: config.train.steps,
+            seed: config.train.seed,
         };
         let stats = method.update(&mut ctx, &shards).with_context(|| format!("update at step {step}"))?;
         records.step(step, &stats, started.elapsed().as_secs_f64())?;
@@ -368,6 +369,7 @@ fn announce(config: &JobConfig, env: &RankEnv, dataset: &Dataset, plan: &Shardin
         features: model.feature_dim(),
         classes: dataset.classes().len(),
         domains: train_names.len(),
+        batch_pixels: train_names.len() * config.data.batch_per_domain * 3 * (config.data.image_size as usize).pow(2),
     };
     print!("{}", sharding::describe(plan, &train_names, &statistics, config.train.deterministic, dims));
     if config.train.deterministic && env.device_kind == DeviceKind::Cpu {

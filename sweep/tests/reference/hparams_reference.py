@@ -41,6 +41,8 @@ def definitions(algorithm, dataset):
         defs.append(("groupdro_eta", lambda r: float(10 ** r.uniform(-3, -1))))
     elif algorithm == "coral":
         defs.append(("mmd_gamma", lambda r: float(10 ** r.uniform(-1, 1))))
+    elif algorithm == "mixup":
+        defs.append(("mixup_alpha", lambda r: float(10 ** r.uniform(-1, 1))))
     elif algorithm == "vrex":
         defs.append(("vrex_lambda", lambda r: float(10 ** r.uniform(-1, 5))))
         defs.append(("vrex_penalty_anneal_iters", lambda r: int(10 ** r.uniform(0, 4))))
@@ -51,8 +53,12 @@ def definitions(algorithm, dataset):
     return defs
 
 
-# tram and udim search nothing of their own: only the shared entries.
-ALGORITHMS = ["erm", "sam", "dsp_reg", "group_dro", "coral", "vrex", "fishr", "disam", "tram", "udim"]
+# tram, udim and the regularizers (ocnn, elr, ps_kd, advstyle) search nothing of their own: only the
+# shared entries.
+ALGORITHMS = [
+    "erm", "sam", "dsp_reg", "group_dro", "coral", "vrex", "fishr", "disam", "tram", "udim",
+    "ocnn", "elr", "ps_kd", "advstyle", "mixup",
+]
 
 
 def draw(version, algorithm, dataset, hparams_seed, trial_seed):
