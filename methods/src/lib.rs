@@ -37,18 +37,26 @@ methods! {
     disam::Disam,
     tram::Tram,
     udim::Udim,
+    ocnn::Ocnn,
+    elr::Elr,
+    ps_kd::PsKd,
+    advstyle::AdvStyle,
     mixup::Mixup,
 }
 
 pub use adam::{Adam, AdamConfig};
+pub use advstyle::{AdvStyle, AdvStyleConfig};
 pub use coral::{Coral, CoralConfig};
 pub use descriptor::{CrossRankStat, Hyperparameter, MethodDef, MethodDescriptor, Search};
 pub use disam::{Disam, DisamConfig};
 pub use dsp_reg::{DspReg, DspRegConfig};
+pub use elr::{Elr, ElrConfig};
 pub use erm::{Erm, ErmConfig};
 pub use fishr::{Fishr, FishrConfig};
 pub use group_dro::{GroupDro, GroupDroConfig};
 pub use mixup::{Mixup, MixupConfig, MixupTransport};
+pub use ocnn::{Ocnn, OcnnConfig};
+pub use ps_kd::{PsKd, PsKdConfig};
 pub use registry::{available, build, descriptor, MethodConfig};
 pub use sam::{Sam, SamConfig, SamPerturb};
 pub use sharding::{domain_groups, DomainGroup, Piece, ShardingPlan};

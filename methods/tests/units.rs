@@ -138,7 +138,23 @@ fn descriptors_list_methods_with_their_defaults() {
     let names: Vec<&str> = METHODS.iter().map(|m| m.name).collect();
     assert_eq!(
         names,
-        ["erm", "sam", "dsp_reg", "vrex", "group_dro", "coral", "fishr", "disam", "tram", "udim", "mixup"]
+        [
+            "erm",
+            "sam",
+            "dsp_reg",
+            "vrex",
+            "group_dro",
+            "coral",
+            "fishr",
+            "disam",
+            "tram",
+            "udim",
+            "ocnn",
+            "elr",
+            "ps_kd",
+            "advstyle",
+            "mixup"
+        ]
     );
     let documented: Vec<(String, String, &str)> =
         METHODS.iter().flat_map(|m| m.documented_defaults().unwrap()).collect();
