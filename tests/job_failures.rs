@@ -107,6 +107,15 @@ fn wrong_config_type_is_named() {
     expect_failure("[data]\nroot = \"x\"\n[train]\nsteps = \"ten\"\n", &["train.steps", "job.toml"]);
 }
 
+/// BatchNorm's batch statistics are not synchronised across ranks: refused before training.
+#[test]
+fn batch_norm_in_training_mode_on_several_ranks_is_refused() {
+    expect_failure(
+        "[data]\nroot = \"x\"\n[model]\narch = \"resnet18\"\nfreeze_bn = false\n",
+        &["model.freeze_bn", "2 ranks", "freeze_bn = true"],
+    );
+}
+
 #[test]
 fn missing_dataset_directory_is_named() {
     expect_failure(

@@ -170,6 +170,12 @@ pub trait Model: Send {
     }
 }
 
+/// True for the architectures with BatchNorm layers (whose training-mode statistics depend on which
+/// images a forward pass sees, unless `freeze_bn`).
+pub fn has_batch_norm(arch: &str) -> bool {
+    arch.starts_with("resnet")
+}
+
 /// Builds `spec` on `device`, initialised deterministically from `seed` (fp32, NCHW).
 pub fn build(spec: &ModelSpec, device: Device, seed: i64) -> Result<Box<dyn Model>> {
     build_with(spec, Execution::default(), device, seed)

@@ -300,6 +300,26 @@ impl JobConfig {
     }
 }
 
+impl JobConfig {
+    /// Checks what depends on the number of ranks. BatchNorm in training mode (`model.freeze_bn =
+    /// false`) normalises with the statistics of the images one forward pass sees and keeps running
+    /// statistics per rank: with domains sharded over several ranks, both differ from one process's
+    /// (and between ranks). Synchronising them (SyncBN) needs an all-reduce inside the backward pass,
+    /// which tch offers no hook for, so the combination is refused.
+    pub fn check_world_size(&self, world_size: usize) -> Result<()> {
+        if world_size > 1 && !self.model.freeze_bn && mgrun_models::has_batch_norm(&self.model.arch) {
+            bail!(
+                "key `model.freeze_bn`: false with {} (BatchNorm) on {world_size} ranks: each rank would normalise \
+                 with its own images' batch statistics and keep its own running statistics, unlike one process; \
+                 mgrun does not synchronise them. Set model.freeze_bn = true (DomainBed's published protocol) or \
+                 train on 1 rank",
+                self.model.arch
+            );
+        }
+        Ok(())
+    }
+}
+
 /// `train.precision` by name, saying why `fp16` is not offered.
 fn precision_by_name<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Precision, D::Error> {
     String::deserialize(deserializer)?.parse().map_err(|e| <D::Error as serde::de::Error>::custom(format!("{e:#}")))

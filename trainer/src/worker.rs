@@ -28,6 +28,7 @@ pub fn run_worker(args: &WorkerArgs) -> Result<WorkerOutcome> {
     // --- Job configuration, this rank's identity and the communicator over all ranks.
     let env = RankEnv::from_env()?;
     let config = JobConfig::load(&args.config, &[])?;
+    config.check_world_size(env.world_size).with_context(|| format!("config {}", args.config.display()))?;
     let device = env.device()?;
     configure_torch(&config, &env)?;
     let is_main = env.rank == 0;
