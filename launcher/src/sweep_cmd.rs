@@ -79,6 +79,10 @@ pub struct CollectArgs {
     /// LaTeX instead of markdown.
     #[arg(long)]
     pub latex: bool,
+    /// Each run's result is its SWAD model (runs with `[swad] enabled`), as the SWAD paper reports;
+    /// by default SWAD records are left out and the trained models are selected as DomainBed does.
+    #[arg(long)]
+    pub swad: bool,
 }
 
 pub fn sweep(args: SweepArgs) -> Result<i32> {
@@ -520,7 +524,7 @@ fn gpu_name() -> Option<String> {
 }
 
 pub fn collect(args: CollectArgs) -> Result<i32> {
-    let records = mgrun_sweep::load_records(&args.dir)?;
+    let records = mgrun_sweep::select_models(mgrun_sweep::load_records(&args.dir)?, args.swad);
     if records.is_empty() {
         bail!("no results.jsonl records under {}", args.dir.display());
     }

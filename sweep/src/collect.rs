@@ -23,6 +23,8 @@ pub struct Record {
     pub out_acc: Vec<f64>,
     /// `args.domains` (mgrun's domain names), when present.
     pub domains: Option<Vec<String>>,
+    /// The evaluation of a run's SWAD model (`"swad": true`) rather than of the model at `step`.
+    pub swad: bool,
 }
 
 impl Record {
@@ -78,6 +80,7 @@ impl Record {
             in_acc,
             out_acc,
             domains,
+            swad: value.get("swad").and_then(Value::as_bool).unwrap_or(false),
         })
     }
 
@@ -107,6 +110,18 @@ pub fn load_records(dir: &Path) -> Result<Vec<Record>> {
         }
     }
     Ok(records)
+}
+
+/// The records that model selection sees: the evaluations of the trained models (`swad = false`,
+/// DomainBed's protocol), or, with `swad`, each run's SWAD model alone where the run has one (the
+/// SWAD paper's protocol: the averaged model is the run's result).
+pub fn select_models(records: Vec<Record>, swad: bool) -> Vec<Record> {
+    if !swad {
+        return records.into_iter().filter(|r| !r.swad).collect();
+    }
+    let run = |r: &Record| (r.dataset.clone(), r.algorithm.clone(), r.test_envs.clone(), r.hparams_seed, r.trial_seed);
+    let with_swad: std::collections::HashSet<_> = records.iter().filter(|r| r.swad).map(run).collect();
+    records.into_iter().filter(|r| r.swad || !with_swad.contains(&run(r))).collect()
 }
 
 fn find_results(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
@@ -511,6 +526,29 @@ pub fn render_latex(records: usize, all: &[SelectionTables]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn swad_records_are_left_out_or_stand_for_their_run() {
+        let record = |trial_seed: i64, step: i64, swad: bool| Record {
+            dataset: "PACS".into(),
+            algorithm: "ERM".into(),
+            test_envs: vec![0],
+            hparams_seed: 0,
+            trial_seed,
+            step,
+            in_acc: vec![0.5; 2],
+            out_acc: vec![0.5; 2],
+            domains: None,
+            swad,
+        };
+        // Trial 0 has a SWAD model, trial 1 does not.
+        let records = vec![record(0, 0, false), record(0, 100, false), record(0, 100, true), record(1, 100, false)];
+        let plain = select_models(records.clone(), false);
+        assert_eq!(plain.len(), 3);
+        assert!(plain.iter().all(|r| !r.swad));
+        let swad = select_models(records, true);
+        assert_eq!(swad, vec![record(0, 100, true), record(1, 100, false)]);
+    }
 
     #[test]
     fn standard_error_uses_the_population_deviation() {

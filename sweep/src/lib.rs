@@ -14,7 +14,9 @@ pub mod jobs;
 pub mod plan;
 pub mod registry;
 
-pub use collect::{load_records, render_latex, render_markdown, tables, Record, Selection, SelectionTables};
+pub use collect::{
+    load_records, render_latex, render_markdown, select_models, tables, Record, Selection, SelectionTables,
+};
 pub use estimate::{Estimate, Resource, RunCost};
 pub use jobs::{run_locally, slurm_script, write_sweep, Launcher, RunState, SlurmOptions, WrittenRun};
 pub use plan::{expand, RunSpec, SweepOptions};
