@@ -10,7 +10,7 @@ export MGRUN_PYTHON ?= $(CURDIR)/$(VENV)/bin/python
 CARGO ?= cargo
 MGRUN := target/release/mgrun
 
-.PHONY: all prereqs venv build demo test lint fmt bench-comm gpu-package gpu-check slurm clean
+.PHONY: all prereqs venv weights build demo test lint fmt bench-comm gpu-package gpu-check slurm clean
 
 all: build
 
@@ -29,6 +29,10 @@ $(VENV_STAMP): scripts/requirements.txt | prereqs
 
 build: venv
 	$(CARGO) build --release --workspace
+
+# torchvision's ImageNet ResNet-50/18 weights (IMAGENET1K_V1, as DomainBed) for model.pretrained; needs the internet.
+weights: venv
+	$(VENV)/bin/python scripts/export_imagenet_weights.py weights
 
 demo: build
 	$(MGRUN) --cpus 2 --out runs/quickstart configs/quickstart.toml

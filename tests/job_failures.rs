@@ -116,6 +116,21 @@ fn batch_norm_in_training_mode_on_several_ranks_is_refused() {
     );
 }
 
+/// A DomainBed benchmark without its ImageNet weights stops before spawning, with the command that
+/// makes them; `model.pretrained = "none"` is the explicit way to train from scratch.
+#[test]
+fn domainbed_dataset_without_pretrained_weights_stops_with_the_instruction() {
+    expect_failure(
+        "[data]\ndataset = \"pacs\"\nroot = \"x\"\n[model]\narch = \"resnet50\"\n",
+        &["model.pretrained", "make weights", "\"none\""],
+    );
+    // With "none" the check passes: the run gets as far as the (missing) dataset.
+    expect_failure(
+        "[data]\ndataset = \"pacs\"\nroot = \"/nonexistent/mgrun-pacs\"\n[model]\narch = \"resnet50\"\npretrained = \"none\"\n",
+        &["/nonexistent/mgrun-pacs"],
+    );
+}
+
 #[test]
 fn missing_dataset_directory_is_named() {
     expect_failure(

@@ -88,6 +88,7 @@ pub struct CollectArgs {
 pub fn sweep(args: SweepArgs) -> Result<i32> {
     anyhow::ensure!(args.config.is_file(), "config file {} does not exist", args.config.display());
     let mut config = mgrun_trainer::JobConfig::load(&args.config, &args.overrides)?;
+    config.check_pretrained().with_context(|| format!("config {}", args.config.display()))?;
     config.resolve_paths(&std::env::current_dir().context("reading the current directory")?);
     let dataset = open_dataset(&config)?;
     let domains: Vec<String> = dataset.domains().iter().map(|d| d.name.clone()).collect();

@@ -34,6 +34,7 @@ pub fn launch_training(cli: Cli, cuda_load_error: Option<&str>) -> anyhow::Resul
     };
     // A typo in the config fails here, once and at once, instead of in every rank.
     let mut job = JobConfig::load(&config, &cli.overrides)?;
+    job.check_pretrained().with_context(|| format!("config {}", config.display()))?;
     if let Some(resume) = &resume {
         job.checkpoint.resume = resume.clone();
     }

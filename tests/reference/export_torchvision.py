@@ -5,9 +5,7 @@ Usage: export_torchvision.py --arch resnet18 --num-classes 7 --out DIR [--seed 0
 
 Writes DIR/weights.safetensors (the state dict, torchvision names) and DIR/io.safetensors
 (`images` NCHW f32 and `logits_eval`). BatchNorm running statistics are randomised so that the
-eval-mode comparison exercises them. For ImageNet weights the same two lines apply:
-    m = torchvision.models.resnet50(weights="IMAGENET1K_V2")
-    safetensors.torch.save_file({k: v.contiguous() for k, v in m.state_dict().items()}, "resnet50.safetensors")
+eval-mode comparison exercises them. ImageNet weights: `make weights` (scripts/export_imagenet_weights.py).
 """
 
 import argparse

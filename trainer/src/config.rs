@@ -256,7 +256,8 @@ impl JobConfig {
         if self.data.root.is_relative() {
             self.data.root = base.join(&self.data.root);
         }
-        for path in [self.checkpoint.dir.as_mut(), self.model.pretrained.as_mut()].into_iter().flatten() {
+        let pretrained = self.model.pretrained.as_mut().filter(|p| *p != Path::new(PRETRAINED_NONE));
+        for path in [self.checkpoint.dir.as_mut(), pretrained].into_iter().flatten() {
             if path.is_relative() {
                 *path = base.join(&*path);
             }
@@ -300,7 +301,39 @@ impl JobConfig {
     }
 }
 
+/// The datasets of DomainBed's benchmarks, whose protocol starts from ImageNet weights.
+const DOMAINBED_DATASETS: &[&str] = &["pacs", "vlcs", "office_home", "terra_incognita", "domain_net"];
+
+/// `model.pretrained = "none"`: train from scratch, said explicitly.
+pub const PRETRAINED_NONE: &str = "none";
+
 impl JobConfig {
+    /// The weights to start from: `None` for a fresh initialisation (`model.pretrained` unset or
+    /// `"none"`).
+    pub fn pretrained_weights(&self) -> Option<&Path> {
+        self.model.pretrained.as_deref().filter(|p| *p != Path::new(PRETRAINED_NONE))
+    }
+
+    /// A DomainBed benchmark trains an ImageNet-pretrained ResNet. Training one from a random start
+    /// without saying so would report numbers that are not comparable, so an unset `model.pretrained`
+    /// stops the run with the command that makes the weights (`"none"` trains from scratch).
+    pub fn check_pretrained(&self) -> Result<()> {
+        let dataset = self.data.dataset.as_str();
+        if self.model.pretrained.is_none()
+            && DOMAINBED_DATASETS.contains(&dataset)
+            && self.model.arch.starts_with("resnet")
+        {
+            bail!(
+                "key `model.pretrained`: unset for {dataset} with {arch}. DomainBed starts from torchvision's \
+                 ImageNet weights (IMAGENET1K_V1): make them once with `make weights` (needs the internet; writes \
+                 weights/{arch}_v1.safetensors) and set model.pretrained = \"weights/{arch}_v1.safetensors\", or set \
+                 model.pretrained = \"none\" to train from scratch",
+                arch = self.model.arch
+            );
+        }
+        Ok(())
+    }
+
     /// Checks what depends on the number of ranks. BatchNorm in training mode (`model.freeze_bn =
     /// false`) normalises with the statistics of the images one forward pass sees and keeps running
     /// statistics per rank: with domains sharded over several ranks, both differ from one process's

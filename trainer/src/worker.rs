@@ -29,6 +29,7 @@ pub fn run_worker(args: &WorkerArgs) -> Result<WorkerOutcome> {
     let env = RankEnv::from_env()?;
     let config = JobConfig::load(&args.config, &[])?;
     config.check_world_size(env.world_size).with_context(|| format!("config {}", args.config.display()))?;
+    config.check_pretrained().with_context(|| format!("config {}", args.config.display()))?;
     let device = env.device()?;
     configure_torch(&config, &env)?;
     let is_main = env.rank == 0;
@@ -245,8 +246,10 @@ fn build_model(
     let mut model = mgrun_models::build_with(&spec, execution, device, config.train.seed as i64)?;
     if let Some(checkpoint) = resumed {
         restore_model(model.as_ref(), checkpoint)?;
-    } else if let Some(path) = &spec.pretrained {
-        let report = mgrun_checkpoint::load_pretrained(model.store_mut(), path)?;
+    } else if let Some(path) = config.pretrained_weights() {
+        let report = mgrun_checkpoint::load_pretrained(model.store_mut(), path).with_context(|| {
+            format!("model.pretrained = {} (torchvision's ImageNet ResNet-50: `make weights`)", path.display())
+        })?;
         if world.rank() == 0 {
             println!("model.pretrained: loaded {} tensors from {}", report.loaded, path.display());
             if let Some(note) = &report.head_skipped {
