@@ -85,6 +85,8 @@ pub enum MessageSize {
     PerDomainHeadGradientMoments,
     /// The step's images as 8-bit pixels (K B x 3 x S x S bytes) and their labels.
     BatchImages,
+    /// A row per image of the step: its domain, position and id, C values and `n` more (K B (3 + C + n)).
+    ImageRows(u32),
 }
 
 /// A statistic that a method exchanges across ranks at every step on the fast path (deterministic
@@ -163,6 +165,8 @@ impl fmt::Display for MessageSize {
             MessageSize::PerDomainFeatureMoments => f.write_str("K(1 + D + D^2)"),
             MessageSize::PerDomainHeadGradientMoments => f.write_str("K(1 + 2C(D + 1))"),
             MessageSize::BatchImages => f.write_str("KB images (uint8) and labels"),
+            MessageSize::ImageRows(0) => f.write_str("KB(3 + C)"),
+            MessageSize::ImageRows(n) => write!(f, "KB({} + C)", 3 + n),
         }
     }
 }
@@ -170,14 +174,15 @@ impl fmt::Display for MessageSize {
 impl MessageSize {
     /// Bytes of one message (scalars travel as f64, everything else as f32).
     pub fn bytes(self, dims: MessageDims) -> usize {
-        let MessageDims { params, features, classes, domains, batch_pixels } = dims;
+        let MessageDims { params, features, classes, domains, batch_images, batch_pixels } = dims;
         match self {
             MessageSize::PerParameter(n) => n as usize * params * 4,
             MessageSize::Scalars(n) => n as usize * 8,
             MessageSize::PerDomain(n) => n as usize * domains * 4,
             MessageSize::PerDomainFeatureMoments => domains * (1 + features + features * features) * 4,
             MessageSize::PerDomainHeadGradientMoments => domains * (1 + 2 * classes * (features + 1)) * 4,
-            MessageSize::BatchImages => batch_pixels,
+            MessageSize::BatchImages => batch_pixels + batch_images * 8,
+            MessageSize::ImageRows(n) => batch_images * (3 + classes + n as usize) * 4,
         }
     }
 }
@@ -193,7 +198,8 @@ pub struct MessageDims {
     pub classes: usize,
     /// Training domains K.
     pub domains: usize,
-    /// Pixel values of a step's images, K B x 3 x S x S.
+    /// Images of a step, K B, and their pixel values, K B x 3 x S x S.
+    pub batch_images: usize,
     pub batch_pixels: usize,
 }
 

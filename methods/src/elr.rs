@@ -246,7 +246,7 @@ impl SampleTables {
     pub const EXCHANGE: CrossRankStat = CrossRankStat {
         name: "the step's per-image table rows (domain, position, id, C values), padded to the largest rank's images",
         collective: crate::descriptor::Collective::AllGather,
-        size: MessageSize::Scalars(0),
+        size: MessageSize::ImageRows(0),
         group: crate::descriptor::Group::World,
     };
 

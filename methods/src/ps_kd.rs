@@ -67,7 +67,8 @@ impl MethodDef for PsKd {
         vec![
             CrossRankStat::world_sum("gradient", MessageSize::PerParameter(1)),
             CrossRankStat::world_sum("loss and objective", MessageSize::Scalars(2)),
-            SampleTables::EXCHANGE,
+            // Its rows hold C + 1 values (the prediction and whether the image was seen).
+            CrossRankStat { size: MessageSize::ImageRows(1), ..SampleTables::EXCHANGE },
         ]
     }
 

@@ -58,6 +58,7 @@ pub fn describe(
     let bytes = |size: MessageSize| match size {
         MessageSize::Scalars(n) => format!("{n} value(s)"),
         MessageSize::PerDomain(n) => format!("{} value(s)", n as usize * dims.domains),
+        MessageSize::ImageRows(n) => format!("{} value(s)", dims.batch_images * (3 + dims.classes + n as usize)),
         _ => format!("{:.1} MB", size.bytes(dims) as f64 / 1e6),
     };
     if deterministic {

@@ -373,6 +373,7 @@ fn announce(config: &JobConfig, env: &RankEnv, dataset: &Dataset, plan: &Shardin
         features: model.feature_dim(),
         classes: dataset.classes().len(),
         domains: train_names.len(),
+        batch_images: train_names.len() * config.data.batch_per_domain,
         batch_pixels: train_names.len() * config.data.batch_per_domain * 3 * (config.data.image_size as usize).pow(2),
     };
     print!("{}", sharding::describe(plan, &train_names, &statistics, config.train.deterministic, dims));
