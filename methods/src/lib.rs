@@ -42,6 +42,7 @@ methods! {
     ps_kd::PsKd,
     advstyle::AdvStyle,
     mixup::Mixup,
+    weight_compander::WeightCompander,
 }
 
 pub use adam::{Adam, AdamConfig};
@@ -63,6 +64,7 @@ pub use sharding::{domain_groups, DomainGroup, Piece, ShardingPlan};
 pub use tram::{Tram, TramConfig, TramTarget};
 pub use udim::{Udim, UdimConfig};
 pub use vrex::{Vrex, VrexConfig};
+pub use weight_compander::{CompanderVariant, WeightCompander, WeightCompanderConfig};
 
 use anyhow::Result;
 use mgrun_collectives::Communicator;

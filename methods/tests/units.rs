@@ -153,7 +153,8 @@ fn descriptors_list_methods_with_their_defaults() {
             "elr",
             "ps_kd",
             "advstyle",
-            "mixup"
+            "mixup",
+            "weight_compander"
         ]
     );
     let documented: Vec<(String, String, &str)> =

@@ -53,11 +53,11 @@ def definitions(algorithm, dataset):
     return defs
 
 
-# tram, udim and the regularizers (ocnn, elr, ps_kd, advstyle) search nothing of their own: only the
-# shared entries.
+# tram, udim and the regularizers (ocnn, elr, ps_kd, advstyle, weight_compander) search nothing of
+# their own: only the shared entries.
 ALGORITHMS = [
     "erm", "sam", "dsp_reg", "group_dro", "coral", "vrex", "fishr", "disam", "tram", "udim",
-    "ocnn", "elr", "ps_kd", "advstyle", "mixup",
+    "ocnn", "elr", "ps_kd", "advstyle", "mixup", "weight_compander",
 ]
 
 
