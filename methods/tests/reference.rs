@@ -5,6 +5,12 @@
 //! path with micro-batches of 3 images (3 + 1 per domain), whose summation order differs from
 //! PyTorch's but whose math must not.
 
+mod common;
+
+use common::{
+    fixture_dir, fixture_weights, load, relative_error, run_reference, spec, Fixture, BATCH, NUM_CLASSES, NUM_DOMAINS,
+    STEPS, WIDTH,
+};
 use mgrun_collectives::SingleRank;
 use mgrun_methods::dsp_reg::{DspMode, DspScore, DspWeight, VarianceDenominator};
 use mgrun_methods::{
@@ -13,18 +19,10 @@ use mgrun_methods::{
     SamPerturb, ShardingPlan, Topology, Tram, TramConfig, TramTarget, Udim, UdimConfig, UpdateContext, Vrex,
     VrexConfig, METHODS,
 };
-use mgrun_models::ModelSpec;
 use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
-use std::process::Command;
 use std::sync::OnceLock;
 use tch::{Device, Kind, Tensor};
 
-const WIDTH: i64 = 8;
-const NUM_CLASSES: usize = 5;
-const NUM_DOMAINS: usize = 3;
-const BATCH: i64 = 4;
-const STEPS: u64 = 3;
 const TOLERANCE: f64 = 1e-5;
 /// For the rank score only (see the `dsp_rank` case).
 const RANK_TOLERANCE: f64 = 2e-4;
@@ -32,17 +30,6 @@ const RANK_TOLERANCE: f64 = 2e-4;
 const MICRO_BATCH: usize = 3;
 /// The run seed (Mixup's pairs and weights derive from it).
 const SEED: u64 = 5;
-
-fn spec() -> ModelSpec {
-    ModelSpec {
-        arch: "small_cnn".into(),
-        num_classes: NUM_CLASSES,
-        freeze_bn: false,
-        dropout: 0.0,
-        width: WIDTH,
-        pretrained: None,
-    }
-}
 
 fn adam() -> AdamConfig {
     AdamConfig { lr: 1e-2, ..AdamConfig::default() }
@@ -191,25 +178,11 @@ fn cases() -> Vec<Case> {
     ]
 }
 
-fn workspace_root() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
-}
-
-fn python() -> PathBuf {
-    std::env::var_os("MGRUN_PYTHON").map(PathBuf::from).unwrap_or_else(|| workspace_root().join(".venv/bin/python"))
-}
-
-struct Fixture {
-    input: PathBuf,
-    output: PathBuf,
-}
-
 /// Writes the initial weights and batches once, runs the Python reference for every case once.
 fn fixture() -> &'static Fixture {
     static FIXTURE: OnceLock<Fixture> = OnceLock::new();
     FIXTURE.get_or_init(|| {
-        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("methods_reference_{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = fixture_dir("methods_reference");
         let model = mgrun_models::build(&spec(), Device::Cpu, 7).unwrap();
         let mut tensors: Vec<(String, Tensor)> = model.store().named_tensors();
         tch::manual_seed(11);
@@ -222,8 +195,6 @@ fn fixture() -> &'static Fixture {
                 ));
             }
         }
-        let input = dir.join("input.safetensors");
-        Tensor::write_safetensors(&tensors, &input).unwrap();
 
         let case_json: Vec<serde_json::Value> = cases()
             .iter()
@@ -255,23 +226,8 @@ fn fixture() -> &'static Fixture {
             "width": WIDTH, "num_classes": NUM_CLASSES, "steps": STEPS, "num_domains": NUM_DOMAINS,
             "cases": case_json,
         });
-        let config_path = dir.join("config.json");
-        std::fs::write(&config_path, serde_json::to_string_pretty(&config).unwrap()).unwrap();
-        let output = dir.join("reference.safetensors");
-        let script = workspace_root().join("tests/reference/methods_ref.py");
-        let result = Command::new(python()).arg(&script).arg(&input).arg(&config_path).arg(&output).output().unwrap();
-        assert!(
-            result.status.success(),
-            "reference failed: {}\n{}",
-            String::from_utf8_lossy(&result.stdout),
-            String::from_utf8_lossy(&result.stderr)
-        );
-        Fixture { input, output }
+        run_reference(&dir, "tests/reference/methods_ref.py", &tensors, &config)
     })
-}
-
-fn load(path: &PathBuf) -> HashMap<String, Tensor> {
-    Tensor::read_safetensors(path).unwrap().into_iter().collect()
 }
 
 struct RustRun {
@@ -283,8 +239,7 @@ struct RustRun {
 fn run_rust(case: &Case, inputs: &HashMap<String, Tensor>, micro_batch: Option<usize>) -> RustRun {
     let mut model = mgrun_models::build(&spec(), Device::Cpu, 0).unwrap();
     // Load the fixture's weights (tests build models concurrently, so seeding alone is not reliable).
-    let flat: Vec<Tensor> = model.store().params().iter().map(|p| inputs[&p.name].reshape([-1])).collect();
-    model.store().set_flat(&Tensor::cat(&flat, 0)).unwrap();
+    model.store().set_flat(&fixture_weights(inputs)).unwrap();
     let mut method = build(&case.method, &*model, NUM_DOMAINS).unwrap();
     let mut optimizer = Adam::new(case.adam.clone(), model.store().numel(), Device::Cpu);
     let world = SingleRank::default();
@@ -322,11 +277,6 @@ fn run_rust(case: &Case, inputs: &HashMap<String, Tensor>, micro_batch: Option<u
     }
     let params = model.store().params().iter().map(|p| (p.name.clone(), p.tensor.detach().copy())).collect();
     RustRun { losses, extras, params }
-}
-
-fn relative_error(a: &Tensor, b: &Tensor) -> f64 {
-    let diff = (a - b).to_kind(Kind::Double).norm().double_value(&[]);
-    diff / b.to_kind(Kind::Double).norm().double_value(&[]).max(1e-30)
 }
 
 fn scalar_error(a: f64, b: f64) -> f64 {

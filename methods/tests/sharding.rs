@@ -10,33 +10,22 @@
 //!   gradient is near zero, so no fixed tolerance holds for trajectories: that is what the exact
 //!   path is for.
 
-use mgrun_collectives::store::{StoreClient, StoreServer};
-use mgrun_collectives::tcp::TcpCommunicator;
+mod common;
+
+use common::{on_threads, shards_of, spec, steps, Batches, BATCH, NUM_DOMAINS as DOMAINS, STEPS};
 use mgrun_collectives::Communicator;
 use mgrun_methods::dsp_reg::DspMode;
 use mgrun_methods::gradients::{batch_gradient, domain_gradients, Pass};
 use mgrun_methods::{
-    build, domain_groups, Adam, AdamConfig, Coral, CoralConfig, Disam, DisamConfig, DomainShard, DspReg, DspRegConfig,
-    ExactMode, Fishr, FishrConfig, GroupDro, GroupDroConfig, MethodConfig, Mixup, MixupConfig, MixupTransport, Sam,
-    SamConfig, SamPerturb, ShardingPlan, Topology, Tram, TramConfig, TramTarget, Udim, UdimConfig, UpdateContext, Vrex,
-    VrexConfig,
+    build, domain_groups, Adam, AdamConfig, Coral, CoralConfig, Disam, DisamConfig, DspReg, DspRegConfig, Fishr,
+    FishrConfig, GroupDro, GroupDroConfig, MethodConfig, Mixup, MixupConfig, MixupTransport, Sam, SamConfig,
+    SamPerturb, ShardingPlan, Topology, Tram, TramConfig, TramTarget, Udim, UdimConfig, Vrex, VrexConfig,
 };
-use mgrun_models::ModelSpec;
-use std::time::Duration;
 use tch::{Device, Kind, Tensor};
 
-const STEPS: u64 = 3;
-const DOMAINS: usize = 3;
-const BATCH: i64 = 4;
 const TOKEN: &str = "sharding-test";
 
-fn spec() -> ModelSpec {
-    ModelSpec { arch: "small_cnn".into(), num_classes: 5, freeze_bn: false, dropout: 0.0, width: 8, pretrained: None }
-}
-
-/// `[step][domain]` batches of BATCH images, as plain vectors (tch tensors are not `Sync`).
-type Batches = Vec<Vec<(Vec<f32>, Vec<i64>)>>;
-
+/// `[step][domain]` batches of deterministic images (sines) and labels.
 fn batches() -> Batches {
     let values = |n: i64, salt: f64| {
         let t = (Tensor::arange(n, (Kind::Double, Device::Cpu)) * (0.7311 + salt)).sin().to_kind(Kind::Float);
@@ -55,26 +44,6 @@ fn batches() -> Batches {
         .collect()
 }
 
-/// This rank's shards of `step`.
-fn shards_of(data: &Batches, plan: &ShardingPlan, rank: usize, step: u64) -> Vec<DomainShard> {
-    plan.pieces(rank)
-        .iter()
-        .map(|piece| {
-            let (x, y) = &data[step as usize][piece.domain];
-            let x = Tensor::from_slice(x).view([BATCH, 3, 8, 8]);
-            let y = Tensor::from_slice(y);
-            let (lo, len) = (piece.lo as i64, piece.len() as i64);
-            DomainShard {
-                domain: piece.domain,
-                offset: piece.lo,
-                x: x.narrow(0, lo, len),
-                y: y.narrow(0, lo, len),
-                ids: None,
-            }
-        })
-        .collect()
-}
-
 /// One rank's run in deterministic mode; returns its final flat weights and per-step losses.
 fn run_rank(
     cfg: &MethodConfig,
@@ -87,47 +56,10 @@ fn run_rank(
     model.store().set_flat(&Tensor::from_slice(weights)).unwrap();
     let mut method = build(cfg, &*model, DOMAINS).unwrap();
     let mut adam = Adam::new(AdamConfig { lr: 1e-2, ..AdamConfig::default() }, model.store().numel(), Device::Cpu);
-    let topology = Topology { world, plan, domain_groups: &[], bucket_bytes: 4096, exact: Some(ExactMode { seed: 3 }) };
-    let mut losses = Vec::new();
-    for step in 0..STEPS {
-        let shards = shards_of(data, plan, world.rank(), step);
-        let mut ctx = UpdateContext {
-            model: &mut *model,
-            optimizer: &mut adam,
-            topology: &topology,
-            step,
-            total_steps: STEPS,
-            seed: 3,
-        };
-        losses.push(method.update(&mut ctx, &shards).unwrap().loss);
-    }
+    let losses = steps(&mut *model, &mut *method, &mut adam, plan, world, true, 0..STEPS, |step| {
+        shards_of(data, plan, world.rank(), step, None)
+    });
     (Vec::<f32>::try_from(model.store().flat()).unwrap(), losses)
-}
-
-/// Every rank's result of `body` on `world` threads joined by TCP communicators, with the balanced
-/// plan of `unit`-image units.
-fn on_threads<T: Send>(
-    world: usize,
-    unit: usize,
-    body: impl Fn(&ShardingPlan, &dyn Communicator) -> T + Sync,
-) -> Vec<T> {
-    let plan = ShardingPlan::balanced(world, DOMAINS, BATCH as usize, unit).unwrap();
-    let server = StoreServer::start("127.0.0.1:0".parse().unwrap(), TOKEN.into()).unwrap();
-    let addr = server.addr().to_string();
-    std::thread::scope(|s| {
-        let handles: Vec<_> = (0..world)
-            .map(|rank| {
-                let (addr, plan, body) = (addr.clone(), &plan, &body);
-                s.spawn(move || {
-                    let store = StoreClient::connect(&addr, TOKEN, Duration::from_secs(30)).unwrap();
-                    let comm =
-                        TcpCommunicator::connect(&store, rank, world, Device::Cpu, Duration::from_secs(60)).unwrap();
-                    body(plan, &comm)
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    })
 }
 
 fn initial_weights() -> Vec<f32> {
@@ -139,8 +71,9 @@ fn check_invariance(cfg: MethodConfig) {
     let data = batches();
     let weights = initial_weights();
     let name = cfg.name.clone();
-    let run_world =
-        |world: usize, unit: usize| on_threads(world, unit, |plan, comm| run_rank(&cfg, &weights, &data, plan, comm));
+    let run_world = |world: usize, unit: usize| {
+        on_threads(TOKEN, world, unit, |plan, comm| run_rank(&cfg, &weights, &data, plan, comm))
+    };
     // Exact path: the same bits on every rank and every world size.
     for unit in [1, 3] {
         let reference = run_world(1, unit).remove(0);
@@ -246,7 +179,7 @@ fn fast_gradients(weights: &[f32], data: &Batches, plan: &ShardingPlan, world: &
     model.store().set_flat(&Tensor::from_slice(weights)).unwrap();
     let groups = domain_groups(world, plan).unwrap();
     let topology = Topology { world, plan, domain_groups: &groups, bucket_bytes: 4096, exact: None };
-    let shards = shards_of(data, plan, world.rank(), 0);
+    let shards = shards_of(data, plan, world.rank(), 0, None);
     // The batch gradient aliases the model's gradient buffer: read it before the next backward.
     let batch =
         Vec::<f32>::try_from(&batch_gradient(&mut *model, &topology, &shards, &Pass::plain(0, 0)).unwrap().grad)
@@ -302,11 +235,11 @@ fn fast_path_gradients_match_one_rank_within_the_summation_error_bound() {
         // Reassociation shows: the comparison is not vacuous when the sums are cut differently.
         diff.max().double_value(&[])
     };
-    let single = on_threads(1, 1, |plan, comm| fast_gradients(&weights, &data, plan, comm)).remove(0);
+    let single = on_threads(TOKEN, 1, 1, |plan, comm| fast_gradients(&weights, &data, plan, comm)).remove(0);
     let mut largest = 0.0f64;
     for world in 2..=5 {
         for (rank, got) in
-            on_threads(world, 1, |plan, comm| fast_gradients(&weights, &data, plan, comm)).iter().enumerate()
+            on_threads(TOKEN, world, 1, |plan, comm| fast_gradients(&weights, &data, plan, comm)).iter().enumerate()
         {
             largest = largest.max(within(
                 &format!("{world} ranks, rank {rank}, batch"),

@@ -476,17 +476,36 @@ STEPS = {
 }
 
 
-def main():
+def read_run():
+    """The command line's INPUT, CONFIG and OUTPUT: the inputs, the config and the output path; with
+    deterministic algorithms on."""
     inputs_path, config_path, output_path = sys.argv[1:4]
     torch.use_deterministic_algorithms(True)
     inputs = load_file(inputs_path)
     with open(config_path) as f:
         cfg = json.load(f)
+    return inputs, cfg, output_path
+
+
+def start_case(cfg, inputs, case):
+    """A case's model from the input weights, its parameters and its Adam."""
+    model = make_model(cfg, inputs)
+    params = list(model.parameters())
+    return model, params, make_adam(params, case.get("adam", {}))
+
+
+def record(out, name, losses, named_params):
+    """A case's `{name}.loss` (f64 per step) and `{name}.param.{param name}` into `out`."""
+    out[f"{name}.loss"] = torch.tensor(losses, dtype=torch.float64)
+    for pname, p in named_params:
+        out[f"{name}.param.{pname}"] = p.detach().clone().contiguous()
+
+
+def main():
+    inputs, cfg, output_path = read_run()
     out = {}
     for case in cfg["cases"]:
-        model = make_model(cfg, inputs)
-        params = list(model.parameters())
-        opt = make_adam(params, case.get("adam", {}))
+        model, params, opt = start_case(cfg, inputs, case)
         state, losses, extras = {}, [], {}
         for step in range(cfg["steps"]):
             doms = batches(inputs, step, cfg["num_domains"])
@@ -495,11 +514,9 @@ def main():
             for k, v in extra.items():
                 extras.setdefault(k, []).append(v)
         name = case["name"]
-        out[f"{name}.loss"] = torch.tensor(losses, dtype=torch.float64)
+        record(out, name, losses, model.named_parameters())
         for k, v in extras.items():
             out[f"{name}.extra.{k}"] = torch.tensor(v, dtype=torch.float64)
-        for pname, p in model.named_parameters():
-            out[f"{name}.param.{pname}"] = p.detach().clone().contiguous()
     save_file(out, output_path)
 
 

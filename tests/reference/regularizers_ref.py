@@ -2,22 +2,29 @@
 from the formulas in /work/shared/reference/methods.md §5 (and each method's doc comment) with plain
 PyTorch autograd and torch.optim.Adam; shared helpers come from methods_ref.py.
 
+Also `weight_compander` (our mu-law variant of Weight Compander, methods.md §5.3 and
+methods/src/weight_compander.rs): each conv/linear weight (a parameter named `*.weight` of a Conv2d or
+Linear module) is w = f(v) with f(v) = a sign(v) ln(1 + mu|v|)/ln(1 + mu); v is the leaf that
+torch.optim.Adam updates, w is computed from it and autograd differentiates through f. Biases are
+trained directly. Its `{name}.param.*` are the final effective weights w.
+
 Usage: regularizers_ref.py INPUT.safetensors CONFIG.json OUTPUT.safetensors
 
 INPUT is methods_ref.py's plus `ids.{step}.{domain}` (each image's index in its domain's file list).
 CONFIG is {"width", "num_classes", "steps", "num_domains", "cases": [{"name", "method", "adam",
 "section": {...}, "total_steps"}]}. OUTPUT: `{name}.loss` (f64 per step) and `{name}.param.{name}`.
 """
-import json
+import math
 import os
 import sys
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
+from torch.func import functional_call
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from methods_ref import apply_update, batches, make_adam, make_model, pooled  # noqa: E402
+from methods_ref import apply_update, batches, make_adam, make_model, pooled, read_run, record, start_case  # noqa: E402
 
 
 def step_ids(inputs, step, num_domains):
@@ -131,27 +138,65 @@ def advstyle_step(model, params, opt, doms, cfg, state, step, ids, total):
 STEPS = {"erm": erm_step, "ocnn": ocnn_step, "elr": elr_step, "ps_kd": ps_kd_step, "advstyle": advstyle_step}
 
 
+def compand(v, a, mu):
+    return a * torch.sign(v) * torch.log(1 + mu * v.abs()) / math.log(1 + mu)
+
+
+def inverse(w, a, mu):
+    """f^-1 in double precision: sign(w) (exp(|w| ln(1 + mu)/a) - 1)/mu."""
+    w = w.double()
+    return (torch.sign(w) * (torch.exp(w.abs() * math.log(1 + mu) / a) - 1) / mu).float()
+
+
+def weight_compander_case(cfg, inputs, case):
+    """The whole run (Adam steps the latent v, not the model's parameters): the losses and the final
+    effective weights."""
+    model = make_model(cfg, inputs)
+    names = [n for n, _ in model.named_parameters()]
+    modules = dict(model.named_modules())
+    # Conv and linear weights only (a norm layer's weight is 1-D).
+    companded = {
+        n for n, p in model.named_parameters()
+        if n.endswith(".weight") and isinstance(modules[n.rsplit(".", 1)[0]], (torch.nn.Conv2d, torch.nn.Linear))
+    }
+    sec = case["section"]
+    a, mu = sec.get("a", 0.25), sec.get("mu", 25.0)
+    latent = {}
+    for n, p in model.named_parameters():
+        v = inverse(p.detach(), a, mu) if n in companded else p.detach().clone()
+        latent[n] = v.requires_grad_(True)
+    opt = make_adam([latent[n] for n in names], case.get("adam", {}))
+
+    def effective():
+        return {n: compand(latent[n], a, mu) if n in companded else latent[n] for n in names}
+
+    losses = []
+    for step in range(cfg["steps"]):
+        x, y = pooled(batches(inputs, step, cfg["num_domains"]))
+        loss = F.cross_entropy(functional_call(model, effective(), (x,)), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    with torch.no_grad():
+        return losses, list(effective().items())
+
+
 def main():
-    inputs_path, config_path, output_path = sys.argv[1:4]
-    torch.use_deterministic_algorithms(True)
-    inputs = load_file(inputs_path)
-    with open(config_path) as f:
-        cfg = json.load(f)
+    inputs, cfg, output_path = read_run()
     out = {}
     for case in cfg["cases"]:
-        model = make_model(cfg, inputs)
-        params = list(model.parameters())
-        opt = make_adam(params, case.get("adam", {}))
+        if case["method"] == "weight_compander":
+            record(out, case["name"], *weight_compander_case(cfg, inputs, case))
+            continue
+        model, params, opt = start_case(cfg, inputs, case)
         state, losses = {}, []
         for step in range(cfg["steps"]):
             doms = batches(inputs, step, cfg["num_domains"])
             ids = step_ids(inputs, step, cfg["num_domains"])
             step_fn = STEPS[case["method"]]
             losses.append(step_fn(model, params, opt, doms, case["section"], state, step, ids, case["total_steps"]))
-        name = case["name"]
-        out[f"{name}.loss"] = torch.tensor(losses, dtype=torch.float64)
-        for pname, p in model.named_parameters():
-            out[f"{name}.param.{pname}"] = p.detach().clone().contiguous()
+        record(out, case["name"], losses, model.named_parameters())
     save_file(out, output_path)
 
 
