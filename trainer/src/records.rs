@@ -188,8 +188,15 @@ fn run_args(config: &JobConfig, env: &RankEnv, dataset: &Dataset, out_dir: &Path
         "task": "domain_generalization",
         "world_size": env.world_size,
         "arch": config.model.arch,
+        // data.on_corrupt = "skip": how many images were left out and the first of them (the full
+        // list is <out>/skipped.txt).
+        "skipped_images": dataset.skipped().len(),
+        "skipped_first": dataset.skipped().iter().take(SKIPPED_LISTED).collect::<Vec<_>>(),
     })
 }
+
+/// How many skipped images the console and the records name (all of them go to skipped.txt).
+pub const SKIPPED_LISTED: usize = 10;
 
 /// DomainBed's `hparams` names for the shared hyperparameters and the swept method ones (as
 /// `mgrun sweep` names them), plus mgrun's full `[method]` table under `method`.

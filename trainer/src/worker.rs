@@ -6,7 +6,7 @@ use crate::config::JobConfig;
 use crate::eval::Evaluator;
 use crate::preemption::{PreemptionSignal, WorkerOutcome};
 use crate::progress::{fmt_duration, Progress};
-use crate::records::{accuracy_table, RunRecords};
+use crate::records::{accuracy_table, RunRecords, SKIPPED_LISTED};
 use crate::sharding;
 use crate::swad::{Swad, ValleyDecision};
 use crate::WorkerArgs;
@@ -226,7 +226,29 @@ fn open_dataset(config: &JobConfig, out_dir: &Path, world: &dyn Communicator, is
         prepare_synthetic_data(config)?;
     }
     world.barrier().context("waiting for rank 0 to prepare the data")?;
-    Ok(Arc::new(Dataset::open(&config.data)?))
+    let dataset = Dataset::open(&config.data)?;
+    if is_main && !dataset.skipped().is_empty() {
+        report_skipped(dataset.skipped(), out_dir)?;
+    }
+    Ok(Arc::new(dataset))
+}
+
+/// `data.on_corrupt = "skip"` left images out: say how many and which (the first on the console, all
+/// of them in `<out>/skipped.txt`), so that nothing is dropped without a trace.
+fn report_skipped(skipped: &[std::path::PathBuf], out_dir: &Path) -> Result<()> {
+    let path = out_dir.join("skipped.txt");
+    let list: String = skipped.iter().map(|p| format!("{}\n", p.display())).collect();
+    std::fs::write(&path, list).with_context(|| format!("writing {}", path.display()))?;
+    let first: Vec<String> = skipped.iter().take(SKIPPED_LISTED).map(|p| p.display().to_string()).collect();
+    let more = skipped.len().saturating_sub(SKIPPED_LISTED);
+    println!(
+        "data.on_corrupt = \"skip\": left out {} unreadable image(s): {}{}; the full list is in {}",
+        skipped.len(),
+        first.join(", "),
+        if more > 0 { format!(" and {more} more") } else { String::new() },
+        path.display()
+    );
+    Ok(())
 }
 
 /// The model on every rank: restored from `resumed`, or from `model.pretrained`, or fresh from the
