@@ -34,3 +34,86 @@ fn skipped_images_are_reported_on_the_console_in_the_records_and_in_a_file() {
     assert_eq!(args["skipped_images"], 1, "{args}");
     assert!(args["skipped_first"][0].as_str().unwrap().contains(name), "{args}");
 }
+
+/// Issue 14 item 1: `--resume auto` resumes this run's checkpoint (the one `latest` names), never
+/// another run's; a changed identity is refused by key; train.steps changes only with --extend; a
+/// finished run is not "resumed" into a 0-step success that overwrites its model.
+#[test]
+fn resume_follows_latest_and_refuses_another_runs_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = synthetic_dataset(dir.path(), 6, 16);
+    let checkpoints = "\n[checkpoint]\nevery_steps = 2\nkeep_last = 0\n";
+    let cfg = write_tiny_job(&dir.path().join("job.toml"), &root, 6, 0, checkpoints);
+    let cfg = cfg.to_str().unwrap();
+    let out = dir.path().join("run");
+    let out_arg = out.to_str().unwrap();
+    let (ok, log) = run(&["--cpus", "1", "--out", out_arg, cfg], dir.path());
+    assert!(ok, "{log}");
+    let model = std::fs::read(out.join("model.safetensors")).unwrap();
+
+    // A finished run: nothing to train, an error, and the model is untouched.
+    let (ok, log) = run(&["--cpus", "1", "--out", out_arg, "--resume", "auto", cfg], dir.path());
+    assert!(!ok && log.contains("nothing left to train") && log.contains("--extend"), "{log}");
+    assert_eq!(std::fs::read(out.join("model.safetensors")).unwrap(), model, "the finished run's model changed");
+
+    // Another run's checkpoint (more steps) lands in this run's checkpoint root, past `latest`.
+    let other = dir.path().join("other");
+    let more = ["--set", "train.steps=10"];
+    let (ok, log) = run(&[&["--cpus", "1", "--out", other.to_str().unwrap()][..], &more, &[cfg]].concat(), dir.path());
+    assert!(ok, "{log}");
+    copy_dir(&other.join("checkpoints/step10"), &out.join("checkpoints/step10"));
+
+    // More steps without --extend: refused, naming the key and the flag.
+    let resume = ["--cpus", "1", "--out", out_arg, "--resume", "auto"];
+    let (ok, log) = run(&[&resume[..], &more, &[cfg]].concat(), dir.path());
+    assert!(!ok && log.contains("train.steps: 6 -> 10") && log.contains("--extend"), "{log}");
+
+    // Another dataset root: refused by key.
+    let moved = dir.path().join("moved");
+    copy_dir(&root, &moved);
+    let root_set = format!("data.root={}", moved.display());
+    let (ok, log) = run(&[&resume[..], &["--set", &root_set, cfg]].concat(), dir.path());
+    assert!(!ok && log.contains("data.root"), "{log}");
+
+    // With --extend this run continues from its own step6 (latest), not the other run's step10.
+    let (ok, log) = run(&[&resume[..], &more, &["--extend", cfg]].concat(), dir.path());
+    assert!(ok, "{log}");
+    assert!(
+        log.contains("newer than latest") && log.contains("not this run's") && log.contains("step6 (step 6"),
+        "{log}"
+    );
+    assert!(log.contains("--extend: train.steps: 6 -> 10"), "{log}");
+    let steps = read_jsonl(&out.join("steps.jsonl")).unwrap();
+    assert_eq!(steps.len(), 10, "the extended run records steps 0-9");
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap().flatten() {
+        let target = to.join(entry.file_name());
+        if entry.path().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+/// A run stopped between committing a checkpoint directory and moving `latest` resumes from that
+/// newest commit: it has the run's config fingerprint.
+#[test]
+fn a_commit_newer_than_latest_from_the_same_run_is_resumed() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = synthetic_dataset(dir.path(), 6, 16);
+    let checkpoints = "\n[checkpoint]\nevery_steps = 2\nkeep_last = 0\n";
+    let cfg = write_tiny_job(&dir.path().join("job.toml"), &root, 6, 0, checkpoints);
+    let (cfg, out) = (cfg.to_str().unwrap(), dir.path().join("run"));
+    let (ok, log) = run(&["--cpus", "1", "--out", out.to_str().unwrap(), cfg], dir.path());
+    assert!(ok, "{log}");
+    std::fs::write(out.join("checkpoints/latest"), "step4\n").unwrap();
+    let args =
+        ["--cpus", "1", "--out", out.to_str().unwrap(), "--resume", "auto", "--set", "train.steps=8", "--extend"];
+    let (ok, log) = run(&[&args[..], &[cfg]].concat(), dir.path());
+    assert!(ok, "{log}");
+    assert!(log.contains("step6 (step 6") && !log.contains("skipping"), "{log}");
+}

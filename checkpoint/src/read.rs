@@ -2,7 +2,7 @@
 //! of ranks that wrote them.
 
 use crate::manifest::{Manifest, Meta};
-use crate::{parse_step_dir, MANIFEST_FILE};
+use crate::{parse_step_dir, LATEST_FILE, MANIFEST_FILE};
 use anyhow::{anyhow, bail, Context, Result};
 use safetensors::SafeTensors;
 use std::collections::HashMap;
@@ -219,10 +219,43 @@ pub fn resolve_resume(root: &Path, resume: &Resume) -> Result<ResumeChoice> {
     }
 }
 
+/// The checkpoint that `latest` names (the run's last commit pointer), or the newest valid one at or
+/// before it when it is damaged. A valid checkpoint past `latest` is used only when its config
+/// fingerprint is `latest`'s (the same run, stopped between committing the directory and moving the
+/// pointer); another run's, left in the same root, is never chosen. Without a `latest`, the newest
+/// valid checkpoint. Every passed-over checkpoint is named in `skipped`.
 fn newest_valid(root: &Path) -> Result<ResumeChoice> {
     let mut skipped = Vec::new();
-    for (_, dir) in committed_steps(root)? {
+    let pointer = root.join(LATEST_FILE);
+    let latest_step = match std::fs::read_to_string(&pointer) {
+        Ok(text) => match parse_step_dir(text.trim()) {
+            Some(step) => Some(step),
+            None => {
+                skipped.push(format!("{}: names no step<N> directory ({:?})", pointer.display(), text.trim()));
+                None
+            }
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(e).with_context(|| format!("reading {}", pointer.display())),
+    };
+    let committed = committed_steps(root)?;
+    // The fingerprint of the run that `latest` belongs to.
+    let run_fingerprint = latest_step.and_then(|latest| {
+        let dir = committed.iter().find(|(step, _)| *step == latest).map(|(_, dir)| dir)?;
+        load(dir).ok().map(|c| c.meta.config_fingerprint)
+    });
+    for (step, dir) in committed {
+        let past_latest = latest_step.is_some_and(|latest| step > latest);
         match load(&dir) {
+            Ok(checkpoint) if past_latest && run_fingerprint.as_ref() != Some(&checkpoint.meta.config_fingerprint) => {
+                skipped.push(format!(
+                    "{}: newer than {LATEST_FILE} (step {}) and written with another config (fingerprint {}): \
+                     not this run's",
+                    dir.display(),
+                    latest_step.unwrap_or(0),
+                    checkpoint.meta.config_fingerprint
+                ));
+            }
             Ok(checkpoint) => return Ok(ResumeChoice { checkpoint: Some(checkpoint), skipped }),
             Err(e) => skipped.push(format!("{}: {e:#}", dir.display())),
         }

@@ -21,6 +21,10 @@ pub struct Cli {
     /// default <out>/checkpoints; give the run's --out) or the PATH of a checkpoint or checkpoint root.
     #[arg(long, value_name = "auto|PATH")]
     pub resume: Option<String>,
+    /// With --resume: continue a run with a changed train.steps (every other setting must match the
+    /// checkpoint's); schedules that depend on the total follow the new value.
+    #[arg(long, requires = "resume")]
+    pub extend: bool,
     /// The job's TOML config.
     #[arg(required = true)]
     pub config: Option<PathBuf>,

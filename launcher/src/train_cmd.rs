@@ -38,6 +38,7 @@ pub fn launch_training(cli: Cli, cuda_load_error: Option<&str>) -> anyhow::Resul
     if let Some(resume) = &resume {
         job.checkpoint.resume = resume.clone();
     }
+    job.checkpoint.extend |= cli.extend;
     if cli.launch.ranks_per_gpu.unwrap_or(1) > 1 && job.comm.backend == mgrun_collectives::BackendChoice::Nccl {
         anyhow::bail!(
             "config {}: comm.backend = \"nccl\" cannot run with --ranks-per-gpu {}: NCCL refuses two ranks of \

@@ -27,16 +27,17 @@ const SWAD_PREFIX: &str = "swad.";
 /// checkpointing itself, where the data lives); every other key must match the checkpoint's.
 const RESUMABLE_KEYS: &[&str] = &[
     "checkpoint",
-    "train.steps",
     "train.threads",
     "train.progress_every_s",
     "comm",
     "eval",
-    "data.root",
     "data.num_workers",
     "data.prefetch",
     "data.cache_mb",
 ];
+
+/// The one identity key that `--extend` lets change.
+const STEPS_KEY: &str = "train.steps:";
 
 /// What a checkpoint holds of a training run after some step.
 pub struct TrainingState<'a> {
@@ -50,6 +51,8 @@ pub struct TrainingState<'a> {
 pub struct Checkpointer {
     root: PathBuf,
     resume: Resume,
+    /// `--extend`: a resumed run may have another `train.steps`.
+    extend: bool,
     /// The config's fingerprinted keys, written into every checkpoint and compared on resume.
     config_keys: BTreeMap<String, String>,
     every_steps: u64,
@@ -85,6 +88,7 @@ impl Checkpointer {
         Ok(Checkpointer {
             root,
             resume: config.checkpoint.resume.clone(),
+            extend: config.checkpoint.extend,
             config_keys: mgrun_checkpoint::flatten_config(&value, RESUMABLE_KEYS),
             every_steps: config.checkpoint.every_steps,
             total_steps: config.train.steps,
@@ -145,14 +149,42 @@ impl Checkpointer {
                 checkpoint.meta.step
             );
         }
-        let differences = mgrun_checkpoint::config_differences(&checkpoint.meta.config, &self.config_keys);
+        // The run's identity (dataset and its root, model, method, classes, domains, seeds, steps)
+        // must match; train.steps may change only when asked for (--extend), since schedules depend
+        // on it (DSP-Reg's warm-up and ramp, UDIM's warm-up, PS-KD's alpha).
+        let mut differences = mgrun_checkpoint::config_differences(&checkpoint.meta.config, &self.config_keys);
+        let steps_change = differences.iter().position(|d| d.starts_with(STEPS_KEY));
+        if let (Some(index), true) = (steps_change, self.extend) {
+            let change = differences.remove(index);
+            if self.is_main() && differences.is_empty() {
+                println!(
+                    "--extend: {change}; schedules that depend on the total (DSP-Reg's warm-up and ramp, UDIM's \
+                     warm-up, PS-KD's weight) follow the new value from step {}",
+                    checkpoint.meta.step
+                );
+            }
+        }
         if !differences.is_empty() {
+            let hint = if steps_change.is_some() && !self.extend {
+                " To train a run further with more steps, resume with --extend."
+            } else {
+                ""
+            };
             bail!(
-                "checkpoint {} was written with another config (fingerprint {}); differing keys: {}. Resume with the \
-                 same settings, or start afresh with checkpoint.resume = \"none\"",
+                "checkpoint {} belongs to another run (config fingerprint {}); differing keys: {}. Resume with the \
+                 same settings, or start afresh in another --out.{hint}",
                 checkpoint.dir.display(),
                 checkpoint.meta.config_fingerprint,
                 differences.join(", ")
+            );
+        }
+        if checkpoint.meta.step >= self.total_steps {
+            bail!(
+                "checkpoint {} is at step {}, and train.steps = {}: nothing left to train (the run is finished); to \
+                 train it further, raise train.steps and resume with --extend",
+                checkpoint.dir.display(),
+                checkpoint.meta.step,
+                self.total_steps
             );
         }
         if self.is_main() {

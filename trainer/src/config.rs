@@ -174,13 +174,16 @@ pub struct CheckpointConfig {
     /// Where checkpoints go; unset = `<out>/checkpoints`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dir: Option<PathBuf>,
-    /// `none`, `auto` (the newest valid checkpoint in `dir`, if any) or the path of a checkpoint.
+    /// `none`, `auto` (the checkpoint `latest` names in `dir`, if any) or the path of a checkpoint.
     pub resume: Resume,
+    /// A resumed run may have another `train.steps` (`--extend`); every other identity key must match.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub extend: bool,
 }
 
 impl Default for CheckpointConfig {
     fn default() -> Self {
-        Self { every_steps: 0, keep_last: 3, dir: None, resume: Resume::None }
+        Self { every_steps: 0, keep_last: 3, dir: None, resume: Resume::None, extend: false }
     }
 }
 
