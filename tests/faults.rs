@@ -117,3 +117,52 @@ fn a_commit_newer_than_latest_from_the_same_run_is_resumed() {
     assert!(ok, "{log}");
     assert!(log.contains("step6 (step 6") && !log.contains("skipping"), "{log}");
 }
+
+/// Issue 14 item 2: a run directory holds one run. Re-running into a finished run is refused (its
+/// files untouched) unless --overwrite replaces it, and a second job on a running job's --out fails at
+/// once, naming the first, without touching its files.
+#[test]
+fn a_run_directory_is_locked_and_a_finished_run_is_not_overwritten_by_accident() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = synthetic_dataset(dir.path(), 6, 16);
+    let cfg = write_tiny_job(&dir.path().join("job.toml"), &root, 3, 0, "");
+    let (cfg, out) = (cfg.to_str().unwrap(), dir.path().join("run"));
+    let out_arg = out.to_str().unwrap();
+    let (ok, log) = run(&["--cpus", "1", "--out", out_arg, cfg], dir.path());
+    assert!(ok, "{log}");
+    let results = std::fs::read(out.join("results.jsonl")).unwrap();
+
+    let (ok, log) = run(&["--cpus", "1", "--out", out_arg, "--set", "train.seed=1", cfg], dir.path());
+    assert!(!ok && log.contains("a finished run") && log.contains("--overwrite") && log.contains("--resume"), "{log}");
+    assert_eq!(std::fs::read(out.join("results.jsonl")).unwrap(), results, "the refused job touched the results");
+
+    let (ok, log) = run(&["--cpus", "1", "--out", out_arg, "--overwrite", "--set", "train.seed=1", cfg], dir.path());
+    assert!(ok && log.contains("--overwrite: removed"), "{log}");
+    assert_ne!(std::fs::read(out.join("results.jsonl")).unwrap(), results, "--overwrite kept the old results");
+
+    // A long job holds the directory; a second one fails fast and names it.
+    let long = dir.path().join("long");
+    let first = std::process::Command::new(mgrun_tests::mgrun_bin())
+        .args(["--cpus", "1", "--out", long.to_str().unwrap(), "--set", "train.steps=400", cfg])
+        .current_dir(dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let lock = long.join(".mgrun.lock");
+    let waited = std::time::Instant::now();
+    while std::fs::read_to_string(&lock).map_or(true, |t| t.is_empty()) {
+        assert!(waited.elapsed().as_secs() < 30, "the first job never took its lock");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let started = std::time::Instant::now();
+    let (ok, log) = run(&["--cpus", "1", "--out", long.to_str().unwrap(), "--resume", "auto", cfg], dir.path());
+    assert!(
+        !ok && log.contains("another mgrun job is running there") && log.contains(&format!("pid {}", first.id())),
+        "{log}"
+    );
+    assert!(started.elapsed().as_secs() < 10, "the second job took {:?} to fail", started.elapsed());
+    let mut first = first;
+    assert!(first.wait().unwrap().success(), "the first job failed");
+    assert_eq!(read_jsonl(&long.join("steps.jsonl")).unwrap().len(), 400, "the first job's records are incomplete");
+}

@@ -64,7 +64,12 @@ fn bench_comm(
         worker_args.extend(["--json".into(), absolute(&json)?.into()]);
     }
     let agreement = format!("{worker_args:?}");
-    launch_job(&launch, out_dir, WorkerCommand { args: worker_args, rank_config: None, agreement }, cuda_load_error)
+    launch_job(
+        &launch,
+        out_dir,
+        WorkerCommand { args: worker_args, rank_config: None, agreement, run_dir: None },
+        cuda_load_error,
+    )
 }
 
 /// `mgrun bench step`: times training steps in this process and prints a markdown table.

@@ -25,6 +25,10 @@ pub struct Cli {
     /// checkpoint's); schedules that depend on the total follow the new value.
     #[arg(long, requires = "resume")]
     pub extend: bool,
+    /// Replace the run already in --out: its results, logs, checkpoints and model are deleted first
+    /// (without it, such a directory is refused unless the job resumes it).
+    #[arg(long, conflicts_with = "resume")]
+    pub overwrite: bool,
     /// The job's TOML config.
     #[arg(required = true)]
     pub config: Option<PathBuf>,

@@ -10,6 +10,7 @@ use mgrun_collectives::DeviceKind;
 
 use crate::cli::LaunchArgs;
 use crate::launch::{self, LaunchPlan, RankConfig};
+use crate::run_dir::{self, RunDirPolicy};
 use crate::{cuda, placement};
 
 /// Seconds between SIGTERM and SIGKILL when ranks are stopped, unless `--grace-s` says otherwise.
@@ -22,6 +23,8 @@ pub struct WorkerCommand {
     pub rank_config: Option<RankConfig>,
     /// Text whose hash every launcher compares at the rendezvous (the resolved config, say).
     pub agreement: String,
+    /// Training jobs: the launcher of rank 0 claims the run directory (see [`crate::run_dir`]).
+    pub run_dir: Option<RunDirPolicy>,
 }
 
 /// Places this launcher's ranks and runs them to completion; returns the launcher's exit code.
@@ -56,6 +59,11 @@ pub fn launch_job(
     if !place.source.is_empty() {
         println!("mgrun: {}", place.source);
     }
+    // Held until the job ends: no other job writes into this run directory meanwhile.
+    let _run_dir = match worker.run_dir {
+        Some(policy) if place.local.iter().any(|rank| rank.rank == 0) => Some(run_dir::claim(&out_dir, policy)?),
+        _ => None,
+    };
     let grace_s = launch.grace_s.unwrap_or(DEFAULT_GRACE_S);
     anyhow::ensure!(
         grace_s.is_finite() && grace_s >= 0.0,

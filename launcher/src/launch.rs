@@ -785,7 +785,7 @@ pub fn default_out_dir(stem: &str) -> PathBuf {
     PathBuf::from("runs").join(format!("{stem}-{}", local_timestamp()))
 }
 
-fn local_timestamp() -> String {
+pub fn local_timestamp() -> String {
     // SAFETY: time(NULL) and localtime_r with a zeroed, caller-owned tm are always sound.
     let tm = unsafe {
         let now = libc::time(std::ptr::null_mut());

@@ -12,6 +12,7 @@ mod launch;
 mod methods_cmd;
 mod placement;
 mod rendezvous;
+mod run_dir;
 mod selftest;
 mod slurm;
 mod sweep_cmd;

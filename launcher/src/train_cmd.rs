@@ -12,6 +12,7 @@ use mgrun_trainer::JobConfig;
 use crate::cli::Cli;
 use crate::job::{absolute, default_out_dir, launch_job, WorkerCommand};
 use crate::launch::RankConfig;
+use crate::run_dir::RunDirPolicy;
 
 /// The file in the output directory that holds the job's resolved config, which the ranks read.
 const RESOLVED_CONFIG: &str = "config.resolved.toml";
@@ -74,7 +75,8 @@ pub fn launch_training(cli: Cli, cuda_load_error: Option<&str>) -> anyhow::Resul
     };
     let worker_args: Vec<OsString> =
         vec!["worker".into(), "--out".into(), out_dir.clone().into(), rank_config.path.clone().into()];
-    let worker = WorkerCommand { args: worker_args, rank_config: Some(rank_config), agreement };
+    let run_dir = RunDirPolicy { resume: resume.is_some(), overwrite: cli.overwrite };
+    let worker = WorkerCommand { args: worker_args, rank_config: Some(rank_config), agreement, run_dir: Some(run_dir) };
     launch_job(&cli.launch, out_dir, worker, cuda_load_error)
 }
 
