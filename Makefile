@@ -35,7 +35,7 @@ weights: venv
 	$(VENV)/bin/python scripts/export_imagenet_weights.py weights
 
 demo: build
-	$(MGRUN) --cpus 2 --out runs/quickstart configs/quickstart.toml
+	$(MGRUN) --cpus 2 --out runs/quickstart --overwrite configs/quickstart.toml
 
 # The Slurm tests need a running Slurm: scripts/slurm-local.sh installs (root, apt) and starts one. If it
 # cannot, the rest of the suite still runs and the Slurm tests fail, saying that Slurm is missing.
