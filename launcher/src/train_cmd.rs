@@ -20,6 +20,7 @@ const RESOLVED_CONFIG: &str = "config.resolved.toml";
 /// Starts the training job of `cli` (which has no subcommand) and returns the launcher's exit code.
 pub fn launch_training(cli: Cli, cuda_load_error: Option<&str>) -> anyhow::Result<i32> {
     let config = cli.config.context("no CONFIG given")?;
+    anyhow::ensure!(!config.is_dir(), "config {} is a directory; give the job's TOML file", config.display());
     anyhow::ensure!(config.is_file(), "config file {} does not exist", config.display());
     let slurm_restarts = std::env::var("SLURM_RESTART_COUNT").ok().and_then(|v| v.parse::<u64>().ok());
     let resume = match (&cli.resume, slurm_restarts) {

@@ -234,8 +234,16 @@ impl JobConfig {
     /// checks the result.
     pub fn load(path: &Path, overrides: &[String]) -> Result<JobConfig> {
         let text = std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
-        let mut table: toml::Table =
-            toml::from_str(&text).map_err(|e| anyhow!("config {}: {}", path.display(), e.message()))?;
+        let mut table: toml::Table = toml::from_str(&text).map_err(|e| {
+            // Where in the file: line and column of the error's span.
+            let at = e.span().map_or(String::new(), |span| {
+                let before = &text[..span.start.min(text.len())];
+                let line = before.matches('\n').count() + 1;
+                let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+                format!(":{line}:{column}")
+            });
+            anyhow!("config {}{at}: {}", path.display(), e.message())
+        })?;
         for ov in overrides {
             apply_override(&mut table, ov).with_context(|| format!("--set {ov}"))?;
         }
@@ -276,8 +284,14 @@ impl JobConfig {
         if self.train.steps == 0 {
             bail!("key `train.steps`: must be at least 1");
         }
-        if self.train.lr.is_nan() || self.train.lr <= 0.0 {
-            bail!("key `train.lr`: must be positive, got {}", self.train.lr);
+        if !(self.train.lr.is_finite() && self.train.lr > 0.0) {
+            bail!("key `train.lr`: must be a finite number > 0, got {}", self.train.lr);
+        }
+        if self.eval.batch_size == 0 {
+            bail!("key `eval.batch_size`: must be at least 1");
+        }
+        if self.data.root.as_os_str().is_empty() {
+            bail!("key `data.root`: is empty (give the dataset's directory; \".\" for the current one)");
         }
         if !(self.train.weight_decay.is_finite() && self.train.weight_decay >= 0.0) {
             bail!("key `train.weight_decay`: must be a finite number >= 0, got {}", self.train.weight_decay);
@@ -442,6 +456,20 @@ mod tests {
         let f = write(BASE);
         let err = format!("{:#}", JobConfig::load(f.path(), &["comm.backend=mpi".into()]).unwrap_err());
         assert!(err.contains("comm.backend"), "{err}");
+        for (set, key) in
+            [("train.lr=inf", "train.lr"), ("eval.batch_size=0", "eval.batch_size"), ("data.root=\"\"", "data.root")]
+        {
+            let err = format!("{:#}", JobConfig::load(f.path(), &[set.into()]).unwrap_err());
+            assert!(err.contains(key), "{set}: {err}");
+        }
+    }
+
+    #[test]
+    fn toml_syntax_errors_give_the_line_and_column() {
+        let f = write(&format!("{BASE}\n[eval]\nevery_steps = = 3\n"));
+        let err = format!("{:#}", JobConfig::load(f.path(), &[]).unwrap_err());
+        let line = BASE.lines().count() + 3;
+        assert!(err.contains(&format!(":{line}:")), "{err}");
     }
 
     #[test]
