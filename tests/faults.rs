@@ -166,3 +166,18 @@ fn a_run_directory_is_locked_and_a_finished_run_is_not_overwritten_by_accident()
     assert!(first.wait().unwrap().success(), "the first job failed");
     assert_eq!(read_jsonl(&long.join("steps.jsonl")).unwrap().len(), 400, "the first job's records are incomplete");
 }
+
+/// Issue 14 item 4: a sweep that would expand to an absurd number of runs is refused at once (it was
+/// OOM-killed after 80 s), naming the options.
+#[test]
+fn an_absurd_sweep_is_refused_before_it_is_expanded() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = synthetic_dataset(dir.path(), 6, 16);
+    let cfg = write_tiny_job(&dir.path().join("job.toml"), &root, 3, 0, "");
+    let started = std::time::Instant::now();
+    let sweep = ["sweep", cfg.to_str().unwrap(), "--algorithms", "erm", "--n-hparams", "1000000000"];
+    let (ok, log) = run(&[&sweep[..], &["--n-trials", "1000000", "--out", "sw"]].concat(), dir.path());
+    assert!(!ok && log.contains("--n-hparams") && log.contains("--max-runs"), "{log}");
+    assert!(started.elapsed().as_secs() < 20, "took {:?}", started.elapsed());
+    assert!(!dir.path().join("sw").exists(), "the refused sweep wrote its directory");
+}

@@ -131,6 +131,15 @@ fn domainbed_dataset_without_pretrained_weights_stops_with_the_instruction() {
     );
 }
 
+/// A batch that cannot fit in memory is refused before any rank starts, naming the key.
+#[test]
+fn an_impossible_batch_size_is_refused_before_spawning() {
+    expect_failure(
+        "[data]\nroot = \"x\"\nbatch_per_domain = 1000000000\n",
+        &["data.batch_per_domain", "GB", "job.toml"],
+    );
+}
+
 #[test]
 fn missing_dataset_directory_is_named() {
     expect_failure(

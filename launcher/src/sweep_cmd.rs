@@ -70,6 +70,35 @@ pub struct SweepArgs {
     /// total, from a short step benchmark measured on this machine (GPU 0 with --gpus); writes nothing.
     #[arg(long, conflicts_with_all = ["run", "slurm"])]
     pub estimate: bool,
+    /// The most runs a sweep may expand to (a guard against typos such as --n-hparams 1e9).
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_RUNS)]
+    pub max_runs: u64,
+}
+
+/// `--max-runs`' default: DomainBed's full sweep of one dataset is 20 x 3 x 11 (test sets with pairs)
+/// x its methods; this leaves room for several methods.
+pub const DEFAULT_MAX_RUNS: u64 = 20_000;
+
+/// The number of runs `args` expands to for `domains` domains, refused above --max-runs before any
+/// of them is built.
+fn check_sweep_size(args: &SweepArgs, domains: usize) -> Result<u64> {
+    let test_sets = domains as u64 + if args.test_pairs { (domains * domains.saturating_sub(1) / 2) as u64 } else { 0 };
+    let runs = (args.algorithms.len() as u64)
+        .saturating_mul(args.n_hparams.saturating_sub(args.n_hparams_from))
+        .saturating_mul(args.n_trials)
+        .saturating_mul(test_sets);
+    if runs > args.max_runs {
+        bail!(
+            "--n-hparams {} (from {}) x --n-trials {} x {} algorithm(s) x {test_sets} test-domain set(s) make {runs} runs, \
+             more than --max-runs {}: lower --n-hparams / --n-trials, or raise --max-runs if this is meant",
+            args.n_hparams,
+            args.n_hparams_from,
+            args.n_trials,
+            args.algorithms.len(),
+            args.max_runs
+        );
+    }
+    Ok(runs)
 }
 
 #[derive(Debug, Clone, Args)]
@@ -92,6 +121,7 @@ pub fn sweep(args: SweepArgs) -> Result<i32> {
     config.resolve_paths(&std::env::current_dir().context("reading the current directory")?);
     let dataset = open_dataset(&config)?;
     let domains: Vec<String> = dataset.domains().iter().map(|d| d.name.clone()).collect();
+    check_sweep_size(&args, domains.len())?;
     let base = match toml::Value::try_from(&config).context("serialising the resolved base config")? {
         toml::Value::Table(table) => table,
         _ => bail!("the resolved base config is not a table"),

@@ -37,6 +37,7 @@ pub fn launch_training(cli: Cli, cuda_load_error: Option<&str>) -> anyhow::Resul
     // A typo in the config fails here, once and at once, instead of in every rank.
     let mut job = JobConfig::load(&config, &cli.overrides)?;
     job.check_pretrained().with_context(|| format!("config {}", config.display()))?;
+    check_batch_memory(&job).with_context(|| format!("config {}", config.display()))?;
     if let Some(resume) = &resume {
         job.checkpoint.resume = resume.clone();
     }
@@ -79,6 +80,39 @@ pub fn launch_training(cli: Cli, cuda_load_error: Option<&str>) -> anyhow::Resul
     let run_dir = RunDirPolicy { resume: resume.is_some(), overwrite: cli.overwrite };
     let worker = WorkerCommand { args: worker_args, rank_config: Some(rank_config), agreement, run_dir: Some(run_dir) };
     launch_job(&cli.launch, out_dir, worker, cuda_load_error)
+}
+
+/// Refuses a batch that cannot fit before any rank allocates it (a typo such as
+/// `data.batch_per_domain=1e9` otherwise aborts every rank with "memory allocation failed" naming no
+/// key). The bound is low on purpose: one training domain's images of one step in f32, times the
+/// steps the loader queues (`data.prefetch`) plus the one training and the one being built, against
+/// the memory available on this machine.
+fn check_batch_memory(job: &JobConfig) -> anyhow::Result<()> {
+    let Some(available) = available_memory_bytes() else { return Ok(()) };
+    let per_image = 3.0 * (job.data.image_size as f64).powi(2) * 4.0;
+    let needed = job.data.batch_per_domain as f64 * per_image * (job.data.prefetch as f64 + 2.0);
+    if needed > available as f64 {
+        anyhow::bail!(
+            "key `data.batch_per_domain`: {} images of {}x{} px per domain and step need at least {:.1} GB per rank \
+             (with data.prefetch = {} queued steps), more than the {:.1} GB this machine has available; lower \
+             data.batch_per_domain, data.image_size or data.prefetch",
+            job.data.batch_per_domain,
+            job.data.image_size,
+            job.data.image_size,
+            needed / 1e9,
+            job.data.prefetch,
+            available as f64 / 1e9
+        );
+    }
+    Ok(())
+}
+
+/// `MemAvailable` of /proc/meminfo (None where it cannot be read).
+fn available_memory_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 /// `job` with its paths resolved against `cwd`, as the TOML the ranks load.
