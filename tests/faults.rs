@@ -181,3 +181,21 @@ fn an_absurd_sweep_is_refused_before_it_is_expanded() {
     assert!(started.elapsed().as_secs() < 20, "took {:?}", started.elapsed());
     assert!(!dir.path().join("sw").exists(), "the refused sweep wrote its directory");
 }
+
+/// Issue 14 item 8: an unwritable checkpoint directory fails before the job starts (it failed at the
+/// first checkpoint), naming the key and the path.
+#[test]
+fn an_unwritable_checkpoint_directory_fails_before_spawning() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = synthetic_dataset(dir.path(), 6, 16);
+    let cfg = write_tiny_job(&dir.path().join("job.toml"), &root, 3, 0, "");
+    // A file where the directory should be: not writable as a directory, whoever runs the test.
+    let blocked = dir.path().join("blocked");
+    std::fs::write(&blocked, b"a file").unwrap();
+    let set = format!("checkpoint.dir={}", blocked.join("checkpoints").display());
+    let out = dir.path().join("run");
+    let (ok, log) =
+        run(&["--cpus", "1", "--out", out.to_str().unwrap(), "--set", &set, cfg.to_str().unwrap()], dir.path());
+    assert!(!ok && log.contains("checkpoint.dir") && log.contains("blocked"), "{log}");
+    assert!(!out.join("logs").exists(), "ranks were started");
+}

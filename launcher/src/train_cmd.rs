@@ -38,6 +38,10 @@ pub fn launch_training(cli: Cli, cuda_load_error: Option<&str>) -> anyhow::Resul
     let mut job = JobConfig::load(&config, &cli.overrides)?;
     job.check_pretrained().with_context(|| format!("config {}", config.display()))?;
     check_batch_memory(&job).with_context(|| format!("config {}", config.display()))?;
+    if let Some(dir) = &job.checkpoint.dir {
+        // Found now, not at the first checkpoint hours later.
+        check_writable(dir).with_context(|| format!("config {}: key `checkpoint.dir`", config.display()))?;
+    }
     if let Some(resume) = &resume {
         job.checkpoint.resume = resume.clone();
     }
@@ -105,6 +109,15 @@ fn check_batch_memory(job: &JobConfig) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Creates `dir` if needed and writes and removes a probe file in it.
+fn check_writable(dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let probe = dir.join(format!(".mgrun-write-probe-{}", std::process::id()));
+    std::fs::write(&probe, b"")
+        .with_context(|| format!("{} is not writable (writing {})", dir.display(), probe.display()))?;
+    std::fs::remove_file(&probe).with_context(|| format!("removing {}", probe.display()))
 }
 
 /// `MemAvailable` of /proc/meminfo (None where it cannot be read).
