@@ -199,3 +199,23 @@ fn an_unwritable_checkpoint_directory_fails_before_spawning() {
     assert!(!ok && log.contains("checkpoint.dir") && log.contains("blocked"), "{log}");
     assert!(!out.join("logs").exists(), "ranks were started");
 }
+
+/// Issue 14 item 6: training refuses a tree that `data inspect` rejects (a class missing in one
+/// domain), unless data.allow_missing_classes says to go on, with a warning.
+#[test]
+fn training_refuses_a_tree_with_a_class_missing_in_one_domain() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = synthetic_dataset(dir.path(), 6, 16);
+    let class = std::fs::read_dir(root.join("photo")).unwrap().flatten().next().unwrap().path();
+    let class_name = class.file_name().unwrap().to_str().unwrap().to_string();
+    std::fs::remove_dir_all(&class).unwrap();
+    let cfg = write_tiny_job(&dir.path().join("job.toml"), &root, 3, 0, "");
+    let out = dir.path().join("run");
+    let args = ["--cpus", "1", "--out", out.to_str().unwrap(), cfg.to_str().unwrap()];
+    let (ok, log) = run(&args, dir.path());
+    assert!(!ok && log.contains("'photo' lacks class") && log.contains(&class_name), "{log}");
+    assert!(log.contains("data.allow_missing_classes"), "{log}");
+    let (ok, log) =
+        run(&[&["--set", "data.allow_missing_classes=true", "--overwrite"][..], &args].concat(), dir.path());
+    assert!(ok && log.contains("warning: data.allow_missing_classes = true"), "{log}");
+}

@@ -49,6 +49,10 @@ pub struct DataConfig {
     /// What to do with images that cannot be decoded.
     #[serde(default)]
     pub on_corrupt: OnCorrupt,
+    /// Train on a tree whose domains lack (or have empty) class directories that others have, with a
+    /// warning; refused by default, as `mgrun data inspect` reports it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_missing_classes: bool,
 }
 
 /// `data.split`.
@@ -115,6 +119,7 @@ impl Default for DataConfig {
             cache_mb: default_cache_mb(),
             split: SplitKind::default(),
             on_corrupt: OnCorrupt::default(),
+            allow_missing_classes: false,
         }
     }
 }

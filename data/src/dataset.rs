@@ -86,6 +86,37 @@ impl ScannedDomain {
     }
 }
 
+impl TreeScan {
+    /// Class directories that are empty in a domain or missing from it while other domains have them:
+    /// DomainBed's per-domain `ImageFolder` would shift that domain's labels, and a class without
+    /// images in a domain makes its statistics meaningless. `mgrun data inspect` reports these as
+    /// errors, and training refuses them unless `data.allow_missing_classes`.
+    pub fn class_problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        // A domain without any image is reported as such, by name, where the domains are checked.
+        for scanned in self.domains.iter().filter(|d| d.images() > 0) {
+            let dir = self.root.join(&scanned.name);
+            for (class, files) in &scanned.classes {
+                if files.is_empty() {
+                    problems.push(format!("class directory {} has no images", dir.join(class).display()));
+                }
+            }
+            let present: Vec<&String> = scanned.classes.iter().map(|(c, _)| c).collect();
+            let missing: Vec<&String> = self.classes.iter().filter(|c| !present.contains(c)).collect();
+            if !missing.is_empty() {
+                problems.push(format!(
+                    "domain '{}' lacks class director{} {} that other domains have (DomainBed's per-domain \
+                     ImageFolder would shift its labels)",
+                    scanned.name,
+                    if missing.len() == 1 { "y" } else { "ies" },
+                    missing.iter().map(|c| format!("'{c}'")).collect::<Vec<_>>().join(", ")
+                ));
+            }
+        }
+        problems
+    }
+}
+
 /// Scans `cfg.root` without judging it; fails only when the root itself cannot be read.
 pub(crate) fn scan_tree(cfg: &DataConfig) -> Result<TreeScan> {
     if !cfg.root.exists() {
@@ -163,6 +194,18 @@ impl Dataset {
                 root.display(),
                 root.display()
             );
+        }
+        let problems = scan.class_problems();
+        if !problems.is_empty() {
+            if !cfg.allow_missing_classes {
+                bail!(
+                    "data.root {}: {} (`mgrun data inspect` shows the tree; set data.allow_missing_classes = true to \
+                     train on it anyway)",
+                    root.display(),
+                    problems.join("; ")
+                );
+            }
+            eprintln!("warning: data.allow_missing_classes = true: {}", problems.join("; "));
         }
         let classes = scan.classes.clone();
         let domain_names: Vec<String> = scan.domains.iter().map(|d| d.name.clone()).collect();

@@ -158,6 +158,7 @@ pub fn inspect(cfg: &DataConfig, threads: usize) -> Result<InspectReport> {
         ));
     }
 
+    errors.extend(scan.class_problems());
     let mut domains = Vec::new();
     let mut files = Vec::new();
     for scanned in &scan.domains {
@@ -167,22 +168,8 @@ pub fn inspect(cfg: &DataConfig, threads: usize) -> Result<InspectReport> {
         if images == 0 {
             errors.push(format!("domain {} has no images", dir.display()));
         }
-        for (class, class_files) in &scanned.classes {
-            if class_files.is_empty() {
-                errors.push(format!("class directory {} has no images", dir.join(class).display()));
-            }
+        for (_, class_files) in &scanned.classes {
             files.extend(class_files.iter().cloned());
-        }
-        let present: Vec<&String> = scanned.classes.iter().map(|(c, _)| c).collect();
-        let missing: Vec<&String> = scan.classes.iter().filter(|c| !present.contains(c)).collect();
-        if !missing.is_empty() {
-            errors.push(format!(
-                "domain '{}' lacks class director{} {} that other domains have (DomainBed's per-domain \
-                 ImageFolder would shift its labels)",
-                scanned.name,
-                if missing.len() == 1 { "y" } else { "ies" },
-                missing.iter().map(|c| format!("'{c}'")).collect::<Vec<_>>().join(", ")
-            ));
         }
         if let Some(expected) = domain_spec.map(|d| d.images) {
             if images != expected && images > 0 {

@@ -61,7 +61,10 @@ fn one_global_class_map_and_ignored_files() {
     touch(&root.join("A/readme.png"), b"domain-level file");
     touch(&root.join("labels.csv"), b"root-level file");
 
-    let ds = Dataset::open(&config(root, 4)).unwrap();
+    // Domains with different class sets are refused unless asked for (as `data inspect` reports them).
+    let msg = open_err(&config(root, 4));
+    assert!(msg.contains("domain 'A' lacks class directory 'zebra'") && msg.contains("allow_missing_classes"), "{msg}");
+    let ds = Dataset::open(&DataConfig { allow_missing_classes: true, ..config(root, 4) }).unwrap();
     assert_eq!(ds.classes(), ["cat", "dog", "zebra"]);
     let a = &ds.domains()[0];
     let b = &ds.domains()[1];
