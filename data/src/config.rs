@@ -14,8 +14,9 @@ pub struct DataConfig {
     #[serde(default = "default_dataset")]
     pub dataset: String,
     /// Domains held out from training (leave-one-domain-out): directory names, DomainBed short names
-    /// (`"A"`, `"L100"`, `"clip"`) or environment indices (`"0"`).
+    /// (`"A"`, `"L100"`, `"clip"`) or environment indices (`0` or `"0"`).
     #[serde(default)]
+    #[serde(deserialize_with = "names_or_indices")]
     pub test_domains: Vec<String>,
     /// Images each training domain contributes to one step, over all ranks together.
     #[serde(default = "default_batch_per_domain")]
@@ -103,6 +104,25 @@ fn default_cache_mb() -> usize {
     1024
 }
 
+/// `data.test_domains` entries are names or indices (`["photo"]`, `[1]`, `["1"]`); indices are kept
+/// as their text and resolved against the domains when the dataset opens.
+fn names_or_indices<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum NameOrIndex {
+        Name(String),
+        Index(u64),
+    }
+    let entries = Vec::<NameOrIndex>::deserialize(deserializer)?;
+    Ok(entries
+        .into_iter()
+        .map(|e| match e {
+            NameOrIndex::Name(name) => name,
+            NameOrIndex::Index(index) => index.to_string(),
+        })
+        .collect())
+}
+
 impl Default for DataConfig {
     fn default() -> Self {
         DataConfig {
@@ -172,6 +192,12 @@ mod tests {
         let bad = DataConfig { dataset: "pacs2".into(), ..DataConfig::default() };
         assert!(bad.validate().unwrap_err().to_string().contains("unknown dataset 'pacs2'"));
         assert!(DataConfig::default().validate().is_ok());
+    }
+
+    #[test]
+    fn test_domains_take_names_and_indices() {
+        let cfg = toml_like(r#"{"root": "d", "test_domains": ["photo", 1]}"#);
+        assert_eq!(cfg.test_domains, ["photo", "1"]);
     }
 
     fn toml_like(json: &str) -> DataConfig {
