@@ -219,3 +219,25 @@ fn training_refuses_a_tree_with_a_class_missing_in_one_domain() {
         run(&[&["--set", "data.allow_missing_classes=true", "--overwrite"][..], &args].concat(), dir.path());
     assert!(ok && log.contains("warning: data.allow_missing_classes = true"), "{log}");
 }
+
+/// Issue 14 item 9: a dataset whose classes changed since the checkpoint says so on resume (it said
+/// only "parameter buffer has [94086] elements, got [94021]").
+#[test]
+fn a_changed_class_count_on_resume_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = synthetic_dataset(dir.path(), 6, 16);
+    let checkpoints = "\n[checkpoint]\nevery_steps = 2\nkeep_last = 0\n";
+    let cfg = write_tiny_job(&dir.path().join("job.toml"), &root, 6, 0, checkpoints);
+    let (cfg, out) = (cfg.to_str().unwrap(), dir.path().join("run"));
+    let (ok, log) = run(&["--cpus", "1", "--out", out.to_str().unwrap(), cfg], dir.path());
+    assert!(ok, "{log}");
+    // As if stopped after step 4; then a class appears in every domain.
+    std::fs::remove_dir_all(out.join("checkpoints/step6")).unwrap();
+    std::fs::write(out.join("checkpoints/latest"), "step4\n").unwrap();
+    for domain in std::fs::read_dir(&root).unwrap().flatten().filter(|e| e.path().is_dir()) {
+        let class = std::fs::read_dir(domain.path()).unwrap().flatten().next().unwrap().path();
+        copy_dir(&class, &domain.path().join("zz_new_class"));
+    }
+    let (ok, log) = run(&["--cpus", "1", "--out", out.to_str().unwrap(), "--resume", "auto", cfg], dir.path());
+    assert!(!ok && log.contains("classes changed") && log.contains("parameters"), "{log}");
+}

@@ -306,7 +306,19 @@ impl Checkpointer {
 pub fn restore_model(model: &dyn Model, checkpoint: &LoadedCheckpoint) -> Result<()> {
     let store = model.store();
     let what = || format!("restoring the model from {}", checkpoint.dir.display());
-    store.set_flat(&checkpoint.get(FLAT_PARAMS)?.to_device(store.device())).with_context(what)?;
+    let saved = checkpoint.get(FLAT_PARAMS)?;
+    if saved.numel() != store.numel() {
+        // The config matched, so the model's shape came from the data: most often the class count.
+        bail!(
+            "{}: the checkpoint's model has {} parameters, this job's {} ({} classes in data.root now): the dataset's \
+             classes changed since the checkpoint was written, so it cannot be resumed",
+            what(),
+            saved.numel(),
+            store.numel(),
+            model.spec().num_classes
+        );
+    }
+    store.set_flat(&saved.to_device(store.device())).with_context(what)?;
     let _no_grad = tch::no_grad_guard();
     for (name, buffer) in store.buffers() {
         let saved = checkpoint.get(&format!("{BUFFER_PREFIX}{name}")).with_context(what)?;
