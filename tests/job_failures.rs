@@ -131,6 +131,24 @@ fn domainbed_dataset_without_pretrained_weights_stops_with_the_instruction() {
     );
 }
 
+/// Config values that only the ranks used to check fail in the launcher, before any rank starts.
+#[test]
+fn architecture_and_image_size_errors_fail_before_spawning() {
+    for (body, key) in [
+        ("[data]\nroot = \"x\"\n[model]\narch = \"resnet34\"\n", "model.arch"),
+        ("[data]\nroot = \"x\"\nimage_size = 0\n", "data.image_size"),
+        ("[data]\nroot = \"x\"\nholdout_fraction = 1.5\n", "data.holdout_fraction"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = write_config(dir.path(), body);
+        let out = dir.path().join("run");
+        let result = run_mgrun(&["--cpus", "2", "--out", out.to_str().unwrap(), cfg.to_str().unwrap()], dir.path());
+        let all = format!("{}{}", text(&result.stdout), text(&result.stderr));
+        assert!(!result.status.success() && all.contains(key) && all.contains("job.toml"), "{key}: {all}");
+        assert!(!out.join("logs").exists(), "{key}: ranks were started:\n{all}");
+    }
+}
+
 /// A batch that cannot fit in memory is refused before any rank starts, naming the key.
 #[test]
 fn an_impossible_batch_size_is_refused_before_spawning() {

@@ -170,6 +170,9 @@ pub trait Model: Send {
     }
 }
 
+/// Every `model.arch` this crate builds.
+pub const ARCHITECTURES: &[&str] = &["resnet18", "resnet50", "small_cnn"];
+
 /// True for the architectures with BatchNorm layers (whose training-mode statistics depend on which
 /// images a forward pass sees, unless `freeze_bn`).
 pub fn has_batch_norm(arch: &str) -> bool {
@@ -188,6 +191,6 @@ pub fn build_with(spec: &ModelSpec, execution: Execution, device: Device, seed: 
     match spec.arch.as_str() {
         "resnet18" | "resnet50" => Ok(Box::new(resnet::ResNet::new_with(spec, execution, device, seed)?)),
         "small_cnn" => Ok(Box::new(small_cnn::SmallCnn::new_with(spec, execution, device, seed)?)),
-        other => bail!("model.arch: unknown architecture {other:?} (expected resnet18, resnet50 or small_cnn)"),
+        other => bail!("model.arch: unknown architecture {other:?} (expected one of {})", ARCHITECTURES.join(", ")),
     }
 }

@@ -311,6 +311,15 @@ impl JobConfig {
         if self.comm.bucket_mb.is_nan() || self.comm.bucket_mb <= 0.0 {
             bail!("key `comm.bucket_mb`: must be positive");
         }
+        // Checked here, before any rank starts, as well as where they are used.
+        self.data.validate()?;
+        if !mgrun_models::ARCHITECTURES.contains(&self.model.arch.as_str()) {
+            bail!(
+                "key `model.arch`: unknown architecture {:?} (expected one of {})",
+                self.model.arch,
+                mgrun_models::ARCHITECTURES.join(", ")
+            );
+        }
         if !(0.0..1.0).contains(&self.model.dropout) {
             bail!("key `model.dropout`: expected a probability in [0, 1), got {}", self.model.dropout);
         }
