@@ -241,3 +241,27 @@ fn a_changed_class_count_on_resume_is_named() {
     let (ok, log) = run(&["--cpus", "1", "--out", out.to_str().unwrap(), "--resume", "auto", cfg], dir.path());
     assert!(!ok && log.contains("classes changed") && log.contains("parameters"), "{log}");
 }
+
+/// Issue 14 item 5: a directory symlink cycle is an error naming the link (it multiplied the images
+/// and put the same files in the train and held-out splits), and a dangling image link is an
+/// unreadable image under data.on_corrupt (it vanished silently).
+#[test]
+fn symlink_cycles_are_refused_and_dangling_image_links_are_unreadable_images() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = synthetic_dataset(dir.path(), 6, 16);
+    let class = std::fs::read_dir(root.join("photo")).unwrap().flatten().next().unwrap().path();
+    std::os::unix::fs::symlink(&class, class.join("loop")).unwrap();
+    let cfg = write_tiny_job(&dir.path().join("job.toml"), &root, 3, 0, "");
+    let out = dir.path().join("run");
+    let args = ["--cpus", "1", "--out", out.to_str().unwrap(), cfg.to_str().unwrap()];
+    let (ok, log) = run(&args, dir.path());
+    assert!(!ok && log.contains("loop") && log.contains("symlink cycle"), "{log}");
+    let (ok, log) = run(&["data", "inspect", cfg.to_str().unwrap()], dir.path());
+    assert!(!ok && log.contains("symlink cycle"), "data inspect: {log}");
+
+    std::fs::remove_file(class.join("loop")).unwrap();
+    std::os::unix::fs::symlink(class.join("missing.jpg"), class.join("dangling.jpg")).unwrap();
+    let skip = ["--cpus", "1", "--out", out.to_str().unwrap(), "--set", "data.on_corrupt=skip", cfg.to_str().unwrap()];
+    let (ok, log) = run(&skip, dir.path());
+    assert!(ok && log.contains("left out 1 unreadable image(s)") && log.contains("dangling.jpg"), "{log}");
+}

@@ -401,15 +401,34 @@ fn has_image_extension(path: &Path) -> bool {
 
 /// Image files anywhere below `class_dir`, in `ImageFolder` order: directories in sorted path order,
 /// files sorted by name within a directory.
+///
+/// Directory symlinks are followed once: a directory reached again (by device and inode) is a cycle or
+/// a second link that would read the same images twice, and is an error naming the link. An image
+/// name whose link leads nowhere (dangling, or looping on itself) is kept, so that decoding it fails
+/// under `data.on_corrupt` like any unreadable image instead of vanishing.
 fn image_files_below(class_dir: &Path) -> Result<Vec<PathBuf>> {
+    use std::os::unix::fs::MetadataExt;
+    let identity = |dir: &Path| -> Result<(u64, u64)> {
+        let meta = fs::metadata(dir).with_context(|| format!("reading {}", dir.display()))?;
+        Ok((meta.dev(), meta.ino()))
+    };
+    let mut visited = HashSet::from([identity(class_dir)?]);
     let mut by_directory: Vec<(PathBuf, Vec<PathBuf>)> = Vec::new();
     let mut pending = vec![class_dir.to_path_buf()];
     while let Some(dir) = pending.pop() {
         let mut files = Vec::new();
         for (_, path) in read_dir_sorted(&dir)? {
             if path.is_dir() {
+                if !visited.insert(identity(&path)?) {
+                    bail!(
+                        "{} leads to a directory already read under {} (a symlink cycle or a second link): its \
+                         images would be read twice; remove the link",
+                        path.display(),
+                        class_dir.display()
+                    );
+                }
                 pending.push(path);
-            } else if path.is_file() && has_image_extension(&path) {
+            } else if has_image_extension(&path) && (path.is_file() || path.is_symlink()) {
                 files.push(path);
             }
         }
