@@ -99,7 +99,9 @@ fn hello_bytes(rank: usize, secret: u128) -> [u8; 24] {
 }
 
 /// Accepts connections until one says hello as `expected_rank` with our listener's secret; anything
-/// else (a port scanner, a stale rank) is dropped.
+/// else (a port scanner, a stale rank) is dropped. Each connection's hello is awaited in its own task
+/// while accepting goes on, so a peer that connects and says nothing cannot hold up the real one
+/// (it delayed the whole job by `comm.timeout_s`).
 async fn accept_prev(
     listener: &TcpListener,
     expected_rank: usize,
@@ -107,16 +109,29 @@ async fn accept_prev(
     timeout: Duration,
 ) -> std::result::Result<TcpStream, LinkFailure> {
     let deadline = tokio::time::Instant::now() + timeout;
+    let expected = hello_bytes(expected_rank, secret);
+    // Dropped on return: the tasks of connections that never said hello end with it.
+    let mut hellos = tokio::task::JoinSet::new();
     loop {
-        let (mut stream, _) = match tokio::time::timeout_at(deadline, listener.accept()).await {
-            Err(_) => return Err(LinkFailure::Stalled { side: Side::Prev }),
-            Ok(Err(source)) => return Err(LinkFailure::Io { side: Side::Prev, source }),
-            Ok(Ok(accepted)) => accepted,
-        };
-        let mut hello = [0u8; 24];
-        if let Ok(Ok(_)) = tokio::time::timeout_at(deadline, stream.read_exact(&mut hello)).await {
-            if hello == hello_bytes(expected_rank, secret) {
-                return Ok(stream);
+        tokio::select! {
+            accepted = tokio::time::timeout_at(deadline, listener.accept()) => {
+                let (mut stream, _) = match accepted {
+                    Err(_) => return Err(LinkFailure::Stalled { side: Side::Prev }),
+                    Ok(Err(source)) => return Err(LinkFailure::Io { side: Side::Prev, source }),
+                    Ok(Ok(accepted)) => accepted,
+                };
+                hellos.spawn(async move {
+                    let mut hello = [0u8; 24];
+                    match tokio::time::timeout_at(deadline, stream.read_exact(&mut hello)).await {
+                        Ok(Ok(_)) if hello == expected => Some(stream),
+                        _ => None,
+                    }
+                });
+            }
+            Some(said) = hellos.join_next(), if !hellos.is_empty() => {
+                if let Ok(Some(stream)) = said {
+                    return Ok(stream);
+                }
             }
         }
     }
@@ -223,5 +238,29 @@ mod tests {
         let text = format!("{} {} {secret:032x}", "::1", 4242);
         assert_eq!(parse_published_addr(text.as_bytes()), Some(("[::1]:4242".parse().unwrap(), secret)));
         assert_eq!(parse_published_addr(b"garbage"), None);
+    }
+
+    /// A connection that never says hello does not delay the predecessor that does.
+    #[test]
+    fn a_silent_connection_does_not_hold_up_the_real_peer() {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let elapsed = runtime.block_on(async {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let secret = 42u128;
+            let _silent = TcpStream::connect(addr).await.unwrap();
+            let real = tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let mut stream = TcpStream::connect(addr).await.unwrap();
+                stream.write_all(&hello_bytes(3, secret)).await.unwrap();
+                stream
+            });
+            let started = std::time::Instant::now();
+            let accepted = accept_prev(&listener, 3, secret, Duration::from_secs(30)).await;
+            assert!(accepted.is_ok(), "the real peer was not accepted");
+            drop(real.await.unwrap());
+            started.elapsed()
+        });
+        assert!(elapsed < Duration::from_secs(5), "accepting took {elapsed:?} behind a silent connection");
     }
 }
