@@ -2,11 +2,29 @@
 //! asserts the exit status, the message naming the culprit and that no file is lost.
 
 use mgrun_tests::{read_jsonl, run_mgrun, synthetic_dataset, text, write_tiny_job};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 fn run(args: &[&str], cwd: &Path) -> (bool, String) {
     let out = run_mgrun(args, cwd);
     (out.status.success(), format!("{}{}", text(&out.stdout), text(&out.stderr)))
+}
+
+/// A finished 6-step run with a checkpoint every 2 steps (all kept): the dataset root, the config
+/// and the run directory.
+struct CheckpointedRun {
+    root: PathBuf,
+    cfg: String,
+    out: PathBuf,
+}
+
+fn checkpointed_run(dir: &Path) -> CheckpointedRun {
+    let root = synthetic_dataset(dir, 6, 16);
+    let checkpoints = "\n[checkpoint]\nevery_steps = 2\nkeep_last = 0\n";
+    let cfg = write_tiny_job(&dir.join("job.toml"), &root, 6, 0, checkpoints).to_str().unwrap().to_string();
+    let out = dir.join("run");
+    let (ok, log) = run(&["--cpus", "1", "--out", out.to_str().unwrap(), &cfg], dir);
+    assert!(ok, "{log}");
+    CheckpointedRun { root, cfg, out }
 }
 
 /// `data.on_corrupt = "skip"` names what it left out: the count and the first paths on the console and
@@ -41,14 +59,8 @@ fn skipped_images_are_reported_on_the_console_in_the_records_and_in_a_file() {
 #[test]
 fn resume_follows_latest_and_refuses_another_runs_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
-    let root = synthetic_dataset(dir.path(), 6, 16);
-    let checkpoints = "\n[checkpoint]\nevery_steps = 2\nkeep_last = 0\n";
-    let cfg = write_tiny_job(&dir.path().join("job.toml"), &root, 6, 0, checkpoints);
-    let cfg = cfg.to_str().unwrap();
-    let out = dir.path().join("run");
-    let out_arg = out.to_str().unwrap();
-    let (ok, log) = run(&["--cpus", "1", "--out", out_arg, cfg], dir.path());
-    assert!(ok, "{log}");
+    let CheckpointedRun { root, cfg, out } = checkpointed_run(dir.path());
+    let (cfg, out_arg) = (cfg.as_str(), out.to_str().unwrap());
     let model = std::fs::read(out.join("model.safetensors")).unwrap();
 
     // A finished run: nothing to train, an error, and the model is untouched.
@@ -104,12 +116,8 @@ fn copy_dir(from: &Path, to: &Path) {
 #[test]
 fn a_commit_newer_than_latest_from_the_same_run_is_resumed() {
     let dir = tempfile::tempdir().unwrap();
-    let root = synthetic_dataset(dir.path(), 6, 16);
-    let checkpoints = "\n[checkpoint]\nevery_steps = 2\nkeep_last = 0\n";
-    let cfg = write_tiny_job(&dir.path().join("job.toml"), &root, 6, 0, checkpoints);
-    let (cfg, out) = (cfg.to_str().unwrap(), dir.path().join("run"));
-    let (ok, log) = run(&["--cpus", "1", "--out", out.to_str().unwrap(), cfg], dir.path());
-    assert!(ok, "{log}");
+    let CheckpointedRun { cfg, out, .. } = checkpointed_run(dir.path());
+    let cfg = cfg.as_str();
     std::fs::write(out.join("checkpoints/latest"), "step4\n").unwrap();
     let args =
         ["--cpus", "1", "--out", out.to_str().unwrap(), "--resume", "auto", "--set", "train.steps=8", "--extend"];
@@ -225,12 +233,8 @@ fn training_refuses_a_tree_with_a_class_missing_in_one_domain() {
 #[test]
 fn a_changed_class_count_on_resume_is_named() {
     let dir = tempfile::tempdir().unwrap();
-    let root = synthetic_dataset(dir.path(), 6, 16);
-    let checkpoints = "\n[checkpoint]\nevery_steps = 2\nkeep_last = 0\n";
-    let cfg = write_tiny_job(&dir.path().join("job.toml"), &root, 6, 0, checkpoints);
-    let (cfg, out) = (cfg.to_str().unwrap(), dir.path().join("run"));
-    let (ok, log) = run(&["--cpus", "1", "--out", out.to_str().unwrap(), cfg], dir.path());
-    assert!(ok, "{log}");
+    let CheckpointedRun { root, cfg, out } = checkpointed_run(dir.path());
+    let cfg = cfg.as_str();
     // As if stopped after step 4; then a class appears in every domain.
     std::fs::remove_dir_all(out.join("checkpoints/step6")).unwrap();
     std::fs::write(out.join("checkpoints/latest"), "step4\n").unwrap();
