@@ -64,6 +64,12 @@ pub(crate) fn backward_flat(store: &mut ParamStore, loss: &Tensor) -> Result<Ten
     Ok(store.flat_grad_alias())
 }
 
+/// The flat gradient of a rank that holds no images this step: zeros, so that it still takes part
+/// in the all-reduce.
+pub(crate) fn zero_gradient(store: &ParamStore) -> Tensor {
+    Tensor::zeros([store.numel() as i64], (tch::Kind::Float, store.device()))
+}
+
 /// SUM all-reduce of a flat gradient, in buckets.
 pub(crate) fn all_reduce_grad(
     comm: &dyn Communicator,

@@ -16,7 +16,7 @@
 //! This file also holds what the per-sample methods (ELR, PS-KD, AdvStyle) share:
 //! [`per_image_gradient`] and [`SampleTables`].
 
-use crate::common::{all_reduce_grad, backward_flat, check_shards, shard_len};
+use crate::common::{all_reduce_grad, backward_flat, check_shards, shard_len, zero_gradient};
 use crate::descriptor::{CrossRankStat, Hyperparameter, MessageSize, MethodDef};
 use crate::gradients::{for_each_unit, gather_domain_sums, gather_unit_sum, Pass};
 use crate::{DomainShard, Method, StepStats, Topology, UpdateContext};
@@ -201,8 +201,7 @@ pub(crate) fn per_image_gradient(
     let nonempty: Vec<usize> = (0..shards.len()).filter(|&i| shard_len(&shards[i]) > 0).collect();
     let (mut erm, mut objective) = (0.0, 0.0);
     let mut grad = if nonempty.is_empty() {
-        let store = model.store();
-        Tensor::zeros([store.numel() as i64], (Kind::Float, store.device()))
+        zero_gradient(model.store())
     } else {
         let cat = |parts: Vec<&Tensor>, what: &str| {
             Tensor::f_cat(&parts, 0).with_context(|| format!("concatenating the shards' {what}"))

@@ -13,7 +13,7 @@
 //!   ranks give the same bits. The price: a backward per micro-batch, and every rank receives every
 //!   unit's gradient (N x P values per pass, against about 2P for a ring all-reduce).
 
-use crate::common::{all_reduce_grad, backward_flat, cross_entropy_sum, shard_len};
+use crate::common::{all_reduce_grad, backward_flat, cross_entropy_sum, shard_len, zero_gradient};
 use crate::{DomainShard, Topology};
 use anyhow::{bail, Context, Result};
 use mgrun_collectives::{scalars, ReduceOp};
@@ -106,24 +106,18 @@ pub fn batch_gradient_with(
         (Some(_), Some(_)) => bail!("a custom image loss at offset parameters is not supported"),
         (None, Some(loss)) => {
             // A loss term per piece (each draws on its own domain's data), one backward.
-            let mut total: Option<Tensor> = None;
-            for shard in shards.iter().filter(|s| shard_len(s) > 0) {
-                let term = loss.loss_sum(&*model, shard.domain, shard.offset, &shard.x, &shard.y)?;
-                total = Some(match total {
-                    None => term,
-                    Some(t) => t + term,
-                });
-            }
-            match total {
+            let terms = shards
+                .iter()
+                .filter(|s| shard_len(s) > 0)
+                .map(|s| loss.loss_sum(&*model, s.domain, s.offset, &s.x, &s.y))
+                .collect::<Result<Vec<Tensor>>>()?;
+            match terms.into_iter().reduce(|a, b| a + b) {
                 Some(total) => {
                     let total = total * scale;
                     let value = total.f_double_value(&[]).context("reading the local loss")?;
                     (value, backward_flat(model.store_mut(), &total)?)
                 }
-                None => {
-                    let store = model.store();
-                    (0.0, Tensor::zeros([store.numel() as i64], (Kind::Float, store.device())))
-                }
+                None => (0.0, zero_gradient(model.store())),
             }
         }
         (Some(offsets), None) => {
@@ -228,9 +222,8 @@ pub fn image_sum(
 /// (zeros when the rank holds no images): the local loss and flat gradient.
 fn concatenated_gradient(model: &mut dyn Model, shards: &[DomainShard], scale: f64) -> Result<(f64, Tensor)> {
     let nonempty: Vec<&DomainShard> = shards.iter().filter(|s| shard_len(s) > 0).collect();
-    let store = model.store();
     if nonempty.is_empty() {
-        return Ok((0.0, Tensor::zeros([store.numel() as i64], (Kind::Float, store.device()))));
+        return Ok((0.0, zero_gradient(model.store())));
     }
     let (x, y) = if nonempty.len() == 1 {
         (nonempty[0].x.shallow_clone(), nonempty[0].y.shallow_clone())

@@ -9,7 +9,7 @@
 //! the units' statistics and gradients are all-gathered and summed in unit order, so S, J and the
 //! gradient are the same bits at every world size.
 
-use crate::common::{all_reduce_grad, backward_flat, shard_len};
+use crate::common::{all_reduce_grad, backward_flat, shard_len, zero_gradient};
 use crate::gradients::{for_each_unit, gather_domain_sums, Pass};
 use crate::{DomainShard, Topology};
 use anyhow::{bail, Context, Result};
@@ -132,12 +132,9 @@ pub fn paired_objective_gradient(
         .context("all-reduce of the per-domain statistics")?;
     let (value, sums_grad) = differentiate(objective, &local, topology.batch_per_domain())?;
 
-    let mut grad = match surrogate(&pieces, &sums_grad)? {
+    let mut grad = match surrogate(&pieces, &sums_grad) {
         Some(surrogate) => backward_flat(model.store_mut(), &surrogate)?,
-        None => {
-            let store = model.store();
-            Tensor::zeros([store.numel() as i64], (Kind::Float, store.device()))
-        }
+        None => zero_gradient(model.store()),
     };
     all_reduce_grad(topology.world, &mut grad, topology.bucket_bytes, "the objective's gradient")?;
     Ok(ObjectiveGradient { loss: erm_loss(&local, topology)?, objective: value, grad })
@@ -237,16 +234,8 @@ fn differentiate(objective: &mut dyn DomainObjective, sums: &Tensor, batch: usiz
 }
 
 /// Sum over pieces of <dJ/dS_e, s_piece>: its gradient is this rank's share of dJ/dθ.
-fn surrogate(pieces: &[(usize, Tensor)], sums_grad: &Tensor) -> Result<Option<Tensor>> {
-    let mut total: Option<Tensor> = None;
-    for (domain, s) in pieces {
-        let term = (sums_grad.get(*domain as i64) * s).sum(Kind::Float);
-        total = Some(match total {
-            None => term,
-            Some(t) => t + term,
-        });
-    }
-    Ok(total)
+fn surrogate(pieces: &[(usize, Tensor)], sums_grad: &Tensor) -> Option<Tensor> {
+    pieces.iter().map(|(domain, s)| (sums_grad.get(*domain as i64) * s).sum(Kind::Float)).reduce(|a, b| a + b)
 }
 
 /// (1/(KB)) times the sum of S's loss column.

@@ -145,20 +145,17 @@ impl Method for Ocnn {
         let store = ctx.model.store();
         // The penalty's gradient by autograd into the parameters' views of a flat buffer, with
         // `run_backward` (no accumulation into the store's gradient, which `batch.grad` may alias).
-        let mut total: Option<Tensor> = None;
-        let mut inputs = Vec::new();
+        let mut distances = Vec::with_capacity(self.layers.len());
+        let mut inputs = Vec::with_capacity(self.layers.len());
         for &(i, penalty) in &self.layers {
             let p = &store.params()[i];
-            let d = match penalty {
+            distances.push(match penalty {
                 Penalty::Kernel { stride } => kernel_distance(&p.tensor, stride)?,
                 Penalty::Matrix => matrix_distance(&p.tensor)?,
-            };
-            total = Some(match total {
-                None => d,
-                Some(t) => t + d,
             });
             inputs.push(i);
         }
+        let total = distances.into_iter().reduce(|a, b| a + b);
         let mut value = 0.0;
         let grad = match total {
             Some(total) => {

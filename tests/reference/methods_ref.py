@@ -83,6 +83,17 @@ def sam_perturbation(params, grads, cfg):
         return [t * t * g * factor for t, g in zip(scales, grads)], grad_norm.item()
 
 
+def perturbed_gradient(model, params, eps, x, y):
+    """SAM's second pass: the gradient of the mean cross-entropy at theta + eps, theta restored."""
+    old = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, e in zip(params, eps):
+            p.add_(e)
+    grads = torch.autograd.grad(F.cross_entropy(model(x), y), params)
+    restore(params, old)
+    return grads
+
+
 def sam_local_step(model, params, opt, doms, case, state, step):
     """Domain-wise SAM: each domain's images at theta + eps_e from that domain's own mean-loss
     gradient; the update is the gradient of (1/(K B)) sum of the perturbed per-image losses."""
@@ -114,14 +125,7 @@ def sam_step(model, params, opt, doms, case, state, step):
     x, y = pooled(doms)
     loss = F.cross_entropy(model(x), y)
     eps, grad_norm = sam_perturbation(params, torch.autograd.grad(loss, params), cfg)
-    old = [p.detach().clone() for p in params]
-    with torch.no_grad():
-        for p, e in zip(params, eps):
-            p.add_(e)
-    loss2 = F.cross_entropy(model(x), y)
-    grads2 = torch.autograd.grad(loss2, params)
-    restore(params, old)
-    apply_update(params, grads2, opt)
+    apply_update(params, perturbed_gradient(model, params, eps, x, y), opt)
     return loss.item(), {"sam_grad_norm": grad_norm}
 
 
@@ -338,12 +342,7 @@ def disam_step(model, params, opt, doms, case, state, step):
     ascent = ce - cfg["lambda"] * variance
     eps, grad_norm = sam_perturbation(
         params, torch.autograd.grad(ascent, params), {"rho": cfg["rho"], "adaptive": False, "eta": 0.01})
-    old = [p.detach().clone() for p in params]
-    with torch.no_grad():
-        for p, e in zip(params, eps):
-            p.add_(e)
-    grads2 = torch.autograd.grad(F.cross_entropy(model(x), y), params)
-    restore(params, old)
+    grads2 = perturbed_gradient(model, params, eps, x, y)
     apply_update(params, grads2, opt)
     return ce.item(), {"sam_grad_norm": grad_norm, "disam_loss_variance": variance.item()}
 
@@ -369,11 +368,7 @@ def tram_step(model, params, opt, doms, case, state, step):
     loss = F.cross_entropy(model(x), y)
     sam_cfg = {"rho": distance, "adaptive": cfg["adaptive"], "eta": cfg["eta"]}
     eps, grad_norm = sam_perturbation(params, torch.autograd.grad(loss, params), sam_cfg)
-    with torch.no_grad():
-        for p, e in zip(params, eps):
-            p.add_(e)
-    grads2 = torch.autograd.grad(F.cross_entropy(model(x), y), params)
-    restore(params, current)
+    grads2 = perturbed_gradient(model, params, eps, x, y)
     if cfg["target"] == "previous":
         state["target"] = [p.detach().clone() for p in params]
     apply_update(params, grads2, opt)
@@ -440,12 +435,7 @@ def udim_step(model, params, opt, doms, case, state, step):
         total = [torch.zeros_like(p) for p in params]
     eps, grad_norm = sam_perturbation(params, grads, sam_cfg)
     extra["sam_grad_norm"] = grad_norm
-    old = [p.detach().clone() for p in params]
-    with torch.no_grad():
-        for p, e in zip(params, eps):
-            p.add_(e)
-    grads2 = torch.autograd.grad(F.cross_entropy(model(x), y), params)
-    restore(params, old)
+    grads2 = perturbed_gradient(model, params, eps, x, y)
     apply_update(params, [a + b for a, b in zip(grads2, total)], opt)
     return loss.item(), extra
 
