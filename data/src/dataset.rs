@@ -59,16 +59,10 @@ struct ImageCache {
 /// reports.
 #[derive(Debug, Clone)]
 pub(crate) struct TreeScan {
-    /// The canonical root.
-    pub root: PathBuf,
-    pub spec: Option<&'static DatasetSpec>,
+    /// The root, its domain directories and those missing or extra.
+    pub dirs: DomainDirs,
     /// The domains found, in environment order (a known dataset's list, else sorted directory names).
     pub domains: Vec<ScannedDomain>,
-    /// Domain directories a known dataset needs that are not there.
-    pub missing_domains: Vec<String>,
-    /// Directories under the root that are not domains of a known dataset (DomainBed would make them
-    /// environments and shift the indices of the others).
-    pub extra_dirs: Vec<String>,
     /// The sorted union of every domain's class directories.
     pub classes: Vec<String>,
 }
@@ -95,7 +89,7 @@ impl TreeScan {
         let mut problems = Vec::new();
         // A domain without any image is reported as such, by name, where the domains are checked.
         for scanned in self.domains.iter().filter(|d| d.images() > 0) {
-            let dir = self.root.join(&scanned.name);
+            let dir = self.dirs.root.join(&scanned.name);
             for (class, files) in &scanned.classes {
                 if files.is_empty() {
                     problems.push(format!("class directory {} has no images", dir.join(class).display()));
@@ -117,8 +111,21 @@ impl TreeScan {
     }
 }
 
-/// Scans `cfg.root` without judging it; fails only when the root itself cannot be read.
-pub(crate) fn scan_tree(cfg: &DataConfig) -> Result<TreeScan> {
+/// The domain directories of a dataset tree, found without listing any image.
+#[derive(Debug, Clone)]
+pub(crate) struct DomainDirs {
+    /// The canonical root.
+    pub root: PathBuf,
+    pub spec: Option<&'static DatasetSpec>,
+    /// The domains found, in environment order (a known dataset's list, else sorted directory names).
+    pub present: Vec<String>,
+    /// Domain directories a known dataset needs that are not there.
+    pub missing: Vec<String>,
+    /// Directories under the root that are not domains of a known dataset.
+    pub extra: Vec<String>,
+}
+
+fn find_domain_dirs(cfg: &DataConfig) -> Result<DomainDirs> {
     if !cfg.root.exists() {
         bail!("data.root: directory {} does not exist", cfg.root.display());
     }
@@ -131,7 +138,7 @@ pub(crate) fn scan_tree(cfg: &DataConfig) -> Result<TreeScan> {
         .with_context(|| format!("data.root: cannot resolve directory {}", cfg.root.display()))?;
     let spec = registry::spec(&cfg.dataset);
     let found = visible_subdirectories(&root)?;
-    let (domain_names, missing_domains, extra_dirs) = match spec {
+    let (present, missing, extra) = match spec {
         Some(spec) => {
             let wanted = spec.domain_dirs();
             let present: Vec<String> =
@@ -142,19 +149,80 @@ pub(crate) fn scan_tree(cfg: &DataConfig) -> Result<TreeScan> {
         }
         None => (found, Vec::new(), Vec::new()),
     };
-    let mut domains = Vec::with_capacity(domain_names.len());
+    Ok(DomainDirs { root, spec, present, missing, extra })
+}
+
+impl DomainDirs {
+    /// The checks that need only the domain directories: every domain of a known dataset is there, there is
+    /// at least one, and `data.test_domains` names domains and leaves one to train on. Returns the sorted
+    /// indices of the test domains.
+    fn test_domains(&self, cfg: &DataConfig) -> Result<Vec<usize>> {
+        let root = &self.root;
+        if !self.missing.is_empty() {
+            let spec_name = self.spec.map_or("", |s| s.name);
+            bail!(
+                "data.root: {} is missing the {spec_name} domain director{} {} (expected {}; found: {})",
+                root.display(),
+                if self.missing.len() == 1 { "y" } else { "ies" },
+                self.missing.iter().map(|d| format!("'{d}'")).collect::<Vec<_>>().join(", "),
+                self.spec.map(|s| s.domain_dirs().join(", ")).unwrap_or_default(),
+                visible_subdirectories(root)?.join(", ")
+            );
+        }
+        if self.present.is_empty() {
+            bail!(
+                "data.root: no domain directories in {} (expected {}/<domain>/<class>/<image>.jpg)",
+                root.display(),
+                root.display()
+            );
+        }
+        let mut test_domains = Vec::new();
+        for wanted in &cfg.test_domains {
+            match resolve_domain(wanted, &self.present, self.spec) {
+                Some(i) if !test_domains.contains(&i) => test_domains.push(i),
+                Some(_) => {}
+                None => bail!(
+                    "data.test_domains: '{wanted}' is not a domain of {} (available: {}{})",
+                    root.display(),
+                    self.present.join(", "),
+                    self.spec
+                        .map(|s| format!(
+                            "; short names {}",
+                            s.domains.iter().map(|d| d.short).collect::<Vec<_>>().join(", ")
+                        ))
+                        .unwrap_or_default()
+                ),
+            }
+        }
+        test_domains.sort_unstable();
+        if test_domains.len() == self.present.len() {
+            bail!(
+                "data.test_domains: all {} domains ({}) are held out; at least one training domain is needed",
+                self.present.len(),
+                self.present.join(", ")
+            );
+        }
+        Ok(test_domains)
+    }
+}
+
+/// Scans `cfg.root` without judging it; fails only when the root itself cannot be read.
+pub(crate) fn scan_tree(cfg: &DataConfig) -> Result<TreeScan> {
+    let dirs = find_domain_dirs(cfg)?;
+    let mut domains = Vec::with_capacity(dirs.present.len());
     let mut all_classes = BTreeSet::new();
-    for name in domain_names {
-        let domain_dir = root.join(&name);
+    for name in &dirs.present {
+        let domain_dir = dirs.root.join(name);
         let mut classes = Vec::new();
         for class in visible_subdirectories(&domain_dir)? {
             let files = image_files_below(&domain_dir.join(&class))?;
             all_classes.insert(class.clone());
             classes.push((class, files));
         }
-        domains.push(ScannedDomain { name, classes });
+        domains.push(ScannedDomain { name: name.clone(), classes });
     }
-    Ok(TreeScan { root, spec, domains, missing_domains, extra_dirs, classes: all_classes.into_iter().collect() })
+    let classes = all_classes.into_iter().collect();
+    Ok(TreeScan { domains, classes, dirs })
 }
 
 impl Dataset {
@@ -167,6 +235,13 @@ impl Dataset {
         Self::open_checked(cfg, None)
     }
 
+    /// What [`Dataset::open`] checks without listing any image (the domain directories and
+    /// `data.test_domains`): cheap enough for the launcher to run before any rank starts.
+    pub fn check_domains(cfg: &DataConfig) -> Result<()> {
+        cfg.validate()?;
+        find_domain_dirs(cfg)?.test_domains(cfg).map(drop)
+    }
+
     /// [`Dataset::open`] with `unreadable` already known (from `mgrun data inspect`): with
     /// `data.on_corrupt = "skip"` those files are left out without decoding the tree again.
     pub fn open_excluding(cfg: &DataConfig, unreadable: &[PathBuf]) -> Result<Dataset> {
@@ -176,25 +251,8 @@ impl Dataset {
     fn open_checked(cfg: &DataConfig, known_unreadable: Option<&[PathBuf]>) -> Result<Dataset> {
         cfg.validate()?;
         let scan = scan_tree(cfg)?;
-        let root = scan.root.clone();
-        if !scan.missing_domains.is_empty() {
-            let spec_name = scan.spec.map_or("", |s| s.name);
-            bail!(
-                "data.root: {} is missing the {spec_name} domain director{} {} (expected {}; found: {})",
-                root.display(),
-                if scan.missing_domains.len() == 1 { "y" } else { "ies" },
-                scan.missing_domains.iter().map(|d| format!("'{d}'")).collect::<Vec<_>>().join(", "),
-                scan.spec.map(|s| s.domain_dirs().join(", ")).unwrap_or_default(),
-                visible_subdirectories(&root)?.join(", ")
-            );
-        }
-        if scan.domains.is_empty() {
-            bail!(
-                "data.root: no domain directories in {} (expected {}/<domain>/<class>/<image>.jpg)",
-                root.display(),
-                root.display()
-            );
-        }
+        let test_domains = scan.dirs.test_domains(cfg)?;
+        let root = scan.dirs.root.clone();
         let problems = scan.class_problems();
         if !problems.is_empty() {
             if !cfg.allow_missing_classes {
@@ -208,7 +266,6 @@ impl Dataset {
             eprintln!("warning: data.allow_missing_classes = true: {}", problems.join("; "));
         }
         let classes = scan.classes.clone();
-        let domain_names: Vec<String> = scan.domains.iter().map(|d| d.name.clone()).collect();
 
         let mut skipped = Vec::new();
         let mut domains = Vec::with_capacity(scan.domains.len());
@@ -251,36 +308,10 @@ impl Dataset {
             domains.push(Domain { name: scanned.name.clone(), files, labels, in_split, out_split });
         }
 
-        let mut test_domains = Vec::new();
-        for wanted in &cfg.test_domains {
-            match resolve_domain(wanted, &domain_names, scan.spec) {
-                Some(i) if !test_domains.contains(&i) => test_domains.push(i),
-                Some(_) => {}
-                None => bail!(
-                    "data.test_domains: '{wanted}' is not a domain of {} (available: {}{})",
-                    root.display(),
-                    domain_names.join(", "),
-                    scan.spec
-                        .map(|s| format!(
-                            "; short names {}",
-                            s.domains.iter().map(|d| d.short).collect::<Vec<_>>().join(", ")
-                        ))
-                        .unwrap_or_default()
-                ),
-            }
-        }
-        test_domains.sort_unstable();
         let train_domains: Vec<usize> = (0..domains.len()).filter(|i| !test_domains.contains(i)).collect();
-        if train_domains.is_empty() {
-            bail!(
-                "data.test_domains: all {} domains ({}) are held out; at least one training domain is needed",
-                domains.len(),
-                domain_names.join(", ")
-            );
-        }
 
         let cache = ImageCache::if_fits(&domains, cfg.image_size, cfg.cache_mb);
-        Ok(Dataset { root, spec: scan.spec, classes, domains, train_domains, test_domains, cache, skipped })
+        Ok(Dataset { root, spec: scan.dirs.spec, classes, domains, train_domains, test_domains, cache, skipped })
     }
 
     /// The known dataset this is (`None` for `synthetic` and `folder`).

@@ -138,22 +138,24 @@ impl fmt::Display for InspectReport {
 pub fn inspect(cfg: &DataConfig, threads: usize) -> Result<InspectReport> {
     cfg.validate()?;
     let scan = scan_tree(cfg)?;
-    let spec = scan.spec;
+    let spec = scan.dirs.spec;
     let mut errors = Vec::new();
     let mut warnings = Vec::new();
-    for missing in &scan.missing_domains {
-        errors.push(format!("domain directory {} is missing", scan.root.join(missing).display()));
+    for missing in &scan.dirs.missing {
+        errors.push(format!("domain directory {} is missing", scan.dirs.root.join(missing).display()));
     }
-    if scan.domains.is_empty() && scan.missing_domains.is_empty() {
-        errors
-            .push(format!("no domain directories in {} (expected <domain>/<class>/<image>.jpg)", scan.root.display()));
+    if scan.domains.is_empty() && scan.dirs.missing.is_empty() {
+        errors.push(format!(
+            "no domain directories in {} (expected <domain>/<class>/<image>.jpg)",
+            scan.dirs.root.display()
+        ));
     }
-    if !scan.extra_dirs.is_empty() {
+    if !scan.dirs.extra.is_empty() {
         warnings.push(format!(
             "ignored director{} {} under the root: not {} domains (DomainBed would make them environments and \
              shift the environment indices of the others)",
-            if scan.extra_dirs.len() == 1 { "y" } else { "ies" },
-            scan.extra_dirs.iter().map(|d| format!("'{d}'")).collect::<Vec<_>>().join(", "),
+            if scan.dirs.extra.len() == 1 { "y" } else { "ies" },
+            scan.dirs.extra.iter().map(|d| format!("'{d}'")).collect::<Vec<_>>().join(", "),
             cfg.dataset
         ));
     }
@@ -164,7 +166,7 @@ pub fn inspect(cfg: &DataConfig, threads: usize) -> Result<InspectReport> {
     for scanned in &scan.domains {
         let domain_spec = spec.and_then(|s| s.domains.iter().find(|d| d.dir == scanned.name));
         let images = scanned.images();
-        let dir = scan.root.join(&scanned.name);
+        let dir = scan.dirs.root.join(&scanned.name);
         if images == 0 {
             errors.push(format!("domain {} has no images", dir.display()));
         }
@@ -190,7 +192,7 @@ pub fn inspect(cfg: &DataConfig, threads: usize) -> Result<InspectReport> {
         let total: usize = domains.iter().map(|d| d.images).sum();
         if let Some((_, what)) = spec.other_versions.iter().find(|(n, _)| *n == total) {
             warnings.push(format!("{total} images in total: {what}"));
-        } else if total != spec.expected_images() && scan.missing_domains.is_empty() {
+        } else if total != spec.expected_images() && scan.dirs.missing.is_empty() {
             warnings.push(format!(
                 "{total} images in total, the published version has {} (a subset or another version?)",
                 spec.expected_images()
@@ -218,7 +220,7 @@ pub fn inspect(cfg: &DataConfig, threads: usize) -> Result<InspectReport> {
         let listed: Vec<String> = unreadable
             .iter()
             .take(LISTED_BAD_FILES)
-            .map(|b| format!("{} ({})", relative_slash_path(&scan.root, &b.path), b.reason))
+            .map(|b| format!("{} ({})", relative_slash_path(&scan.dirs.root, &b.path), b.reason))
             .collect();
         errors.push(format!(
             "{} unreadable image(s) (set data.on_corrupt = \"skip\" to leave them out): {}{}",
@@ -236,7 +238,7 @@ pub fn inspect(cfg: &DataConfig, threads: usize) -> Result<InspectReport> {
     }
     Ok(InspectReport {
         dataset: cfg.dataset.clone(),
-        root: scan.root,
+        root: scan.dirs.root,
         domains,
         classes: scan.classes,
         expected_classes: spec.map(|s| s.num_classes),

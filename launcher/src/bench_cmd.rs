@@ -67,7 +67,7 @@ fn bench_comm(
     launch_job(
         &launch,
         out_dir,
-        WorkerCommand { args: worker_args, rank_config: None, agreement, run_dir: None },
+        WorkerCommand { args: worker_args, rank_config: None, agreement, run_dir: None, check_world_size: None },
         cuda_load_error,
     )
 }

@@ -25,6 +25,9 @@ pub struct WorkerCommand {
     pub agreement: String,
     /// Training jobs: the launcher of rank 0 claims the run directory (see [`crate::run_dir`]).
     pub run_dir: Option<RunDirPolicy>,
+    /// Training jobs: what the config allows on the number of ranks, checked once they are placed and
+    /// before any starts.
+    pub check_world_size: Option<Box<dyn Fn(usize) -> anyhow::Result<()>>>,
 }
 
 /// Places this launcher's ranks and runs them to completion; returns the launcher's exit code.
@@ -55,6 +58,9 @@ pub fn launch_job(
         } else {
             cuda::check_gpus(place.per_node, ranks_per_gpu, cuda_load_error)?;
         }
+    }
+    if let Some(check) = &worker.check_world_size {
+        check(place.world_size)?;
     }
     if !place.source.is_empty() {
         println!("mgrun: {}", place.source);

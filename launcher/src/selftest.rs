@@ -92,7 +92,8 @@ pub fn launch_selftest(args: &SelftestArgs, launch: &LaunchArgs, cuda_load_error
     let mut worker_args: Vec<OsString> = vec!["selftest-worker".into()];
     worker_args.extend(args.to_args().into_iter().map(OsString::from));
     let agreement = format!("{worker_args:?}");
-    let worker = WorkerCommand { args: worker_args, rank_config: None, agreement, run_dir: None };
+    let worker =
+        WorkerCommand { args: worker_args, rank_config: None, agreement, run_dir: None, check_world_size: None };
     launch_job(launch, out_dir, worker, cuda_load_error)
 }
 

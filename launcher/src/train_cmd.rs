@@ -38,6 +38,11 @@ pub fn launch_training(cli: Cli, cuda_load_error: Option<&str>) -> anyhow::Resul
     let mut job = JobConfig::load(&config, &cli.overrides)?;
     job.check_pretrained().with_context(|| format!("config {}", config.display()))?;
     check_batch_memory(&job).with_context(|| format!("config {}", config.display()))?;
+    // Domain and test-domain names from the directory listing alone (the ranks list the images). The
+    // synthetic dataset is made by the first rank when its root is missing.
+    if job.data.dataset != "synthetic" || job.data.root.exists() {
+        mgrun_data::Dataset::check_domains(&job.data).with_context(|| format!("config {}", config.display()))?;
+    }
     if let Some(dir) = &job.checkpoint.dir {
         // Found now, not at the first checkpoint hours later.
         check_writable(dir).with_context(|| format!("config {}: key `checkpoint.dir`", config.display()))?;
@@ -69,6 +74,7 @@ pub fn launch_training(cli: Cli, cuda_load_error: Option<&str>) -> anyhow::Resul
          (or set checkpoint.dir)"
     );
     let agreement = toml::to_string(&job).context("serialising the resolved config")?;
+    let job_for_checks = job.clone();
     // Restarted ranks continue from the newest checkpoint, whatever the first start resumed from.
     let mut restart_job = job.clone();
     restart_job.checkpoint.resume = Resume::Auto;
@@ -82,7 +88,17 @@ pub fn launch_training(cli: Cli, cuda_load_error: Option<&str>) -> anyhow::Resul
     let worker_args: Vec<OsString> =
         vec!["worker".into(), "--out".into(), out_dir.clone().into(), rank_config.path.clone().into()];
     let run_dir = RunDirPolicy { resume: resume.is_some(), overwrite: cli.overwrite };
-    let worker = WorkerCommand { args: worker_args, rank_config: Some(rank_config), agreement, run_dir: Some(run_dir) };
+    let (check_job, config_path) = (job_for_checks, config.clone());
+    let check_world_size: Box<dyn Fn(usize) -> anyhow::Result<()>> = Box::new(move |world_size| {
+        check_job.check_world_size(world_size).with_context(|| format!("config {}", config_path.display()))
+    });
+    let worker = WorkerCommand {
+        args: worker_args,
+        rank_config: Some(rank_config),
+        agreement,
+        run_dir: Some(run_dir),
+        check_world_size: Some(check_world_size),
+    };
     launch_job(&cli.launch, out_dir, worker, cuda_load_error)
 }
 

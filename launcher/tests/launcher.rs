@@ -462,10 +462,14 @@ fn walk_files(root: &Path) -> Vec<std::path::PathBuf> {
 #[test]
 fn a_failing_training_worker_is_the_root_cause() {
     let dir = tempfile::tempdir().unwrap();
-    // A valid config whose dataset directory is missing: the launcher's own config check passes and
-    // the ranks fail when they open the data.
+    // A valid config whose domains have no images: the launcher's own checks (config, domain
+    // directories) pass and the ranks fail when they list the images.
+    let root = dir.path().join("data");
+    for domain in ["a", "b"] {
+        std::fs::create_dir_all(root.join(domain).join("class0")).unwrap();
+    }
     let config = dir.path().join("broken.toml");
-    std::fs::write(&config, "[data]\ndataset = \"folder\"\nroot = \"/nonexistent/mgrun-launcher-test\"\n").unwrap();
+    std::fs::write(&config, format!("[data]\ndataset = \"folder\"\nroot = \"{}\"\n", root.display())).unwrap();
     let out = dir.path().join("run");
     let finished = run_mgrun(&["--cpus", "2", "--out", path_str(&out), path_str(&config)], Duration::from_secs(60));
     assert_eq!(finished.status.code(), Some(1), "{}", finished.stderr);
