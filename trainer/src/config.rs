@@ -244,21 +244,27 @@ impl JobConfig {
             });
             anyhow!("config {}{at}: {}", path.display(), e.message())
         })?;
+        let file_table = table.clone();
         for ov in overrides {
             apply_override(&mut table, ov).with_context(|| format!("--set {ov}"))?;
         }
-        let config: JobConfig = serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
-            let key = e.path().to_string();
-            let message = e.into_inner().message().to_string();
-            // A section that parses its own parts (`[method]`) names the full key itself.
-            if message.starts_with("key `") {
-                anyhow!("config {}: {message}", path.display())
-            } else {
-                anyhow!("config {}: key `{key}`: {message}", path.display())
+        typed(table).map_err(|error| {
+            // Blame the file or the first `--set` that brings this very error in (a `--set` value that
+            // fails a check was reported as an error in the file).
+            let message = format!("{error:#}");
+            let same_error_with = |applied: usize| {
+                let mut table = file_table.clone();
+                for ov in &overrides[..applied] {
+                    let _ = apply_override(&mut table, ov);
+                }
+                typed(table).err().is_some_and(|e| format!("{e:#}") == message)
+            };
+            // With every `--set` applied the error is this one, so the search ends at the last at worst.
+            match (0..overrides.len()).find(|&applied| same_error_with(applied)).unwrap_or(overrides.len()) {
+                0 => anyhow!("config {}: {message}", path.display()),
+                applied => anyhow!("--set {}: {message}", overrides[applied - 1]),
             }
-        })?;
-        config.validate().with_context(|| format!("config {}", path.display()))?;
-        Ok(config)
+        })
     }
 
     /// Resolves relative paths in the config against `base` (the directory of the config file's
@@ -325,6 +331,22 @@ impl JobConfig {
         }
         self.swad.validate()
     }
+}
+
+/// The table as a checked config; errors name the full key but not where the value came from.
+fn typed(table: toml::Table) -> Result<JobConfig> {
+    let config: JobConfig = serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+        let key = e.path().to_string();
+        let message = e.into_inner().message().to_string();
+        // A section that parses its own parts (`[method]`) names the full key itself.
+        if message.starts_with("key `") {
+            anyhow!("{message}")
+        } else {
+            anyhow!("key `{key}`: {message}")
+        }
+    })?;
+    config.validate()?;
+    Ok(config)
 }
 
 /// The datasets of DomainBed's benchmarks, whose protocol starts from ImageNet weights.
@@ -435,6 +457,25 @@ mod tests {
         assert_eq!(c.train.steps, 10);
         assert_eq!(c.method.name, "sam");
         assert_eq!(c.data.test_domains, vec!["a".to_string()]);
+    }
+
+    #[test]
+    fn an_error_brought_in_by_a_set_is_blamed_on_it_not_on_the_file() {
+        let f = write(BASE);
+        let file = f.path().display().to_string();
+        let sets = |sets: &[&str]| sets.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        for (overrides, blamed) in [
+            (sets(&["train.lr=1e-3", "train.lr=inf"]), "--set train.lr=inf: key `train.lr`"),
+            (sets(&["train.stepz=3"]), "--set train.stepz=3: key `train"),
+            (sets(&["eval.batch_size=0", "train.lr=1e-3"]), "--set eval.batch_size=0: key `eval.batch_size`"),
+        ] {
+            let err = format!("{:#}", JobConfig::load(f.path(), &overrides).unwrap_err());
+            assert!(err.starts_with(blamed) && !err.contains(&file), "{overrides:?}: {err}");
+        }
+        // An error already in the file stays the file's, whatever is set beside it.
+        let f = write(&format!("{BASE}lr = -1.0\n"));
+        let err = format!("{:#}", JobConfig::load(f.path(), &sets(&["train.steps=5"])).unwrap_err());
+        assert!(err.starts_with(&format!("config {}: key `train.lr`", f.path().display())), "{err}");
     }
 
     #[test]
