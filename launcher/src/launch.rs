@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use mgrun_collectives::{DeviceKind, RankEnv};
+use mgrun_collectives::{CommError, DeviceKind, RankEnv};
 use mgrun_trainer::PREEMPTED_EXIT_CODE;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::signal::unix::{signal, Signal, SignalKind};
@@ -590,6 +590,11 @@ fn signal_running(ranks: &[RankProcess], signal: i32) {
             // SAFETY: plain kill(2); the pid belongs to a child that has not been reaped yet.
             unsafe {
                 libc::kill(pid, signal);
+                // A stopped rank (SIGSTOP, Ctrl-Z) acts on SIGTERM only once continued: at once, not
+                // after the grace period.
+                if signal == libc::SIGTERM {
+                    libc::kill(pid, libc::SIGCONT);
+                }
             }
         }
     }
@@ -667,6 +672,18 @@ fn report(plan: &LaunchPlan, ranks: &[RankProcess], stop_reason: Option<StopReas
         _ => {}
     }
 
+    // A rank that timed out waiting names the rank that stopped making progress (a stopped, hung or
+    // deadlocked process exits last, killed by mgrun): that rank is the root cause.
+    let first_failed = match stop_reason {
+        Some(StopReason::RankFailed(index)) => Some(index),
+        _ => None,
+    };
+    let stalled_rank = first_failed.and_then(|index| {
+        let tail = ranks[index].stderr_tail.lock().map(|tail| tail.clone()).unwrap_or_default();
+        tail.iter().rev().find_map(|line| CommError::stalled_rank_in(line)).filter(|&rank| rank != ranks[index].rank)
+    });
+    let root_index = stalled_rank.and_then(|rank| ranks.iter().position(|p| p.rank == rank)).or(first_failed);
+
     let mut failures = Vec::new();
     let mut message = String::from("mgrun: rank outcomes:\n");
     for (index, process) in ranks.iter().enumerate() {
@@ -681,7 +698,7 @@ fn report(plan: &LaunchPlan, ranks: &[RankProcess], stop_reason: Option<StopReas
                     (true, false) => " (after mgrun began stopping the job)",
                     (false, _) => "",
                 };
-                let root_cause = matches!(stop_reason, Some(StopReason::RankFailed(first)) if first == index);
+                let root_cause = root_index == Some(index);
                 if root_cause || (ended_badly && !(outcome.after_stop_signal && killed_by_us)) {
                     let tail = process.stderr_tail.lock().map(|tail| tail.clone()).unwrap_or_default();
                     let skip = tail.len().saturating_sub(SUMMARY_TAIL_LINES);
@@ -708,10 +725,23 @@ fn report(plan: &LaunchPlan, ranks: &[RankProcess], stop_reason: Option<StopReas
             let process = &ranks[index];
             let failed_rank = process.rank;
             let status = process.outcome.as_ref().map(|outcome| describe_exit(&outcome.exit)).unwrap_or_default();
-            message.push_str(&format!(
-                "mgrun: Root Cause (first failure): rank {failed_rank} failed with {status}\n  log: {}\n",
-                process.log_path.display()
-            ));
+            match stalled_rank {
+                Some(stalled) => {
+                    let log = root_index
+                        .filter(|&root| root != index)
+                        .map(|root| format!("\n  log of rank {stalled}: {}", ranks[root].log_path.display()))
+                        .unwrap_or_default();
+                    message.push_str(&format!(
+                        "mgrun: Root Cause: rank {stalled} stopped making progress: rank {failed_rank} failed first \
+                         ({status}) after waiting for it for comm.timeout_s{log}\n  log of rank {failed_rank}: {}\n",
+                        process.log_path.display()
+                    ));
+                }
+                None => message.push_str(&format!(
+                    "mgrun: Root Cause (first failure): rank {failed_rank} failed with {status}\n  log: {}\n",
+                    process.log_path.display()
+                )),
+            }
             let tail = process.stderr_tail.lock().map(|tail| tail.clone()).unwrap_or_default();
             if tail.is_empty() {
                 message.push_str(&format!("  rank {failed_rank} wrote nothing to stderr\n"));

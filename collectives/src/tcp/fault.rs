@@ -61,13 +61,15 @@ impl TcpCommunicator {
         }
     }
 
-    /// After a timeout every rank still inside collective `sequence` says so in the store; walking the
-    /// ring from the silent neighbour past ranks that did, the first rank that did not is the one that
-    /// never joined the collective (alive ranks merely waiting on it are skipped).
+    /// After a timeout every rank still waiting inside a collective says so in the store (with the
+    /// collective's `sequence`); walking the ring from the silent neighbour past ranks that did, the first
+    /// rank that did not is the one that stopped making progress. Alive ranks merely waiting on it are
+    /// skipped whichever collective they wait in: a rank that finished one collective may already wait in
+    /// the next while its neighbour still waits in the first, and blaming either would be wrong.
     fn find_stalled_rank(&self, side: Side, sequence: u64) -> usize {
         let n = self.world_size;
-        let waiting_key = |rank: usize| format!("{}/waiting/{sequence}/{rank}", self.prefix);
-        let _ = self.store.set(&waiting_key(self.rank), b"1");
+        let waiting_key = |rank: usize| format!("{}/waiting/{rank}", self.prefix);
+        let _ = self.store.set(&waiting_key(self.rank), sequence.to_string().as_bytes());
         std::thread::sleep(STALL_SETTLE.min(self.timeout / 2));
         let step = |rank: usize| match side {
             Side::Next => (rank + 1) % n,
