@@ -2,7 +2,7 @@
 //! of ranks that wrote them.
 
 use crate::manifest::{Manifest, Meta};
-use crate::{parse_step_dir, LATEST_FILE, MANIFEST_FILE};
+use crate::{parse_step_dir, step_dir_name, LATEST_FILE, MANIFEST_FILE};
 use anyhow::{anyhow, bail, Context, Result};
 use safetensors::SafeTensors;
 use std::collections::HashMap;
@@ -239,6 +239,13 @@ fn newest_valid(root: &Path) -> Result<ResumeChoice> {
         Err(e) => return Err(e).with_context(|| format!("reading {}", pointer.display())),
     };
     let committed = committed_steps(root)?;
+    if let Some(latest) = latest_step.filter(|latest| !committed.iter().any(|(step, _)| step == latest)) {
+        skipped.push(format!(
+            "{}: names {}, which is not a committed checkpoint there",
+            pointer.display(),
+            step_dir_name(latest)
+        ));
+    }
     // The fingerprint of the run that `latest` belongs to.
     let run_fingerprint = latest_step.and_then(|latest| {
         let dir = committed.iter().find(|(step, _)| *step == latest).map(|(_, dir)| dir)?;

@@ -8,12 +8,27 @@ use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
 /// Writes every parameter (f32) and buffer (as stored: f32 running statistics, int64
-/// `num_batches_tracked`) of `store` to `path`, under their state-dict names.
+/// `num_batches_tracked`) of `store` to `path`, under their state-dict names. The file is written under
+/// a temporary name and renamed over `path`, so that a failed write never leaves half a file there.
 pub fn save_safetensors(store: &ParamStore, path: &Path) -> Result<()> {
     let tensors: Vec<(String, Tensor)> =
         store.named_tensors().into_iter().map(|(name, t)| (name, t.to_device(Device::Cpu).contiguous())).collect();
-    Tensor::write_safetensors(&tensors, path)
-        .with_context(|| format!("writing state dict ({} tensors) to {}", tensors.len(), path.display()))
+    let mut temporary = path.as_os_str().to_owned();
+    temporary.push(".tmp");
+    let temporary = std::path::PathBuf::from(temporary);
+    // Created here first so that an unwritable directory is reported as the operating system says it
+    // (tch's error would print the raw error structure).
+    std::fs::File::create(&temporary).with_context(|| format!("creating {}", temporary.display()))?;
+    let written = Tensor::write_safetensors(&tensors, &temporary)
+        .with_context(|| format!("writing state dict ({} tensors) to {}", tensors.len(), temporary.display()))
+        .and_then(|()| {
+            std::fs::rename(&temporary, path)
+                .with_context(|| format!("renaming {} to {}", temporary.display(), path.display()))
+        });
+    if written.is_err() {
+        let _ = std::fs::remove_file(&temporary);
+    }
+    written
 }
 
 fn is_float(kind: Kind) -> bool {

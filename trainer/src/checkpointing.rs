@@ -61,6 +61,9 @@ pub struct Checkpointer {
     rank: usize,
     world_size: usize,
     writer: CheckpointWriter,
+    /// The run's trained model is missing (its final write failed): a finished run may be resumed to
+    /// write it again from its last checkpoint. Not with SWAD, whose final records would repeat.
+    model_missing: bool,
     preemption: PreemptionSignal,
 }
 
@@ -96,6 +99,7 @@ impl Checkpointer {
             rank: env.rank,
             world_size: env.world_size,
             writer,
+            model_missing: !out_dir.join(crate::MODEL_FILE).exists() && !config.swad.enabled,
             preemption,
         })
     }
@@ -178,7 +182,8 @@ impl Checkpointer {
                 differences.join(", ")
             );
         }
-        if checkpoint.meta.step >= self.total_steps {
+        let finished_without_model = checkpoint.meta.step == self.total_steps && self.model_missing;
+        if checkpoint.meta.step >= self.total_steps && !finished_without_model {
             bail!(
                 "checkpoint {} is at step {}, and train.steps = {}: nothing left to train (the run is finished); to \
                  train it further, raise train.steps and resume with --extend",
@@ -187,7 +192,14 @@ impl Checkpointer {
                 self.total_steps
             );
         }
-        if self.is_main() {
+        if self.is_main() && finished_without_model {
+            println!(
+                "the run finished at step {} but its {} is missing: writing it from {}",
+                checkpoint.meta.step,
+                crate::MODEL_FILE,
+                checkpoint.dir.display()
+            );
+        } else if self.is_main() {
             println!(
                 "resuming from {} (step {}, written on {} rank(s))",
                 checkpoint.dir.display(),

@@ -12,6 +12,9 @@ pub mod swad;
 mod worker;
 
 pub use config::JobConfig;
+
+/// The trained model in the run directory.
+pub const MODEL_FILE: &str = "model.safetensors";
 pub use preemption::{WorkerOutcome, PREEMPTED_EXIT_CODE};
 pub use worker::run_worker;
 

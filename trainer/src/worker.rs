@@ -143,14 +143,25 @@ pub fn run_worker(args: &WorkerArgs) -> Result<WorkerOutcome> {
     // --- Finish: the last checkpoint committed, the trained model and a summary table.
     checkpointer.finish()?;
     if is_main {
-        let path = args.out_dir.join("model.safetensors");
-        mgrun_models::io::save_safetensors(model.store(), &path)?;
-        println!(
-            "done: {steps_done} steps in {} ({:.0} img/s); outputs in {}",
-            fmt_duration(progress.elapsed()),
-            ((steps_done - start_step) as f64 * images_per_step as f64) / progress.elapsed().as_secs_f64().max(1e-9),
-            args.out_dir.display()
-        );
+        let path = args.out_dir.join(crate::MODEL_FILE);
+        mgrun_models::io::save_safetensors(model.store(), &path).with_context(|| {
+            format!(
+                "saving the trained model after step {steps_done} (the records and committed checkpoints are kept: \
+                 make {} writable and run again with --resume auto)",
+                args.out_dir.display()
+            )
+        })?;
+        if steps_done == start_step {
+            println!("done: the model of step {steps_done} is written; outputs in {}", args.out_dir.display());
+        } else {
+            println!(
+                "done: {steps_done} steps in {} ({:.0} img/s); outputs in {}",
+                fmt_duration(progress.elapsed()),
+                ((steps_done - start_step) as f64 * images_per_step as f64)
+                    / progress.elapsed().as_secs_f64().max(1e-9),
+                args.out_dir.display()
+            );
+        }
         print!("{}", accuracy_table(&last_accuracy));
     }
     if let Some(swad) = swad.as_mut() {
@@ -200,7 +211,7 @@ fn finish_swad(
     records.swad(last_step, &evaluation.accuracy, train_out_loss, &summary)?;
     if world.rank() == 0 {
         let path = args.out_dir.join("model_swad.safetensors");
-        mgrun_models::io::save_safetensors(model.store(), &path)?;
+        mgrun_models::io::save_safetensors(model.store(), &path).context("saving the SWAD model")?;
         let first = summary.segments.iter().map(|s| s.start_step).min().unwrap_or(0);
         let last = summary.segments.iter().map(|s| s.end_step).max().unwrap_or(0);
         let how = if summary.last_segment_only {
