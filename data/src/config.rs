@@ -145,8 +145,17 @@ impl Default for DataConfig {
 }
 
 /// Dataset kinds [`crate::Dataset::open`] understands; all of them use the DomainBed folder layout.
-pub const KNOWN_DATASETS: &[&str] =
-    &["synthetic", "folder", "pacs", "vlcs", "office_home", "terra_incognita", "domain_net"];
+pub const KNOWN_DATASETS: &[&str] = &[
+    "synthetic",
+    "folder",
+    "pacs",
+    "vlcs",
+    "office_home",
+    "terra_incognita",
+    "domain_net",
+    "rotated_digits",
+    "colored_digits",
+];
 
 impl DataConfig {
     /// Checks the values that do not need the file system.

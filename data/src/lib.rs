@@ -8,6 +8,7 @@
 
 pub mod config;
 pub mod dataset;
+pub mod digits;
 pub mod image_io;
 pub mod inspect;
 pub mod loader;

@@ -139,6 +139,36 @@ pub const DATASETS: &[DatasetSpec] = &[
             &[],
         )
     },
+    // Offline datasets made from scikit-learn's digits by `mgrun datagen` (see `crate::digits`): not
+    // DomainBed's, named after its RotatedMNIST and ColoredMNIST; the counts are the 1,797 scans dealt out
+    // to the domains.
+    DatasetSpec {
+        checkpoint_freq: 100,
+        ..dataset(
+            "rotated_digits",
+            "rotated_digits",
+            &[
+                domain("rot0", "0", 300),
+                domain("rot15", "15", 300),
+                domain("rot30", "30", 300),
+                domain("rot45", "45", 299),
+                domain("rot60", "60", 299),
+                domain("rot75", "75", 299),
+            ],
+            10,
+            &["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"],
+        )
+    },
+    DatasetSpec {
+        checkpoint_freq: 100,
+        ..dataset(
+            "colored_digits",
+            "colored_digits",
+            &[domain("plus90", "+90%", 599), domain("plus80", "+80%", 599), domain("minus90", "-90%", 599)],
+            2,
+            &["digit_0_4", "digit_5_9"],
+        )
+    },
 ];
 
 /// The spec of `data.dataset = name`; `None` for `synthetic`, `folder` and unknown names.

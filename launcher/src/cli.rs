@@ -281,6 +281,15 @@ pub enum DatagenCommand {
         #[arg(long, value_name = "PX")]
         image_size: Option<u32>,
     },
+    /// RotatedMNIST-like domains from scikit-learn's handwritten digits: the scans rotated by 0-75
+    /// degrees, six domains, 10 classes (`data.dataset = "rotated_digits"`).
+    #[command(name = "rotated_digits", alias = "rotated-digits")]
+    RotatedDigits(DigitsArgs),
+    /// ColoredMNIST-like domains from scikit-learn's handwritten digits: a binary label with 25% noise
+    /// and a colour that agrees with it 90%, 80% and then only 10% of the time, three domains
+    /// (`data.dataset = "colored_digits"`).
+    #[command(name = "colored_digits", alias = "colored-digits")]
+    ColoredDigits(DigitsArgs),
     /// A small tree in the layout of a DomainBed dataset (pacs, vlcs, office_home, terra_incognita,
     /// domain_net; DomainNet with official split lists), for tests and trying configs without the download.
     Layout {
@@ -296,6 +305,23 @@ pub enum DatagenCommand {
         #[arg(long, value_name = "PX", default_value_t = 24)]
         image_size: u32,
     },
+}
+
+#[derive(Debug, clap::Args)]
+pub struct DigitsArgs {
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// scikit-learn's `digits.csv.gz` [default: found through --python's scikit-learn]
+    #[arg(long, value_name = "FILE")]
+    pub source: Option<PathBuf>,
+    /// Python with scikit-learn installed [default: $MGRUN_PYTHON, else python3]
+    #[arg(long, value_name = "PYTHON")]
+    pub python: Option<PathBuf>,
+    /// Seeds the deal of scans to domains and the colour and label noise.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long, value_name = "PX", default_value_t = 28)]
+    pub image_size: u32,
 }
 
 impl LaunchArgs {

@@ -4,8 +4,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 
-use crate::cli::{DataBenchArgs, DatagenCommand};
+use crate::cli::{DataBenchArgs, DatagenCommand, DigitsArgs};
 use crate::console::say;
+use mgrun_data::digits::{DigitsKind, DigitsOptions};
 
 /// `mgrun bench data`: the training loader's throughput, printed and optionally written as JSON.
 pub fn bench_data(args: &DataBenchArgs) -> anyhow::Result<()> {
@@ -94,6 +95,8 @@ pub fn datagen(which: DatagenCommand) -> anyhow::Result<i32> {
                 .with_context(|| format!("generating the synthetic dataset in {}", out.display()))?;
             println!("{summary}");
         }
+        DatagenCommand::RotatedDigits(args) => digits(DigitsKind::Rotated, args)?,
+        DatagenCommand::ColoredDigits(args) => digits(DigitsKind::Colored, args)?,
         DatagenCommand::Layout { dataset, out, classes, images_per_class, image_size } => {
             let spec = mgrun_data::registry::spec(&dataset).with_context(|| {
                 let known: Vec<&str> = mgrun_data::registry::DATASETS.iter().map(|d| d.name).collect();
@@ -106,4 +109,49 @@ pub fn datagen(which: DatagenCommand) -> anyhow::Result<i32> {
         }
     }
     Ok(0)
+}
+
+/// `mgrun datagen rotated_digits|colored_digits`.
+fn digits(kind: DigitsKind, args: DigitsArgs) -> anyhow::Result<()> {
+    let source = match args.source {
+        Some(source) => source,
+        None => sklearn_digits_file(args.python)?,
+    };
+    let options = DigitsOptions { kind, out: args.out.clone(), source, seed: args.seed, image_size: args.image_size };
+    let started = std::time::Instant::now();
+    let summary = mgrun_data::digits::generate(&options)
+        .with_context(|| format!("generating {} in {}", kind.name(), args.out.display()))?;
+    let domains: Vec<String> = summary.per_domain.iter().map(|(d, n)| format!("{d} {n}")).collect();
+    println!(
+        "{}: {} PNG images ({}x{} px) from {} written to {} in {:.1} s; images per domain: {}",
+        kind.name(),
+        summary.images,
+        args.image_size,
+        args.image_size,
+        options.source.display(),
+        args.out.display(),
+        started.elapsed().as_secs_f64(),
+        domains.join(", ")
+    );
+    Ok(())
+}
+
+/// The digits file that scikit-learn ships, found by asking `python` (or $MGRUN_PYTHON, or python3).
+fn sklearn_digits_file(python: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    let python = python
+        .or_else(|| std::env::var_os("MGRUN_PYTHON").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from("python3"));
+    let script =
+        "import os, sklearn.datasets as d; print(os.path.join(os.path.dirname(d.__file__), 'data', 'digits.csv.gz'))";
+    let output = std::process::Command::new(&python).args(["-c", script]).output().with_context(|| {
+        format!("running {} to find scikit-learn's digits (give --source FILE or --python)", python.display())
+    })?;
+    if !output.status.success() {
+        anyhow::bail!(
+            "{} cannot import scikit-learn ({}); `make venv` installs it, or give --source path/to/digits.csv.gz",
+            python.display(),
+            String::from_utf8_lossy(&output.stderr).lines().last().unwrap_or("no message")
+        );
+    }
+    Ok(PathBuf::from(String::from_utf8_lossy(&output.stdout).trim()))
 }
