@@ -283,6 +283,7 @@ mod tests {
             n_hparams: 4,
             n_trials: 2,
             test_pairs: true,
+            test_domains: Vec::new(),
             registry: RegistryVersion::Published,
         };
         let runs = expand(&options, &toml::Table::new()).unwrap();

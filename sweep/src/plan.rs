@@ -23,6 +23,9 @@ pub struct SweepOptions {
     pub n_trials: u64,
     /// Also every pair of test domains, as leave-one-domain-out model selection needs.
     pub test_pairs: bool,
+    /// Only test-domain sets made of these domain indices (empty: every domain, as DomainBed).
+    #[serde(default)]
+    pub test_domains: Vec<usize>,
     pub registry: RegistryVersion,
 }
 
@@ -78,7 +81,10 @@ pub fn expand(options: &SweepOptions, base: &toml::Table) -> Result<Vec<RunSpec>
     let mut runs = Vec::new();
     for trial_seed in 0..options.n_trials {
         for algorithm in &options.algorithms {
-            for test_envs in test_env_sets(options.domains.len(), options.test_pairs)? {
+            let wanted = |set: &Vec<usize>| {
+                options.test_domains.is_empty() || set.iter().all(|e| options.test_domains.contains(e))
+            };
+            for test_envs in test_env_sets(options.domains.len(), options.test_pairs)?.into_iter().filter(wanted) {
                 for hparams_seed in options.n_hparams_from..options.n_hparams {
                     let hparams = registry::hparams(
                         options.registry,
@@ -178,6 +184,7 @@ mod tests {
             n_hparams: 3,
             n_trials: 2,
             test_pairs: pairs,
+            test_domains: Vec::new(),
             registry: RegistryVersion::Published,
         }
     }

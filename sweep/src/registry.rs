@@ -184,6 +184,10 @@ fn define_method_entries(s: &mut Sampler<'_>, method: &MethodDescriptor) -> Resu
     Ok(())
 }
 
+/// mgrun's MNIST-sized datasets (28 px digits), searched with DomainBed's `SMALL_IMAGES` distributions
+/// (RotatedMNIST, ColoredMNIST).
+const SMALL_IMAGES: &[&str] = &["rotated_digits", "colored_digits"];
+
 /// The hyperparameters of one run of `algorithm` (mgrun method name) on `dataset` (mgrun
 /// `data.dataset`), in DomainBed's definition order. `base` is the fully resolved base config.
 pub fn hparams(
@@ -203,14 +207,22 @@ pub fn hparams(
         (hparams_seed != 0).then(|| seed_hash(&[PyArg::Int(hparams_seed as i64), PyArg::Int(trial_seed as i64)]));
     let mut s =
         Sampler { version, random_seed, shared: RandomState::new(random_seed.unwrap_or(0)), base, out: Vec::new() };
-    // Shared entries, image datasets (mgrun has no MNIST-sized datasets), in 7df6f06's order.
+    // Shared entries in 7df6f06's order; the digits datasets take its SMALL_IMAGES (MNIST) branch.
     s.define("resnet_dropout", "model.dropout", HValue::Float(0.0), |r| choice(r, &[0.0, 0.1, 0.5]))?;
-    s.define("lr", "train.lr", HValue::Float(5e-5), |r| Ok(log_uniform(r, -5.0, -3.5)))?;
-    let batch_exponent_max = if domainbed_dataset_name(dataset) == "DomainNet" { 5.0 } else { 5.5 };
-    s.define("batch_size", "data.batch_per_domain", HValue::Int(32), |r| {
-        Ok(HValue::Int(2f64.powf(r.uniform(3.0, batch_exponent_max)) as i64))
-    })?;
-    s.define("weight_decay", "train.weight_decay", HValue::Float(0.0), |r| Ok(log_uniform(r, -6.0, -2.0)))?;
+    if SMALL_IMAGES.contains(&dataset) {
+        s.define("lr", "train.lr", HValue::Float(1e-3), |r| Ok(log_uniform(r, -4.5, -2.5)))?;
+        s.define("batch_size", "data.batch_per_domain", HValue::Int(64), |r| {
+            Ok(HValue::Int(2f64.powf(r.uniform(3.0, 9.0)) as i64))
+        })?;
+        s.define("weight_decay", "train.weight_decay", HValue::Float(0.0), |_| Ok(HValue::Float(0.0)))?;
+    } else {
+        s.define("lr", "train.lr", HValue::Float(5e-5), |r| Ok(log_uniform(r, -5.0, -3.5)))?;
+        let batch_exponent_max = if domainbed_dataset_name(dataset) == "DomainNet" { 5.0 } else { 5.5 };
+        s.define("batch_size", "data.batch_per_domain", HValue::Int(32), |r| {
+            Ok(HValue::Int(2f64.powf(r.uniform(3.0, batch_exponent_max)) as i64))
+        })?;
+        s.define("weight_decay", "train.weight_decay", HValue::Float(0.0), |r| Ok(log_uniform(r, -6.0, -2.0)))?;
+    }
     define_method_entries(&mut s, method)?;
     Ok(s.out)
 }
