@@ -21,11 +21,11 @@ fn random_search_matches_numpy_bit_for_bit() {
     let status = Command::new(python()).arg(script).arg(&out).status().expect("run the venv python (make venv)");
     assert!(status.success(), "reference script failed");
     let cases: Vec<Value> = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
-    // Every method is drawn: 2 versions x 2 datasets x 3 trial seeds x 20 hparams seeds each.
+    // Every method is drawn: 2 versions x 3 datasets x 3 trial seeds x 20 hparams seeds each.
     let algorithms: std::collections::BTreeSet<&str> = cases.iter().filter_map(|c| c["algorithm"].as_str()).collect();
     let methods: std::collections::BTreeSet<&str> = mgrun_methods::METHODS.iter().map(|m| m.name).collect();
     assert_eq!(algorithms, methods, "the reference script must draw every registered method");
-    assert_eq!(cases.len(), 240 * methods.len());
+    assert_eq!(cases.len(), 360 * methods.len());
     let base = toml::Table::new();
     let mut compared = 0;
     for case in &cases {

@@ -22,12 +22,21 @@ def seed_hash(*args):
 def definitions(algorithm, dataset):
     """(name, sampler) in definition order."""
     batch_max = 5.0 if dataset == "domain_net" else 5.5
-    defs = [
-        ("resnet_dropout", lambda r: float(r.choice([0.0, 0.1, 0.5]))),
-        ("lr", lambda r: float(10 ** r.uniform(-5, -3.5))),
-        ("batch_size", lambda r: int(2 ** r.uniform(3, batch_max))),
-        ("weight_decay", lambda r: float(10 ** r.uniform(-6, -2))),
-    ]
+    if dataset in ("rotated_digits", "colored_digits"):
+        # DomainBed's SMALL_IMAGES branch (RotatedMNIST, ColoredMNIST); weight decay draws nothing.
+        defs = [
+            ("resnet_dropout", lambda r: float(r.choice([0.0, 0.1, 0.5]))),
+            ("lr", lambda r: float(10 ** r.uniform(-4.5, -2.5))),
+            ("batch_size", lambda r: int(2 ** r.uniform(3, 9))),
+            ("weight_decay", lambda r: 0.0),
+        ]
+    else:
+        defs = [
+            ("resnet_dropout", lambda r: float(r.choice([0.0, 0.1, 0.5]))),
+            ("lr", lambda r: float(10 ** r.uniform(-5, -3.5))),
+            ("batch_size", lambda r: int(2 ** r.uniform(3, batch_max))),
+            ("weight_decay", lambda r: float(10 ** r.uniform(-6, -2))),
+        ]
     if algorithm == "sam":
         defs.append(("sam_rho", lambda r: float(10 ** r.uniform(-2, -0.5))))
     elif algorithm == "dsp_reg":
@@ -78,7 +87,7 @@ def main():
     cases = []
     for version in ["published", "current"]:
         for algorithm in ALGORITHMS:
-            for dataset in ["pacs", "domain_net"]:
+            for dataset in ["pacs", "domain_net", "rotated_digits"]:
                 for trial_seed in range(3):
                     for hparams_seed in range(1, 21):
                         cases.append({
