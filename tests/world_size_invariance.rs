@@ -68,7 +68,7 @@ fn five_domains(dir: &Path) -> Job {
     Job { dataset: "folder", root: six_domain_dataset(dir, 4, 16), test_domain: "rotated" }
 }
 
-const DSP_REG: &str = "[method.dsp_reg]\nwarmup_frac = 0.1\nramp_frac = 0.1\nlambda = 1.0\n";
+const DSP_REG: &str = "[method.dsp_reg]\nmode = \"anchor\"\nwarmup_frac = 0.1\nramp_frac = 0.1\nlambda = 1.0\n";
 const SAM_GLOBAL: &str = "[method.sam]\nrho = 0.05\nperturb = \"global\"\n";
 const SAM_LOCAL: &str = "[method.sam]\nrho = 0.05\nperturb = \"local\"\n";
 

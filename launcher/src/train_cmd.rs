@@ -38,6 +38,9 @@ pub fn launch_training(cli: Cli, cuda_load_error: Option<&str>) -> anyhow::Resul
     let mut job = JobConfig::load(&config, &cli.overrides)?;
     job.check_pretrained().with_context(|| format!("config {}", config.display()))?;
     check_batch_memory(&job).with_context(|| format!("config {}", config.display()))?;
+    if let Some(warning) = job.dsp_anchor_warning() {
+        crate::console::say!("mgrun: {warning}");
+    }
     // Domain and test-domain names from the directory listing alone (the ranks list the images). The
     // synthetic dataset is made by the first rank when its root is missing.
     if job.data.dataset != "synthetic" || job.data.root.exists() {

@@ -45,7 +45,12 @@ fn cases() -> Vec<Case> {
     let method = |name: &str| MethodConfig::named(name);
     let dsp = |edit: &dyn Fn(&mut DspRegConfig)| {
         // Warm-up of 1 step, then a 1-step ramp: the penalty is active at steps 1 and 2.
-        let mut m = DspRegConfig { warmup_frac: 1.0 / 3.0, ramp_frac: 1.0 / 3.0, ..DspRegConfig::default() };
+        let mut m = DspRegConfig {
+            mode: DspMode::Anchor,
+            warmup_frac: 1.0 / 3.0,
+            ramp_frac: 1.0 / 3.0,
+            ..DspRegConfig::default()
+        };
         edit(&mut m);
         MethodConfig::of::<DspReg>(&m).unwrap()
     };

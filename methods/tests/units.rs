@@ -164,7 +164,7 @@ fn descriptors_list_methods_with_their_defaults() {
     assert_eq!(find("method.sam.rho"), "0.05");
     assert_eq!(find("method.sam.perturb"), "\"global\"");
     assert_eq!(find("method.dsp_reg.beta"), "0.95");
-    assert_eq!(find("method.dsp_reg.mode"), "\"anchor\"");
+    assert_eq!(find("method.dsp_reg.mode"), "\"gate\"");
     assert_eq!(find("method.dsp_reg.variance_denominator"), "\"k_minus_1\"");
     assert_eq!(find("method.dsp_reg.epsilon"), "1e-20");
     // DomainBed's defaults (hparams_registry.py).
@@ -368,7 +368,14 @@ fn dsp_reg_fused_pass_is_the_same_on_any_thread_count() {
 #[test]
 fn dsp_reg_and_adam_state_round_trip_continue_identically() {
     let shards: Vec<Vec<DomainShard>> = (0..4).map(random_shards).collect();
-    let dsp = DspRegConfig { warmup_frac: 0.25, ramp_frac: 0.25, lambda: 5.0, ..DspRegConfig::default() };
+    // Anchor: its θ₀ is part of the state.
+    let dsp = DspRegConfig {
+        mode: DspMode::Anchor,
+        warmup_frac: 0.25,
+        ramp_frac: 0.25,
+        lambda: 5.0,
+        ..DspRegConfig::default()
+    };
     let cfg = MethodConfig::of::<DspReg>(&dsp).unwrap();
     let adam_cfg = AdamConfig { lr: 1e-2, ..AdamConfig::default() };
     let mut model = small_cnn();

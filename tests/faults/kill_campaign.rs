@@ -78,7 +78,8 @@ fn random_kills_across_writes_resumes_and_evaluations_never_tear_or_misresume() 
     let job = CheckpointedJob {
         eval_every: EVAL_EVERY as usize,
         method: "dsp_reg",
-        method_tables: "",
+        // Anchor: its θ₀ is part of the checkpointed state.
+        method_tables: "\n[method.dsp_reg]\nmode = \"anchor\"\n",
         checkpoint_every: 1,
         keep_last: 2,
     };

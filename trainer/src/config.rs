@@ -382,6 +382,22 @@ impl JobConfig {
         Ok(())
     }
 
+    /// DSP-Reg's `anchor` mode pulls the weights it finds domain-sensitive back towards the weights of
+    /// its first step. From a pretrained start that is a prior; from a random start it pulls towards
+    /// noise (see the README's DSP-Reg comparison), so it is said, once, before the run starts.
+    pub fn dsp_anchor_warning(&self) -> Option<String> {
+        if self.method.name != "dsp_reg" || self.pretrained_weights().is_some() {
+            return None;
+        }
+        let mode = self.method.section("dsp_reg").ok()?.get("mode")?.as_str()?;
+        (mode == "anchor").then(|| {
+            "warning: method.dsp_reg.mode = \"anchor\" without model.pretrained: the anchor is the random \
+             initialisation, which the domain-sensitive weights are pulled back to (it cost held-out accuracy in the \
+             README's comparison); use the default mode = \"gate\", or set model.pretrained"
+                .to_string()
+        })
+    }
+
     /// Checks what depends on the number of ranks. BatchNorm in training mode (`model.freeze_bn =
     /// false`) normalises with the statistics of the images one forward pass sees and keeps running
     /// statistics per rank: with domains sharded over several ranks, both differ from one process's
