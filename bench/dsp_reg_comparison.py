@@ -7,7 +7,8 @@ Usage: python bench/dsp_reg_comparison.py [--mgrun target/release/mgrun] [--out 
 2. The pretrained start: ERM on the synthetic shapes (another task: 5 shape classes, 4 styles) at 28 px,
    the same small CNN; fine-tuning loads its featurizer (the 5-class head is skipped).
 3. For each dataset (held-out domain: rot75, minus90), each regime (scratch, pretrained) and each
-   variant (erm, sam, dsp_reg anchor, shrink and gate at their defaults), `mgrun sweep --n-hparams 1
+   variant (erm, sam, dsp_reg anchor, shrink and gate, gate with the layer_norm and rank scores, and
+   vrex, group_dro, coral, fishr, mixup, elr, ps_kd, each at its defaults), `mgrun sweep --n-hparams 1
    --n-trials T --test-domains D --run` (hparams seed 0, i.e. the defaults; T trial seeds, which reshuffle
    the in/out splits and seed the run), one CPU rank each, then `mgrun collect`.
 4. Prints, and writes to OUT/comparison.md, held-out accuracy (DomainBed's training-domain validation
@@ -28,7 +29,25 @@ VARIANTS = [
     ("dsp_reg anchor", "dsp_reg", ["method.dsp_reg.mode=anchor"]),
     ("dsp_reg shrink", "dsp_reg", ["method.dsp_reg.mode=shrink"]),
     ("dsp_reg gate", "dsp_reg", ["method.dsp_reg.mode=gate"]),
+    # The other sensitivity scores, with the default mode.
+    ("dsp_reg gate layer_norm", "dsp_reg", ["method.dsp_reg.mode=gate", "method.dsp_reg.score=layer_norm"]),
+    ("dsp_reg gate rank", "dsp_reg", ["method.dsp_reg.mode=gate", "method.dsp_reg.score=rank"]),
+    # DomainBed's baselines whose step costs about ERM's (bench/results/2026-12-02-methods-cost.md); the
+    # SAM family beyond SAM, OCNN, AdvStyle and Weight Compander (1.8-25x ERM) are left out for time.
+    ("vrex", "vrex", []),
+    ("group_dro", "group_dro", []),
+    ("coral", "coral", []),
+    ("fishr", "fishr", []),
+    ("mixup", "mixup", []),
+    ("elr", "elr", []),
+    ("ps_kd", "ps_kd", []),
 ]
+
+
+def finished(sweep, trials):
+    """Every run of an earlier invocation is done (a sweep is not re-expanded over finished runs)."""
+    runs = [d for d in os.listdir(sweep) if os.path.isdir(os.path.join(sweep, d))] if os.path.isdir(sweep) else []
+    return len(runs) == trials and all(os.path.exists(os.path.join(sweep, r, "done")) for r in runs)
 
 
 def run(args, log=None):
@@ -111,7 +130,7 @@ def main():
             for name, algorithm, extra in VARIANTS:
                 sweep = os.path.join(out, "sweeps", f"{dataset}-{regime}-{name.replace(' ', '-')}")
                 overrides = base + [f"data.root={data}/{dataset}", f"model.pretrained={start}"] + extra
-                if not args.collect_only:
+                if not args.collect_only and not finished(sweep, args.trials):
                     run([mgrun, "sweep", f"configs/{dataset}.toml", "--algorithms", algorithm, "--n-hparams", "1",
                          "--n-trials", str(args.trials), "--test-domains", test_domain, "--cpus", "1", "--out",
                          sweep, "--run"] + sets(overrides), log=sweep + ".log")
@@ -133,7 +152,7 @@ def main():
     lines += ["", "DSP-Reg's sensitivity s = V/(V+M+eps) per penalised weight tensor (norms and biases are excluded), "
               "mean over the tensor at the first evaluation after the warm-up -> the last, averaged over trials "
               "(gate's w = s too):"]
-    dsp_variants = [name for name, algorithm, _ in VARIANTS if algorithm == "dsp_reg"]
+    dsp_variants = [name for name, algorithm, extra in VARIANTS if algorithm == "dsp_reg" and len(extra) == 1]
     for dataset, _ in DATASETS:
         for regime in ("scratch", "pretrained"):
             layers = sensitivity[(dataset, regime, dsp_variants[0])]
