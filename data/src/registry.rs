@@ -262,14 +262,18 @@ mod tests {
             let dirs = spec.domain_dirs();
             let mut sorted = dirs.clone();
             sorted.sort();
-            assert_eq!(dirs, sorted, "{}: DomainBed numbers environments by sorted directory name", spec.name);
+            // The digits datasets keep their generator's environment order (+90%, +80%, -90% for the
+            // colours), as DomainBed's MNIST datasets do, which have no directories to sort.
+            if !["rotated_digits", "colored_digits"].contains(&spec.name) {
+                assert_eq!(dirs, sorted, "{}: DomainBed numbers environments by sorted directory name", spec.name);
+            }
             let mut classes = spec.classes.to_vec();
             classes.sort();
             assert_eq!(classes, spec.classes, "{}", spec.name);
             assert!(spec.classes.is_empty() || spec.classes.len() == spec.num_classes);
         }
         let totals: Vec<usize> = DATASETS.iter().map(DatasetSpec::expected_images).collect();
-        assert_eq!(totals, [9_991, 10_729, 15_588, 24_788, 586_575]);
+        assert_eq!(totals, [9_991, 10_729, 15_588, 24_788, 586_575, 1_797, 1_797]);
         assert_eq!(spec("terra_incognita").map(|s| s.domains[0].short), Some("L100"));
         assert!(spec("folder").is_none());
     }
