@@ -19,6 +19,7 @@
 //! for 16-level handwriting).
 
 use crate::sampler::mix_seed;
+use crate::synthetic::prepare_generated_dir;
 use anyhow::{bail, Context, Result};
 use image::codecs::png::PngEncoder;
 use image::{ExtendedColorType, ImageEncoder};
@@ -147,7 +148,7 @@ pub fn generate(opts: &DigitsOptions) -> Result<DigitsSummary> {
         bail!("{}: image size {} is not in 8..=256", opts.kind.name(), opts.image_size);
     }
     let scans = read_scans(&opts.source)?;
-    prepare_output_dir(&opts.out, opts.kind)?;
+    prepare_generated_dir(&opts.out, opts.kind.name(), MARKER_FILE, &opts.kind.domains())?;
     let mut order: Vec<usize> = (0..scans.digits.len()).collect();
     order.shuffle(&mut ChaCha8Rng::seed_from_u64(mix_seed(&[STREAM_SHUFFLE, opts.seed])));
     let domains = opts.kind.domains();
@@ -223,34 +224,6 @@ fn render(scan: &[u8; SCAN * SCAN], size: usize, degrees: f32) -> Vec<u8> {
         *pixel = (value / SCAN_LEVELS * 255.0).round().clamp(0.0, 255.0) as u8;
     }
     out
-}
-
-fn prepare_output_dir(out: &Path, kind: DigitsKind) -> Result<()> {
-    if !out.exists() {
-        return fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()));
-    }
-    if !out.is_dir() {
-        bail!("{}: output {} exists and is not a directory", kind.name(), out.display());
-    }
-    let empty = fs::read_dir(out).with_context(|| format!("listing {}", out.display()))?.next().is_none();
-    if empty {
-        return Ok(());
-    }
-    if !out.join(MARKER_FILE).is_file() {
-        bail!(
-            "{}: output directory {} is not empty and was not written by `mgrun datagen`; remove it or choose another \
-             --out",
-            kind.name(),
-            out.display()
-        );
-    }
-    for domain in kind.domains() {
-        let dir = out.join(domain);
-        if dir.exists() {
-            fs::remove_dir_all(&dir).with_context(|| format!("removing the old {}", dir.display()))?;
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -89,7 +89,7 @@ pub fn generate(opts: &SyntheticOptions) -> Result<SyntheticSummary> {
     if !(8..=1024).contains(&opts.image_size) {
         bail!("synthetic: image_size {} is not in 8..=1024", opts.image_size);
     }
-    prepare_output_dir(&opts.out)?;
+    prepare_generated_dir(&opts.out, "synthetic", MARKER_FILE, DOMAINS)?;
     let size = opts.image_size as usize;
     let mut images = 0;
     let mut bytes = 0u64;
@@ -133,28 +133,31 @@ pub fn generate(opts: &SyntheticOptions) -> Result<SyntheticSummary> {
     })
 }
 
-fn prepare_output_dir(out: &Path) -> Result<()> {
+/// Makes `out` ready for `mgrun datagen <name>`: created when missing, kept when empty, and when it holds
+/// an earlier output (marked by `marker`) its `domains` directories are removed; anything else is
+/// refused rather than overwritten.
+pub(crate) fn prepare_generated_dir(out: &Path, name: &str, marker: &str, domains: &[&str]) -> Result<()> {
     if !out.exists() {
-        return fs::create_dir_all(out).with_context(|| format!("synthetic: cannot create {}", out.display()));
+        return fs::create_dir_all(out).with_context(|| format!("{name}: cannot create {}", out.display()));
     }
     if !out.is_dir() {
-        bail!("synthetic: output {} exists and is not a directory", out.display());
+        bail!("{name}: output {} exists and is not a directory", out.display());
     }
-    let mut entries = fs::read_dir(out).with_context(|| format!("synthetic: cannot list {}", out.display()))?;
+    let mut entries = fs::read_dir(out).with_context(|| format!("{name}: cannot list {}", out.display()))?;
     if entries.next().is_none() {
         return Ok(());
     }
-    if !out.join(MARKER_FILE).is_file() {
+    if !out.join(marker).is_file() {
         bail!(
-            "synthetic: output directory {} is not empty and was not written by `mgrun datagen synthetic`; \
-             remove it or choose another --out",
+            "{name}: output directory {} is not empty and was not written by `mgrun datagen {name}`; remove it or \
+             choose another --out",
             out.display()
         );
     }
-    for domain in DOMAINS {
+    for domain in domains {
         let dir = out.join(domain);
         if dir.exists() {
-            fs::remove_dir_all(&dir).with_context(|| format!("synthetic: cannot remove old {}", dir.display()))?;
+            fs::remove_dir_all(&dir).with_context(|| format!("{name}: cannot remove old {}", dir.display()))?;
         }
     }
     Ok(())

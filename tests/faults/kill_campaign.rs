@@ -140,7 +140,8 @@ fn random_kills_across_writes_resumes_and_evaluations_never_tear_or_misresume() 
                             break;
                         }
                         assert!(Instant::now() < deadline, "attempt {attempt} made no progress");
-                        std::thread::sleep(Duration::from_millis(1));
+                        // Polling re-reads steps.jsonl: not so often that it competes with the job.
+                        std::thread::sleep(Duration::from_millis(2));
                     }
                     let jitter = if phase == Phase::Evaluation { instants.next(0, 4) } else { instants.next(0, 15) };
                     std::thread::sleep(Duration::from_millis(jitter));
