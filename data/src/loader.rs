@@ -110,6 +110,8 @@ pub struct Loader {
     start_step: u64,
     next_step: u64,
     device: Device,
+    /// Finished steps waiting in the queues (the workers add, `next` takes away).
+    ready: Arc<AtomicUsize>,
 }
 
 impl Loader {
@@ -169,18 +171,25 @@ impl Loader {
         let per_worker_queue = cfg.prefetch.max(1).div_ceil(num_workers);
         let mut queues = Vec::with_capacity(num_workers);
         let mut workers = Vec::with_capacity(num_workers);
+        let ready = Arc::new(AtomicUsize::new(0));
         for w in 0..num_workers {
             let (sender, receiver) = sync_channel(per_worker_queue);
             let recipe = recipe.clone();
             let first = start_step + w as u64;
+            let ready = ready.clone();
             let handle = std::thread::Builder::new()
                 .name(format!("mgrun-loader-{w}"))
-                .spawn(move || produce_steps(&recipe, first, num_workers as u64, &sender))
+                .spawn(move || produce_steps(&recipe, first, num_workers as u64, &sender, &ready))
                 .with_context(|| format!("starting data loader thread {w}"))?;
             queues.push(receiver);
             workers.push(handle);
         }
-        Ok(Loader { queues, workers, start_step, next_step: start_step, device })
+        Ok(Loader { queues, workers, start_step, next_step: start_step, device, ready })
+    }
+
+    /// Finished steps waiting to be taken: 0 at every step means the loader is the bottleneck.
+    pub fn queue_depth(&self) -> usize {
+        self.ready.load(Ordering::Relaxed)
     }
 
     /// The next step's batch (steps count up from `start_step`). An unreadable image fails the step with an
@@ -191,7 +200,10 @@ impl Loader {
         let step = self.next_step;
         let worker = ((step - self.start_step) % self.queues.len() as u64) as usize;
         let batch = match self.queues[worker].recv() {
-            Ok(result) => result.with_context(|| format!("data loader, step {step}"))?,
+            Ok(result) => {
+                self.ready.fetch_sub(1, Ordering::Relaxed);
+                result.with_context(|| format!("data loader, step {step}"))?
+            }
             Err(_) => bail!("data loader thread {worker} stopped before step {step} (after an earlier error)"),
         };
         debug_assert_eq!(batch.step, step);
@@ -225,11 +237,20 @@ impl Drop for Loader {
     }
 }
 
-fn produce_steps(recipe: &StepRecipe, first: u64, stride: u64, sender: &SyncSender<Result<StepBatch>>) {
+fn produce_steps(
+    recipe: &StepRecipe,
+    first: u64,
+    stride: u64,
+    sender: &SyncSender<Result<StepBatch>>,
+    ready: &AtomicUsize,
+) {
     let mut step = first;
     loop {
         let result = build_step(recipe, step);
         let failed = result.is_err();
+        // Counted before the send, which blocks while the queue is full: taking it away in `next`
+        // can then never run before the count went up.
+        ready.fetch_add(1, Ordering::Relaxed);
         if sender.send(result).is_err() || failed {
             return;
         }

@@ -31,6 +31,7 @@ pub fn run(which: BenchCommand, top_launch: &LaunchArgs, cuda_load_error: Option
             data_cmd::bench_data(&args)?;
             Ok(0)
         }
+        BenchCommand::Scaling(args) => crate::bench_scaling::run(&args),
         BenchCommand::Step { launch, args } => {
             let launch = launch.or(top_launch);
             let device = match launch.gpus {

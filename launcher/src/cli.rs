@@ -29,6 +29,9 @@ pub struct Cli {
     /// (without it, such a directory is refused unless the job resumes it).
     #[arg(long, conflicts_with = "resume")]
     pub overwrite: bool,
+    /// No progress bar or progress lines (errors, evaluations and the summary still print).
+    #[arg(long)]
+    pub quiet: bool,
     /// The job's TOML config.
     #[arg(required = true)]
     pub config: Option<PathBuf>,
@@ -165,6 +168,9 @@ pub enum BenchCommand {
     /// Images/s of the training data loader (decode + DomainBed's training transform), in total and per
     /// worker thread, on a config's dataset or a directory of `<domain>/<class>/<image>` files.
     Data(DataBenchArgs),
+    /// Weak and strong scaling of real training jobs on 1, 2, 4 ... CPU ranks: throughput,
+    /// efficiency and the step-time breakdown per world size (from each job's metrics.jsonl).
+    Scaling(crate::bench_scaling::ScalingArgs),
 }
 
 #[derive(Debug, clap::Args)]

@@ -18,14 +18,18 @@ pub(crate) use say;
 /// Writes `line` and a newline to stderr in one call; console errors (a closed pipe) are ignored,
 /// as they must not stop a job.
 pub fn stderr_line(line: &str) {
-    let _ = std::io::stderr().lock().write_all(with_newline(line).as_bytes());
+    crate::progress_display::above_bar(|| {
+        let _ = std::io::stderr().lock().write_all(with_newline(line).as_bytes());
+    });
 }
 
 /// Writes `line` and a newline to stdout in one call, flushed, so that it cannot interleave either.
 pub fn stdout_line(line: &str) {
-    let mut stdout = std::io::stdout().lock();
-    let _ = stdout.write_all(with_newline(line).as_bytes());
-    let _ = stdout.flush();
+    crate::progress_display::above_bar(|| {
+        let mut stdout = std::io::stdout().lock();
+        let _ = stdout.write_all(with_newline(line).as_bytes());
+        let _ = stdout.flush();
+    });
 }
 
 fn with_newline(line: &str) -> String {

@@ -523,6 +523,8 @@ fn spawn_rank(
     command
         .args(&plan.worker_args)
         .envs(rank_env.vars())
+        // The ranks' progress reports come here (see progress_display).
+        .env(mgrun_trainer::progress::PROGRESS_ENV, "launcher")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -635,6 +637,9 @@ async fn pump_lines<R: AsyncRead + Unpin>(
                     log_failed = true;
                 }
             }
+        }
+        if matches!(stream, Stream::Stdout) && crate::progress_display::take_report(&line) {
+            continue;
         }
         // Console errors (closed pipe) must not stop the job.
         let prefixed = format!("[{rank}] {line}");

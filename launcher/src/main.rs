@@ -3,6 +3,7 @@
 //! The same executable is both the launcher and, through hidden subcommands, every rank it spawns.
 
 mod bench_cmd;
+mod bench_scaling;
 mod cli;
 mod console;
 mod cuda;
@@ -11,6 +12,7 @@ mod job;
 mod launch;
 mod methods_cmd;
 mod placement;
+mod progress_display;
 mod rendezvous;
 mod run_dir;
 mod selftest;

@@ -12,6 +12,7 @@ use mgrun_trainer::JobConfig;
 use crate::cli::Cli;
 use crate::job::{absolute, default_out_dir, launch_job, WorkerCommand};
 use crate::launch::RankConfig;
+use crate::progress_display::{self, ProgressMode};
 use crate::run_dir::RunDirPolicy;
 
 /// The file in the output directory that holds the job's resolved config, which the ranks read.
@@ -78,6 +79,7 @@ pub fn launch_training(cli: Cli, cuda_load_error: Option<&str>) -> anyhow::Resul
     );
     let agreement = toml::to_string(&job).context("serialising the resolved config")?;
     let job_for_checks = job.clone();
+    let traced = job.trace.enabled;
     // Restarted ranks continue from the newest checkpoint, whatever the first start resumed from.
     let mut restart_job = job.clone();
     restart_job.checkpoint.resume = Resume::Auto;
@@ -102,7 +104,34 @@ pub fn launch_training(cli: Cli, cuda_load_error: Option<&str>) -> anyhow::Resul
         run_dir: Some(run_dir),
         check_world_size: Some(check_world_size),
     };
-    launch_job(&cli.launch, out_dir, worker, cuda_load_error)
+    progress_display::start(ProgressMode::choose(cli.quiet));
+    let launched = launch_job(&cli.launch, out_dir.clone(), worker, cuda_load_error);
+    progress_display::clear();
+    if traced && is_first_node(&cli.launch) {
+        merge_traces(&out_dir);
+    }
+    launched
+}
+
+/// The launcher of node 0 merges the traces (every node's ranks write to the shared run directory).
+fn is_first_node(launch: &crate::cli::LaunchArgs) -> bool {
+    let slurm_node = std::env::var("SLURM_NODEID").ok().and_then(|n| n.parse::<usize>().ok());
+    launch.node_rank.or(slurm_node).unwrap_or(0) == 0
+}
+
+/// `<out>/trace/rank<N>.json` into `<out>/trace.json`, also after a failed or stopped job (what
+/// the ranks wrote until then is what shows why). A failure to merge is reported, not fatal: the
+/// rank files stay.
+fn merge_traces(out_dir: &Path) {
+    let (dir, file) = (out_dir.join(mgrun_trainer::TRACE_DIR), out_dir.join(mgrun_trainer::TRACE_FILE));
+    match mgrun_telemetry::trace::merge(&dir, &file) {
+        Ok((0, _)) => {}
+        Ok((ranks, events)) => println!(
+            "trace: {events} events of {ranks} rank(s) in {} (open in https://ui.perfetto.dev or chrome://tracing)",
+            file.display()
+        ),
+        Err(error) => crate::console::say!("mgrun: merging the traces in {}: {error:#}", dir.display()),
+    }
 }
 
 /// Refuses a batch that cannot fit before any rank allocates it (a typo such as

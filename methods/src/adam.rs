@@ -64,6 +64,9 @@ pub struct Adam {
     step: u64,
     /// The step count as the fused kernel reads it: an f32 scalar on the parameters' device.
     step_tensor: Tensor,
+    /// The norm of the last gradient applied, left on the device until [`Adam::take_grad_norm`]
+    /// reads it (after the loss, which waits for the device anyway).
+    last_grad_norm: Option<Tensor>,
 }
 
 impl Adam {
@@ -76,6 +79,7 @@ impl Adam {
             exp_avg_sq: zeros(),
             step: 0,
             step_tensor: Tensor::zeros([], (Kind::Float, device)),
+            last_grad_norm: None,
         }
     }
 
@@ -109,6 +113,8 @@ impl Adam {
             );
         }
         let _guard = tch::no_grad_guard();
+        let _timed = mgrun_telemetry::phase(mgrun_telemetry::Phase::Optimizer);
+        self.last_grad_norm = Some(flat_grad.f_norm().context("Adam: gradient norm")?);
         self.step += 1;
         let _ = self.step_tensor.f_fill_(self.step as f64).context("Adam: step count")?;
         let AdamConfig { lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay } = self.cfg;
@@ -128,6 +134,11 @@ impl Adam {
             &self.step_tensor,
             coefficients,
         )
+    }
+
+    /// The L2 norm of the gradient of the last step (once; `None` before a step).
+    pub fn take_grad_norm(&mut self) -> Option<f64> {
+        self.last_grad_norm.take().and_then(|norm| norm.f_double_value(&[]).ok())
     }
 
     /// Forgets the moments and the step count, as a freshly created optimizer (DomainBed's IRM,

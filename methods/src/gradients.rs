@@ -14,6 +14,7 @@
 //!   unit's gradient (N x P values per pass, against about 2P for a ring all-reduce).
 
 use crate::common::{all_reduce_grad, backward_flat, cross_entropy_sum, shard_len, zero_gradient};
+use crate::overlap::GradientOverlap;
 use crate::{DomainShard, Topology};
 use anyhow::{bail, Context, Result};
 use mgrun_collectives::{scalars, ReduceOp};
@@ -101,8 +102,14 @@ pub fn batch_gradient_with(
         return Ok(BatchGradient { loss: sums.loss_sum * scale, grad: total * scale });
     }
     let world = topology.world;
+    // With comm.overlap the plain batch gradient comes back already summed over the ranks.
+    let mut reduced = false;
     let (local_loss, mut grad) = match (pass.offsets, loss) {
-        (None, None) => concatenated_gradient(model, shards, scale)?,
+        (None, None) => {
+            let (local_loss, grad, summed) = concatenated_gradient(model, shards, scale, topology.overlap)?;
+            reduced = summed;
+            (local_loss, grad)
+        }
         (Some(_), Some(_)) => bail!("a custom image loss at offset parameters is not supported"),
         (None, Some(loss)) => {
             // A loss term per piece (each draws on its own domain's data), one backward.
@@ -135,7 +142,9 @@ pub fn batch_gradient_with(
             (local_loss, model.store().flat_grad_alias())
         }
     };
-    all_reduce_grad(world, &mut grad, topology.bucket_bytes, "the batch gradient")?;
+    if !reduced {
+        all_reduce_grad(world, &mut grad, topology.bucket_bytes, "the batch gradient")?;
+    }
     let loss = scalars::all_reduce_f64(world, &[local_loss], ReduceOp::Sum).context("all-reduce of the loss")?[0];
     Ok(BatchGradient { loss, grad })
 }
@@ -220,10 +229,17 @@ pub fn image_sum(
 
 /// One forward and backward over all of this rank's images concatenated, the loss scaled by `scale`
 /// (zeros when the rank holds no images): the local loss and flat gradient.
-fn concatenated_gradient(model: &mut dyn Model, shards: &[DomainShard], scale: f64) -> Result<(f64, Tensor)> {
+/// This rank's loss and gradient of its images in one backward; with `overlap`, the gradient is
+/// summed over the ranks during the backward (the flag says so).
+fn concatenated_gradient(
+    model: &mut dyn Model,
+    shards: &[DomainShard],
+    scale: f64,
+    overlap: Option<&GradientOverlap>,
+) -> Result<(f64, Tensor, bool)> {
     let nonempty: Vec<&DomainShard> = shards.iter().filter(|s| shard_len(s) > 0).collect();
     if nonempty.is_empty() {
-        return Ok((0.0, zero_gradient(model.store())));
+        return Ok((0.0, zero_gradient(model.store()), false));
     }
     let (x, y) = if nonempty.len() == 1 {
         (nonempty[0].x.shallow_clone(), nonempty[0].y.shallow_clone())
@@ -237,8 +253,10 @@ fn concatenated_gradient(model: &mut dyn Model, shards: &[DomainShard], scale: f
     };
     let loss = cross_entropy_sum(&*model, &x, &y)? * scale;
     let value = loss.f_double_value(&[]).context("reading the local loss")?;
-    let grad = backward_flat(model.store_mut(), &loss)?;
-    Ok((value, grad))
+    match overlap {
+        Some(overlap) => Ok((value, overlap.backward(model.store_mut(), &loss)?, true)),
+        None => Ok((value, backward_flat(model.store_mut(), &loss)?, false)),
+    }
 }
 
 /// The exact path's result: per training domain, the sum of its units' gradients of sum_i l_i and

@@ -13,6 +13,7 @@ pub mod descriptor;
 pub mod gradients;
 pub mod moments;
 pub mod objective;
+pub mod overlap;
 pub mod registry;
 pub mod sharding;
 
@@ -110,6 +111,8 @@ pub struct Topology<'a> {
     pub bucket_bytes: usize,
     /// `Some` in deterministic mode (the plan's unit is then the micro-batch).
     pub exact: Option<ExactMode>,
+    /// `comm.overlap`: the batch gradient's buckets are reduced during backward (see [`overlap`]).
+    pub overlap: Option<&'a overlap::GradientOverlap>,
 }
 
 impl Topology<'_> {

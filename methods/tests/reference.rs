@@ -255,6 +255,7 @@ fn run_rust(case: &Case, inputs: &HashMap<String, Tensor>, micro_batch: Option<u
         domain_groups: &[],
         bucket_bytes: 4096,
         exact: micro_batch.map(|_| ExactMode { seed: 0 }),
+        overlap: None,
     };
     let mut losses = Vec::new();
     let mut extras = Vec::new();

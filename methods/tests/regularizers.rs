@@ -304,7 +304,8 @@ fn per_sample_methods_need_ids_and_restore_their_tables() {
         // Shards without ids: a clear error naming the method.
         let mut model = mgrun_models::build(&spec(), Device::Cpu, 0).unwrap();
         let mut adam = Adam::new(adam_config(), model.store().numel(), Device::Cpu);
-        let topology = Topology { world: &world, plan: &plan, domain_groups: &[], bucket_bytes: 4096, exact: None };
+        let topology =
+            Topology { world: &world, plan: &plan, domain_groups: &[], bucket_bytes: 4096, exact: None, overlap: None };
         let mut shards = shards(&plan, 0, 0);
         shards.iter_mut().for_each(|s| s.ids = None);
         let mut ctx = UpdateContext {

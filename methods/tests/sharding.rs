@@ -178,7 +178,7 @@ fn fast_gradients(weights: &[f32], data: &Batches, plan: &ShardingPlan, world: &
     let mut model = mgrun_models::build(&spec(), Device::Cpu, 0).unwrap();
     model.store().set_flat(&Tensor::from_slice(weights)).unwrap();
     let groups = domain_groups(world, plan).unwrap();
-    let topology = Topology { world, plan, domain_groups: &groups, bucket_bytes: 4096, exact: None };
+    let topology = Topology { world, plan, domain_groups: &groups, bucket_bytes: 4096, exact: None, overlap: None };
     let shards = shards_of(data, plan, world.rank(), 0, None);
     // The batch gradient aliases the model's gradient buffer: read it before the next backward.
     let batch =

@@ -230,7 +230,8 @@ fn run_steps(
 ) -> Vec<mgrun_methods::StepStats> {
     let world = SingleRank::default();
     let plan = ShardingPlan::balanced(1, 3, 2, 1).unwrap();
-    let topology = Topology { world: &world, plan: &plan, domain_groups: &[], bucket_bytes: 1024, exact: None };
+    let topology =
+        Topology { world: &world, plan: &plan, domain_groups: &[], bucket_bytes: 1024, exact: None, overlap: None };
     steps
         .map(|step| {
             let mut ctx = UpdateContext {

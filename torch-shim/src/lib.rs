@@ -21,6 +21,12 @@ use tch::Device;
 extern "C" {
     fn mgrun_shim_last_error() -> *const c_char;
     fn mgrun_set_grad(param: *mut std::ffi::c_void, grad: *mut std::ffi::c_void) -> c_int;
+    fn mgrun_set_grad_ready_hook(
+        param: *mut std::ffi::c_void,
+        ready: GradReadyFn,
+        context: *mut std::ffi::c_void,
+        index: i64,
+    ) -> c_int;
     fn mgrun_fused_adam(
         param: *mut std::ffi::c_void,
         grad: *mut std::ffi::c_void,
@@ -208,6 +214,29 @@ pub fn set_grad(param: &mut tch::Tensor, grad: &mut tch::Tensor) -> Result<()> {
     let rc = unsafe { mgrun_set_grad(param.as_mut_ptr() as *mut _, grad.as_mut_ptr() as *mut _) };
     if rc != 0 {
         return Err(last_error("set_grad"));
+    }
+    Ok(())
+}
+
+/// Called on the autograd thread once backward has accumulated the gradient of parameter `index`.
+pub type GradReadyFn = extern "C" fn(context: *mut std::ffi::c_void, index: i64);
+
+/// Registers `ready(context, index)` as `param`'s post-accumulate-grad hook (it replaces an earlier
+/// one): every backward pass calls it once `param.grad` holds the pass's gradient.
+///
+/// # Safety
+/// `context` must stay valid, and `ready` callable from the autograd thread, for as long as
+/// `param` lives; `ready` must not unwind.
+pub unsafe fn set_grad_ready_hook(
+    param: &tch::Tensor,
+    ready: GradReadyFn,
+    context: *mut std::ffi::c_void,
+    index: i64,
+) -> Result<()> {
+    // SAFETY: `param` is a live at::Tensor handle; the shim only reads it.
+    let rc = mgrun_set_grad_ready_hook(param.as_ptr() as *mut _, ready, context, index);
+    if rc != 0 {
+        return Err(last_error("set_grad_ready_hook"));
     }
     Ok(())
 }

@@ -9,6 +9,8 @@
 #include <ATen/ops/_fused_adamw.h>
 #include <c10/core/CachingDeviceAllocator.h>
 #include <c10/core/DeviceType.h>
+#include <torch/csrc/autograd/function_hook.h>
+#include <torch/csrc/autograd/variable.h>
 
 #include <algorithm>
 #include <cmath>
@@ -208,6 +210,36 @@ int mgrun_set_grad(void* param, void* grad) {
       return fail("set_grad: the gradient's shape, dtype or device differs from the parameter's");
     }
     p.mutable_grad() = g;
+    return 0;
+  } catch (const std::exception& e) {
+    return fail(e.what());
+  }
+}
+
+// Gradient-ready hooks: after backward has accumulated a parameter's gradient into its .grad
+// (torch's register_post_accumulate_grad_hook), call `ready(context, index)`. DDP-style overlap
+// starts reducing a bucket once all its parameters have reported.
+typedef void (*mgrun_grad_ready_fn)(void* context, int64_t index);
+
+namespace {
+struct GradReadyHook : torch::autograd::PostAccumulateGradHook {
+  GradReadyHook(mgrun_grad_ready_fn ready, void* context, int64_t index)
+      : ready(ready), context(context), index(index) {}
+  void operator()(const torch::autograd::Variable& /*tensor*/) override { ready(context, index); }
+  mgrun_grad_ready_fn ready;
+  void* context;
+  int64_t index;
+};
+}  // namespace
+
+extern "C" int mgrun_set_grad_ready_hook(void* param, mgrun_grad_ready_fn ready, void* context, int64_t index) {
+  try {
+    const auto& p = *static_cast<at::Tensor*>(param);
+    if (!p.is_leaf() || !p.requires_grad()) {
+      return fail("grad-ready hook: the tensor is not a leaf that requires grad");
+    }
+    // One hook slot per tensor (it holds only Python's hooks otherwise, and mgrun has none).
+    torch::autograd::impl::set_post_acc_grad_hooks(p, std::make_unique<GradReadyHook>(ready, context, index));
     return 0;
   } catch (const std::exception& e) {
     return fail(e.what());

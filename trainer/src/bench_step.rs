@@ -126,6 +126,7 @@ fn bench_one(cfg: &StepBenchConfig, method_name: &str, precision: Precision) -> 
         domain_groups: &[],
         bucket_bytes: 25 << 20,
         exact: cfg.micro_batch.map(|_| ExactMode { seed: 0 }),
+        overlap: None,
     };
     tch::manual_seed(1);
     let shards: Vec<DomainShard> = plan

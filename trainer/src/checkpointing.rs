@@ -34,6 +34,8 @@ const RESUMABLE_KEYS: &[&str] = &[
     "data.num_workers",
     "data.prefetch",
     "data.cache_mb",
+    "metrics",
+    "trace",
 ];
 
 /// The one identity key that `--extend` lets change.
@@ -260,7 +262,7 @@ impl Checkpointer {
         let copy_s = snapshot.copy_seconds;
         let previous = self.writer.save(snapshot)?;
         let stall_s = stall.elapsed().as_secs_f64();
-        metrics::histogram!("mgrun_checkpoint_stall_seconds").record(stall_s);
+        mgrun_telemetry::record_between_steps(mgrun_telemetry::Phase::Checkpoint, stall_s);
         if self.is_main() {
             println!(
                 "checkpoint step {steps_done}: training stalled {:.1} ms (copy {:.1} ms)",

@@ -31,6 +31,56 @@ pub struct JobConfig {
     /// while it is the default, so that checkpoints of runs without SWAD keep their fingerprint.
     #[serde(default, skip_serializing_if = "SwadConfig::is_default")]
     pub swad: SwadConfig,
+    /// Monitoring; left out of the serialised config while default, like `swad`, and never part of
+    /// a checkpoint's fingerprint (it does not change what is trained).
+    #[serde(default, skip_serializing_if = "MetricsConfig::is_default")]
+    pub metrics: MetricsConfig,
+    #[serde(default, skip_serializing_if = "TraceConfig::is_default")]
+    pub trace: TraceConfig,
+}
+
+/// `[metrics]`: the `metrics.jsonl` summaries are always written; a Prometheus endpoint on request.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// `"HOST:PORT"`: every rank serves its metrics on PORT + its local rank (see README "Monitoring").
+    pub prometheus: Option<String>,
+}
+
+impl MetricsConfig {
+    fn is_default(&self) -> bool {
+        *self == MetricsConfig::default()
+    }
+
+    fn validate(&self) -> Result<()> {
+        if let Some(address) = &self.prometheus {
+            mgrun_telemetry::prometheus::rank_address(address, 0).context("key `metrics.prometheus`")?;
+        }
+        Ok(())
+    }
+}
+
+/// `[trace]`: a Chrome trace per rank of the first `steps` steps, merged by the launcher into
+/// `<out>/trace.json`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TraceConfig {
+    pub enabled: bool,
+    /// Steps traced from the start of the run (or of a resumed attempt): a trace is for looking at,
+    /// and a long one only grows.
+    pub steps: u64,
+}
+
+impl Default for TraceConfig {
+    fn default() -> Self {
+        Self { enabled: false, steps: 200 }
+    }
+}
+
+impl TraceConfig {
+    fn is_default(&self) -> bool {
+        *self == TraceConfig::default()
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -156,11 +206,14 @@ pub struct CommConfig {
     pub bucket_mb: f64,
     /// `auto` (NCCL on CUDA, TCP on CPU), `tcp` or `nccl`.
     pub backend: BackendChoice,
+    /// Reduce the batch gradient's buckets while backward is still running (CPU ranks, fast path;
+    /// the results are the same bits either way: see methods/src/overlap.rs).
+    pub overlap: bool,
 }
 
 impl Default for CommConfig {
     fn default() -> Self {
-        Self { timeout_s: 300.0, bucket_mb: 25.0, backend: BackendChoice::Auto }
+        Self { timeout_s: 300.0, bucket_mb: 25.0, backend: BackendChoice::Auto, overlap: true }
     }
 }
 
@@ -329,7 +382,8 @@ impl JobConfig {
         if !(0.0..1.0).contains(&self.model.dropout) {
             bail!("key `model.dropout`: expected a probability in [0, 1), got {}", self.model.dropout);
         }
-        self.swad.validate()
+        self.swad.validate()?;
+        self.metrics.validate()
     }
 }
 

@@ -15,6 +15,10 @@ pub use config::JobConfig;
 
 /// The trained model in the run directory.
 pub const MODEL_FILE: &str = "model.safetensors";
+/// The per-rank Chrome traces (`rank<N>.json`) of `[trace]`, under the run directory; the launcher
+/// merges them into [`TRACE_FILE`].
+pub const TRACE_DIR: &str = "trace";
+pub const TRACE_FILE: &str = "trace.json";
 pub use preemption::{WorkerOutcome, PREEMPTED_EXIT_CODE};
 pub use worker::run_worker;
 

@@ -9,6 +9,7 @@ use mgrun_collectives::RankEnv;
 use mgrun_data::Dataset;
 use mgrun_methods::{Method, StepStats};
 use mgrun_models::Model;
+use mgrun_telemetry::WindowSummary;
 use serde_json::{json, Map, Value};
 use std::fs::File;
 use std::io::{BufWriter, Write};
@@ -26,6 +27,7 @@ pub struct RunRecords {
 struct RecordFiles {
     steps: JsonlWriter,
     results: JsonlWriter,
+    metrics: JsonlWriter,
     sensitivity_dir: PathBuf,
 }
 
@@ -60,7 +62,8 @@ impl RunRecords {
             records.window.finish_step();
         }
         let results = reopen_jsonl(&out_dir.join("results.jsonl"), start_step)?.0;
-        records.files = Some(RecordFiles { steps, results, sensitivity_dir: out_dir.join("sensitivity") });
+        let metrics = reopen_jsonl(&out_dir.join(METRICS_FILE), start_step)?.0;
+        records.files = Some(RecordFiles { steps, results, metrics, sensitivity_dir: out_dir.join("sensitivity") });
         records.identity.insert("hparams".into(), run_hparams(config)?);
         records.identity.insert("args".into(), run_args(config, env, dataset, out_dir));
         Ok(records)
@@ -68,8 +71,6 @@ impl RunRecords {
 
     /// Records one step's statistics (and its time, in seconds).
     pub fn step(&mut self, step: u64, stats: &StepStats, step_time: f64) -> Result<()> {
-        metrics::counter!("mgrun_steps_total").increment(1);
-        metrics::histogram!("mgrun_step_seconds").record(step_time);
         self.window.add("loss", stats.loss);
         self.window.add("step_time", step_time);
         for (k, v) in &stats.extra {
@@ -102,7 +103,13 @@ impl RunRecords {
         record.extend(self.window.take());
         record.insert("mem_gb".into(), json!(peak_memory_gb()));
         insert_accuracy(&mut record, accuracy, train_out_loss);
-        record.extend(method.summaries(model));
+        let summaries = method.summaries(model);
+        for (name, value) in &summaries {
+            if let Some(value) = value.as_f64() {
+                metrics::gauge!("mgrun_method_summary", "summary" => name.clone()).set(value);
+            }
+        }
+        record.extend(summaries);
         if let Some(tensors) = method.evaluation_dump(model)? {
             let dir = &files.sensitivity_dir;
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -130,6 +137,25 @@ fn insert_accuracy(record: &mut Map<String, Value>, accuracy: &[DomainAccuracy],
 }
 
 impl RunRecords {
+    /// Records every rank's step-time breakdown since the last evaluation (`metrics.jsonl`, one line
+    /// per evaluation; `ranks` in rank order, with each rank's GPU memory when on a GPU).
+    pub fn metrics(&mut self, step: u64, ranks: &[(WindowSummary, Option<f64>)]) -> Result<()> {
+        let Some(files) = self.files.as_mut() else { return Ok(()) };
+        let per_rank: Vec<Value> = ranks.iter().enumerate().map(|(r, (s, gpu))| s.to_json(r, *gpu)).collect();
+        let window_steps = ranks.first().map_or(0.0, |(s, _)| s.steps);
+        let images_per_s: f64 = ranks.iter().map(|(s, _)| s.images_per_s).filter(|x| x.is_finite()).sum();
+        let loss = ranks.first().map_or(f64::NAN, |(s, _)| s.loss);
+        let record = json!({
+            "step": step,
+            "window_steps": window_steps,
+            "world_size": ranks.len(),
+            "images_per_s": images_per_s,
+            "loss": if loss.is_finite() { json!(loss) } else { Value::Null },
+            "ranks": per_rank,
+        });
+        files.metrics.write(&record)
+    }
+
     /// Records the evaluation of the SWAD model at the end of the run (its last trained step is
     /// `step`), marked `"swad": true`, with the segments it averages.
     pub fn swad(
@@ -194,6 +220,9 @@ fn run_args(config: &JobConfig, env: &RankEnv, dataset: &Dataset, out_dir: &Path
         "skipped_first": dataset.skipped().iter().take(SKIPPED_LISTED).collect::<Vec<_>>(),
     })
 }
+
+/// Every rank's step-time breakdown, one line per evaluation (see `RunRecords::metrics`).
+pub const METRICS_FILE: &str = "metrics.jsonl";
 
 /// How many skipped images the console and the records name (all of them go to skipped.txt).
 pub const SKIPPED_LISTED: usize = 10;

@@ -9,15 +9,17 @@ use crate::progress::{fmt_duration, Progress};
 use crate::records::{accuracy_table, RunRecords, SKIPPED_LISTED};
 use crate::sharding;
 use crate::swad::{Swad, ValleyDecision};
-use crate::WorkerArgs;
+use crate::{WorkerArgs, TRACE_DIR};
 use anyhow::{bail, Context, Result};
 use mgrun_checkpoint::LoadedCheckpoint;
 use mgrun_collectives::store::StoreClient;
 use mgrun_collectives::{Backend, Communicator, DeviceKind, RankEnv, SingleRank};
 use mgrun_data::{Dataset, Loader};
 use mgrun_methods::descriptor::MessageDims;
+use mgrun_methods::overlap::GradientOverlap;
 use mgrun_methods::{Adam, DomainShard, ExactMode, ShardingPlan, Topology, UpdateContext};
 use mgrun_models::{Model, ModelSpec};
+use mgrun_telemetry::{self as telemetry, Phase, StepReport};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -35,6 +37,7 @@ pub fn run_worker(args: &WorkerArgs) -> Result<WorkerOutcome> {
     let is_main = env.rank == 0;
     let timeout = Duration::from_secs_f64(config.comm.timeout_s);
     let world = connect_world(&env, &config, device, timeout)?;
+    start_telemetry(&config, &env, &args.out_dir)?;
 
     // --- Data, checkpoints, model, optimizer and method. The model is identical on every rank: built
     // from the same seed or checkpoint, then rank 0's copy broadcast.
@@ -64,12 +67,23 @@ pub fn run_worker(args: &WorkerArgs) -> Result<WorkerOutcome> {
     } else {
         Vec::new()
     };
+    let bucket_bytes = (config.comm.bucket_mb * 1024.0 * 1024.0) as usize;
+    let overlap = match overlap_unavailable(&config, env.world_size, device) {
+        None => Some(GradientOverlap::new(world.as_ref(), model.store(), bucket_bytes)?),
+        Some(why) => {
+            if is_main && config.comm.overlap && env.world_size > 1 {
+                println!("comm.overlap: off: {why}");
+            }
+            None
+        }
+    };
     let topo = Topology {
         world: world.as_ref(),
         plan: &plan,
         domain_groups: &domain_groups,
-        bucket_bytes: (config.comm.bucket_mb * 1024.0 * 1024.0) as usize,
+        bucket_bytes,
         exact: config.train.deterministic.then_some(ExactMode { seed: config.train.seed }),
+        overlap: overlap.as_ref(),
     };
 
     // --- Records, evaluation and progress.
@@ -79,7 +93,8 @@ pub fn run_worker(args: &WorkerArgs) -> Result<WorkerOutcome> {
     }
     let evaluator = Evaluator::new(&config, device);
     let images_per_step = config.data.batch_per_domain * num_domains;
-    let mut progress = Progress::new(is_main, config.train.steps, images_per_step, config.train.progress_every_s);
+    let mut progress = Progress::new(env.rank, config.train.steps, images_per_step, config.train.progress_every_s);
+    let images_on_this_rank: usize = plan.pieces(env.rank).iter().map(|p| p.len()).sum();
     let mut last_accuracy = Vec::new();
     // Steps trained in all, fewer than train.steps when SWAD's valley ends early.
     let mut steps_done = start_step;
@@ -90,10 +105,15 @@ pub fn run_worker(args: &WorkerArgs) -> Result<WorkerOutcome> {
             break;
         }
         let started = Instant::now();
+        telemetry::step_begin(step);
         // Random state as a function of the step, so that a resumed run draws the same numbers.
         tch::manual_seed(step_seed(config.train.seed, step, env.rank));
-        let shards = next_shards(&mut loader, &plan, env.rank, device)
-            .with_context(|| format!("loading the batch of step {step}"))?;
+        let shards = {
+            let _waiting = telemetry::phase(Phase::DataWait);
+            next_shards(&mut loader, &plan, env.rank, device)
+                .with_context(|| format!("loading the batch of step {step}"))?
+        };
+        let update_started = Instant::now();
         let mut ctx = UpdateContext {
             model: model.as_mut(),
             optimizer: &mut optimizer,
@@ -103,8 +123,16 @@ pub fn run_worker(args: &WorkerArgs) -> Result<WorkerOutcome> {
             seed: config.train.seed,
         };
         let stats = method.update(&mut ctx, &shards).with_context(|| format!("update at step {step}"))?;
+        let times = telemetry::step_end(&StepReport {
+            update_s: update_started.elapsed().as_secs_f64(),
+            images: images_on_this_rank,
+            loss: stats.loss,
+            grad_norm: optimizer.take_grad_norm(),
+            method_stats: stats.extra.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+            loader_queue_depth: Some(loader.queue_depth()),
+        });
         records.step(step, &stats, started.elapsed().as_secs_f64())?;
-        progress.step(step, stats.loss);
+        progress.step(step, stats.loss, &times);
         if !stats.loss.is_finite() {
             bail!("step {step}: the loss is {} (diverged); lower train.lr", stats.loss);
         }
@@ -113,7 +141,10 @@ pub fn run_worker(args: &WorkerArgs) -> Result<WorkerOutcome> {
             swad.after_step(step, model.store().flat());
         }
         if evaluator.due(step) {
+            let evaluation_started = Instant::now();
             let evaluation = evaluator.run(model.as_ref(), &dataset, world.as_ref()).context("evaluation")?;
+            telemetry::record_between_steps(Phase::Evaluation, evaluation_started.elapsed().as_secs_f64());
+            record_metrics(step, &mut records, world.as_ref(), device)?;
             let train_out_loss = evaluation.train_out_loss(dataset.train_domains());
             records.evaluation(step, &evaluation.accuracy, train_out_loss, method.as_ref(), model.as_ref())?;
             last_accuracy = evaluation.accuracy;
@@ -141,6 +172,7 @@ pub fn run_worker(args: &WorkerArgs) -> Result<WorkerOutcome> {
     }
 
     // --- Finish: the last checkpoint committed, the trained model and a summary table.
+    telemetry::flush();
     checkpointer.finish()?;
     if is_main {
         let path = args.out_dir.join(crate::MODEL_FILE);
@@ -170,6 +202,69 @@ pub fn run_worker(args: &WorkerArgs) -> Result<WorkerOutcome> {
     }
     world.barrier().context("final barrier")?;
     Ok(WorkerOutcome::Finished)
+}
+
+/// Why the batch gradient's communication cannot overlap backward in this job, if it cannot.
+fn overlap_unavailable(config: &JobConfig, world_size: usize, device: tch::Device) -> Option<&'static str> {
+    if !config.comm.overlap {
+        Some("comm.overlap = false")
+    } else if world_size == 1 {
+        Some("one rank")
+    } else if config.train.deterministic {
+        Some("deterministic mode gathers every micro-batch's gradient after its backward")
+    } else if device.is_cuda() {
+        Some("not implemented for CUDA ranks yet")
+    } else {
+        None
+    }
+}
+
+/// Monitoring for this rank: the recorder (and its Chrome trace, `[trace]`), and the Prometheus
+/// endpoint when `[metrics] prometheus` is set.
+fn start_telemetry(config: &JobConfig, env: &RankEnv, out_dir: &Path) -> Result<()> {
+    telemetry::init(&telemetry::Options {
+        rank: env.rank,
+        trace_file: config.trace.enabled.then(|| out_dir.join(TRACE_DIR).join(format!("rank{}.json", env.rank))),
+        trace_steps: config.trace.steps,
+    })?;
+    if let Some(base) = &config.metrics.prometheus {
+        let address = telemetry::prometheus::rank_address(base, env.local_rank)?;
+        telemetry::prometheus::serve(address, env.rank, env.group_rank)?;
+        if env.local_rank == 0 {
+            println!(
+                "metrics: rank {} serves Prometheus metrics on http://{address}/metrics (the node's other ranks on the \
+                 next ports)",
+                env.rank
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The step-time breakdown of every rank since the last evaluation, gathered to rank 0's
+/// `metrics.jsonl` (one collective of a few numbers per evaluation).
+fn record_metrics(step: u64, records: &mut RunRecords, world: &dyn Communicator, device: tch::Device) -> Result<()> {
+    let summary = telemetry::take_window();
+    let gpu_mem_gb = match device {
+        tch::Device::Cuda(index) => {
+            mgrun_torch_shim::cuda_memory_stats(index).map(|m| m.peak_allocated as f64 / 1e9).unwrap_or(f64::NAN)
+        }
+        _ => f64::NAN,
+    };
+    if gpu_mem_gb.is_finite() {
+        metrics::gauge!("mgrun_gpu_memory_bytes").set(gpu_mem_gb * 1e9);
+    }
+    let mut values = summary.to_values().to_vec();
+    values.push(gpu_mem_gb);
+    let gathered = mgrun_collectives::scalars::all_gather_f64(world, &values).context("gathering metrics summaries")?;
+    let ranks: Vec<(telemetry::WindowSummary, Option<f64>)> = gathered
+        .iter()
+        .map(|v| {
+            let gpu = v.get(telemetry::SUMMARY_VALUES).copied().filter(|g| g.is_finite());
+            (telemetry::WindowSummary::from_values(v), gpu)
+        })
+        .collect();
+    records.metrics(step, &ranks)
 }
 
 /// `value` as rank 0 has it, on every rank: an all-reduced sum may differ in its last bits between
@@ -347,7 +442,7 @@ fn connect_world(
     let store = StoreClient::connect_rank(env, timeout).context("connecting to the rendezvous store")?;
     let comm = mgrun_collectives::connect(backend, &store, env.rank, env.world_size, device, timeout)
         .with_context(|| format!("rank {}: connecting the {} communicator", env.rank, backend.name()))?;
-    Ok(comm)
+    Ok(mgrun_telemetry::comm::InstrumentedCommunicator::wrap(comm))
 }
 
 /// `mgrun` makes the synthetic dataset on first use so that the quickstart needs no download.

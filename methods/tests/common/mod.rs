@@ -127,7 +127,7 @@ pub fn steps(
     shards: impl Fn(u64) -> Vec<DomainShard>,
 ) -> Vec<f64> {
     let exact = exact.then_some(ExactMode { seed: 3 });
-    let topology = Topology { world, plan, domain_groups: &[], bucket_bytes: 4096, exact };
+    let topology = Topology { world, plan, domain_groups: &[], bucket_bytes: 4096, exact, overlap: None };
     steps
         .map(|step| {
             let shards = shards(step);
