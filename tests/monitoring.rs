@@ -121,9 +121,16 @@ fn a_running_job_is_scraped_traced_and_summarised() {
             // the step is outside them (the loop's bookkeeping).
             assert!(parts <= get("step_ms") * 1.0001 && parts >= get("step_ms") * 0.8, "{r}");
             assert!(r["comm_bytes_per_step"]["all_reduce"].as_f64().expect("bytes") > 0.0);
-            assert!(get("images_per_s") > 0.0 && get("grad_norm") > 0.0);
+            assert!(get("images_per_s") > 0.0);
         }
     }
+    // The gradient norm is sampled (at most once a second): the first step always has one.
+    let norms: Vec<f64> = lines
+        .iter()
+        .flat_map(|l| l["ranks"].as_array().expect("ranks").iter())
+        .filter_map(|r| r["grad_norm"].as_f64())
+        .collect();
+    assert!(!norms.is_empty() && norms.iter().all(|&n| n > 0.0), "{norms:?}");
 
     // The merged trace: both ranks, the traced steps only, collectives with their sizes.
     let trace: Value =

@@ -6,8 +6,9 @@
 //! - **Weak scaling**: fixed images per rank: `data.batch_per_domain` is the config's times W.
 //! - **Strong scaling**: fixed global batch: the config's `data.batch_per_domain` at every W.
 //!
-//! Efficiency is images/s at W over W times images/s at 1 rank (same mode and method). On one
-//! machine the ranks share its cores (the launcher gives each `cores / W` threads), so CPU scaling
+//! Efficiency is images/s at W over W times images/s at 1 rank (same mode and method); "img/s vs 1
+//! rank" is the plain speed-up. On one machine the ranks share its cores (the launcher gives each
+//! `cores / W` threads), so the ideal there is a speed-up of 1 (the same cores, split): CPU scaling
 //! shows the cost of communication and of splitting the batch, not added compute.
 
 use anyhow::{bail, Context, Result};
@@ -219,13 +220,18 @@ fn point_json(p: &Point, all: &[Point]) -> Value {
 
 fn markdown(points: &[Point]) -> String {
     let mut out = String::from(
-        "| mode | method | ranks | overlap | images/step | img/s | img/s per rank | efficiency | step ms | data wait | \
-         fwd+bwd | comm waited | comm overlapped | optimizer |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| mode | method | ranks | overlap | images/step | img/s | img/s per rank | efficiency | img/s vs 1 rank | step ms | \
+         data wait | fwd+bwd | comm waited | comm overlapped | optimizer |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for p in points {
-        let eff = efficiency(p, points).map_or("-".to_string(), |e| format!("{:.0}%", e * 100.0));
+        let eff = efficiency(p, points);
+        let (eff, speedup) = match eff {
+            Some(e) => (format!("{:.0}%", e * 100.0), format!("{:.2}x", e * p.world as f64)),
+            None => ("-".to_string(), "-".to_string()),
+        };
         out.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {:.0} | {:.0} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} |\n",
+            "| {} | {} | {} | {} | {} | {:.0} | {:.0} | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} |\n",
             p.mode,
             p.method,
             p.world,
@@ -240,6 +246,7 @@ fn markdown(points: &[Point]) -> String {
             p.images_per_s,
             p.images_per_s / p.world as f64,
             eff,
+            speedup,
             p.step_ms,
             p.data_wait_ms,
             p.forward_backward_ms,
@@ -277,7 +284,7 @@ mod tests {
         let points = [point(1, 100.0), point(2, 150.0), point(4, 200.0)];
         assert_eq!(efficiency(&points[1], &points), Some(0.75));
         assert_eq!(efficiency(&points[2], &points), Some(0.5));
-        assert!(markdown(&points).contains("| strong | erm | 4 | on | 96 | 200 | 50 | 50% |"));
+        assert!(markdown(&points).contains("| strong | erm | 4 | on | 96 | 200 | 50 | 50% | 2.00x |"));
         assert!(parse_list("1,x", "--cpus").is_err());
     }
 }

@@ -80,7 +80,8 @@ pub fn take_report(line: &str) -> bool {
                 hint.map(|h| format!(" | {h}")).unwrap_or_default()
             ));
             if report.step >= report.total {
-                bar.finish();
+                // The rank's summary line follows; a finished bar would leave the cursor on its line.
+                bar.finish_and_clear();
                 display.bar = None;
             }
         }

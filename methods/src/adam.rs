@@ -67,7 +67,13 @@ pub struct Adam {
     /// The norm of the last gradient applied, left on the device until [`Adam::take_grad_norm`]
     /// reads it (after the loss, which waits for the device anyway).
     last_grad_norm: Option<Tensor>,
+    /// When the norm was last computed: it is sampled at most every [`GRAD_NORM_EVERY`], since one
+    /// more pass over the gradient costs about 1% of a CPU step (3.5 ms for ResNet-18's).
+    last_norm_at: Option<std::time::Instant>,
 }
+
+/// How often the gradient norm (a monitoring value) is computed.
+pub const GRAD_NORM_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Adam {
     /// Zero moments for a buffer of `numel` f32 values on `device`.
@@ -80,6 +86,7 @@ impl Adam {
             step: 0,
             step_tensor: Tensor::zeros([], (Kind::Float, device)),
             last_grad_norm: None,
+            last_norm_at: None,
         }
     }
 
@@ -114,7 +121,10 @@ impl Adam {
         }
         let _guard = tch::no_grad_guard();
         let _timed = mgrun_telemetry::phase(mgrun_telemetry::Phase::Optimizer);
-        self.last_grad_norm = Some(flat_grad.f_norm().context("Adam: gradient norm")?);
+        if self.last_norm_at.is_none_or(|at| at.elapsed() >= GRAD_NORM_EVERY) {
+            self.last_grad_norm = Some(flat_grad.f_norm().context("Adam: gradient norm")?);
+            self.last_norm_at = Some(std::time::Instant::now());
+        }
         self.step += 1;
         let _ = self.step_tensor.f_fill_(self.step as f64).context("Adam: step count")?;
         let AdamConfig { lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay } = self.cfg;
@@ -136,7 +146,7 @@ impl Adam {
         )
     }
 
-    /// The L2 norm of the gradient of the last step (once; `None` before a step).
+    /// The L2 norm of the gradient of the last step, when it was sampled (see [`GRAD_NORM_EVERY`]).
     pub fn take_grad_norm(&mut self) -> Option<f64> {
         self.last_grad_norm.take().and_then(|norm| norm.f_double_value(&[]).ok())
     }

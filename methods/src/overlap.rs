@@ -168,6 +168,11 @@ impl GradientOverlap {
         Ok(GradientOverlap { readiness, jobs: Some(jobs), done, thread: Some(thread) })
     }
 
+    /// How many buckets the flat gradient is reduced in.
+    pub fn buckets(&self) -> usize {
+        self.readiness.params_per_bucket.len()
+    }
+
     /// Zeroes the gradient, runs `loss`'s backward while its buckets are summed over the ranks, and
     /// returns the flat gradient, summed (an alias of the store's gradient buffer).
     pub fn backward(&self, store: &mut ParamStore, loss: &Tensor) -> Result<Tensor> {

@@ -431,8 +431,9 @@ enum SpanKind {
 impl Drop for Span {
     fn drop(&mut self) {
         let elapsed = self.started.elapsed();
-        let on_training_thread = TRAINING_THREAD.with(Cell::get);
+        // From here on the time is the recorder's own (reported as `telemetry_ms`).
         let recording = Instant::now();
+        let on_training_thread = TRAINING_THREAD.with(Cell::get);
         if let SpanKind::Collective(kind, bytes) = self.what {
             // Recorded even before init: a scrape during start-up shows the rendezvous traffic.
             metrics::histogram!("mgrun_comm_seconds", "kind" => kind.name()).record(elapsed.as_secs_f64());

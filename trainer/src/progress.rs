@@ -55,7 +55,6 @@ pub struct Progress {
     every: Duration,
     started: Instant,
     last_print: Instant,
-    window_start: Instant,
     window_steps: u64,
     window_times: [f64; 3],
 }
@@ -71,7 +70,6 @@ impl Progress {
             every: Duration::from_secs_f64(every_s.max(0.0)),
             started: now,
             last_print: now,
-            window_start: now,
             window_steps: 0,
             window_times: [0.0; 3],
         }
@@ -90,7 +88,6 @@ impl Progress {
         if !(self.to_launcher || self.rank == 0) || (self.last_print.elapsed() < self.every && !last && step != 0) {
             return;
         }
-        let window = self.window_start.elapsed().as_secs_f64().max(1e-9);
         let n = self.window_steps.max(1) as f64;
         let per_step = self.started.elapsed().as_secs_f64() / done as f64;
         let report = ProgressReport {
@@ -98,7 +95,8 @@ impl Progress {
             step: done,
             total: self.total_steps,
             loss,
-            images_per_s: self.window_steps as f64 * self.images_per_step as f64 / window,
+            // From the steps' own times: an evaluation in the window does not lower it.
+            images_per_s: self.window_steps as f64 * self.images_per_step as f64 / self.window_times[0].max(1e-9),
             elapsed_s: self.started.elapsed().as_secs_f64(),
             eta_s: per_step * (self.total_steps - done) as f64,
             step_ms: self.window_times[0] * 1e3 / n,
@@ -114,7 +112,6 @@ impl Progress {
             println!("{}", report.line());
         }
         self.last_print = Instant::now();
-        self.window_start = self.last_print;
         self.window_steps = 0;
         self.window_times = [0.0; 3];
     }

@@ -68,8 +68,18 @@ pub fn run_worker(args: &WorkerArgs) -> Result<WorkerOutcome> {
         Vec::new()
     };
     let bucket_bytes = (config.comm.bucket_mb * 1024.0 * 1024.0) as usize;
-    let overlap = match overlap_unavailable(&config, env.world_size, device) {
-        None => Some(GradientOverlap::new(world.as_ref(), model.store(), bucket_bytes)?),
+    let overlap = match overlap_unavailable(&config, env.world_size, device, method.needs_domain_gradients()) {
+        None => {
+            let overlap = GradientOverlap::new(world.as_ref(), model.store(), bucket_bytes)?;
+            if is_main {
+                println!(
+                    "comm.overlap: on: the batch gradient's {} bucket(s) of up to {} MB are reduced during backward",
+                    overlap.buckets(),
+                    config.comm.bucket_mb
+                );
+            }
+            Some(overlap)
+        }
         Some(why) => {
             if is_main && config.comm.overlap && env.world_size > 1 {
                 println!("comm.overlap: off: {why}");
@@ -205,7 +215,12 @@ pub fn run_worker(args: &WorkerArgs) -> Result<WorkerOutcome> {
 }
 
 /// Why the batch gradient's communication cannot overlap backward in this job, if it cannot.
-fn overlap_unavailable(config: &JobConfig, world_size: usize, device: tch::Device) -> Option<&'static str> {
+fn overlap_unavailable(
+    config: &JobConfig,
+    world_size: usize,
+    device: tch::Device,
+    per_domain_gradients: bool,
+) -> Option<&'static str> {
     if !config.comm.overlap {
         Some("comm.overlap = false")
     } else if world_size == 1 {
@@ -214,6 +229,8 @@ fn overlap_unavailable(config: &JobConfig, world_size: usize, device: tch::Devic
         Some("deterministic mode gathers every micro-batch's gradient after its backward")
     } else if device.is_cuda() {
         Some("not implemented for CUDA ranks yet")
+    } else if per_domain_gradients {
+        Some("the method needs each domain's whole gradient (a backward per domain, each reduced after it)")
     } else {
         None
     }
