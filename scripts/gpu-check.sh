@@ -119,6 +119,15 @@ run pytorch-step 420 "$PYTHON" bench/pytorch_step.py --steps 20 --warmup 5 --opt
     --json "$OUT/pytorch-step.json" \
     --mgrun-json "$OUT/mgrun-step.json" "$OUT/mgrun-step-nchw.json"
 
+# The one-GPU breakdown that feeds the scaling model (bench/results/*-scaling-model.md): predicted DomainNet
+# run times on 1-16 GPUs of this card.
+run scaling-model 60 bash -c "python3 bench/step_to_scaling_input.py '$OUT/mgrun-step.json' --card \"\$(cut -d, -f1 '$OUT/gpu.txt')\" \
+    > '$OUT/scaling-input.json' && python3 bench/scaling_model.py --input-json '$OUT/scaling-input.json' \
+    --markdown '$OUT/scaling-model.md'"
+# A 2-rank-per-GPU quickstart with metrics and a trace: the per-phase breakdown as mgrun records it on CUDA.
+run monitoring 180 "$BIN/mgrun" --gpus 2 --ranks-per-gpu 2 --quiet --out "$OUT/monitoring" --set train.steps=100 \
+    --set trace.enabled=true --set eval.every_steps=50 configs/quickstart.toml
+
 echo
 echo "================ gpu-check summary ($(cat "$OUT/gpu.txt"), $(( $(date +%s) - STARTED )) s) ================"
 grep -h "NCCL\|algbw\|busbw" "$OUT/bench-comm.log" 2>/dev/null | head -n 4
@@ -126,6 +135,7 @@ echo "(bench comm on one GPU: world size 1, so the numbers are the call overhead
 sed -n '/^| method | precision | channels_last | ms\/step/,/^$/p' "$OUT/bench-step.log"
 grep -h "phases" "$OUT/bench-step.log"
 sed -n '/^| method | precision | channels_last | mgrun img\/s/,$p' "$OUT/pytorch-step.log"
+grep -h "predicted DomainNet run" "$OUT/scaling-model.md" 2>/dev/null | head -n 1
 echo "multi-rank runs on one GPU (deterministic, TCP backend through pinned host memory):"
 cat "$OUT/multi-rank.md" 2>/dev/null
 cat "$SUMMARY"
