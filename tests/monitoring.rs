@@ -168,9 +168,15 @@ fn quiet_drops_the_progress_lines_only() {
 /// Buckets reduced during backward give the same bits as after it, and the overlap is measured.
 #[test]
 fn overlapped_communication_changes_no_bit() {
+    for method in ["erm", "sam"] {
+        same_bits_with_and_without_overlap(method);
+    }
+}
+
+fn same_bits_with_and_without_overlap(method: &str) {
     let dir = tempfile::tempdir().expect("tempdir");
     // 3 ranks, buckets of ~4 KB: a dozen buckets per step, several per layer.
-    let config = job(dir.path(), 12, 6, "erm", "\n[comm]\nbucket_mb = 0.004\n");
+    let config = job(dir.path(), 12, 6, method, "\n[comm]\nbucket_mb = 0.004\n");
     let mut runs = Vec::new();
     for overlap in [true, false] {
         let out = dir.path().join(format!("overlap-{overlap}"));
@@ -191,9 +197,9 @@ fn overlapped_communication_changes_no_bit() {
         runs.push((run_outputs(&out), overlapped));
     }
     let ((on, on_overlapped), (off, off_overlapped)) = (&runs[0], &runs[1]);
-    assert_eq!(on.0, off.0, "step losses differ with comm.overlap");
-    assert_eq!(on.1, off.1, "parameters differ with comm.overlap");
-    assert!(*on_overlapped > 0.0, "no collective ran beside backward");
+    assert_eq!(on.0, off.0, "{method}: step losses differ with comm.overlap");
+    assert_eq!(on.1, off.1, "{method}: parameters differ with comm.overlap");
+    assert!(*on_overlapped > 0.0, "{method}: no collective ran beside backward");
     assert_eq!(*off_overlapped, 0.0);
 }
 

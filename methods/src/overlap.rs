@@ -9,12 +9,13 @@
 //! - **The same order on every rank.** The thread reduces buckets from the last to the first (the
 //!   order backward produces them), waiting for each in turn, so no rank's collectives depend on
 //!   the order its hooks happened to fire in.
-//! - **Where it applies.** The batch gradient of one backward on the fast path (ERM and the
-//!   methods built on [`crate::gradients::batch_gradient`] with the plain loss). It does not apply
-//!   where the whole gradient is needed before anything crosses ranks: deterministic mode (every
-//!   unit's gradient is gathered), per-domain gradients (DSP-Reg's moments, Fishr, per-domain SAM:
-//!   a backward per domain, each reduced within its group), and backward passes at perturbed
-//!   weights (a SAM step's first pass overlaps; its norm waits for the whole reduced gradient).
+//! - **Where it applies.** The batch gradient of one backward on the fast path: ERM and the methods
+//!   built on [`crate::gradients::batch_gradient`] with the plain loss, global SAM's two passes
+//!   among them (its norm waits for the whole reduced first gradient, which the overlap delivers).
+//!   It does not apply where each domain's whole gradient is needed before anything crosses ranks:
+//!   deterministic mode (every unit's gradient is gathered), per-domain gradients (DSP-Reg's
+//!   moments, Fishr, per-domain SAM: a backward per domain, each reduced within its group), nor
+//!   to losses other than the plain cross-entropy (Mixup's) or per-domain offsets.
 //!   CUDA ranks do not overlap yet: the hook fires when the gradient kernel is queued, not done,
 //!   and the NCCL stream would have to wait on an event of tch's stream.
 
