@@ -1,10 +1,11 @@
 //! The command line: `mgrun [LAUNCH OPTIONS] CONFIG` starts a training job; subcommands run benchmarks,
-//! dataset tools, sweeps, and (hidden) the ranks the launcher spawns.
+//! dataset tools, sweeps, plots, and (hidden) the ranks the launcher spawns.
 
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::plot;
 use crate::selftest::SelftestArgs;
 use crate::sweep_cmd;
 
@@ -110,6 +111,9 @@ pub enum Command {
     Sweep(sweep_cmd::SweepArgs),
     /// DomainBed's result tables (training-domain, leave-one-domain-out and oracle selection) of a sweep.
     Collect(sweep_cmd::CollectArgs),
+    /// PNG and SVG plots of a run: training loss, per-domain accuracy, DSP-Reg sensitivity per layer,
+    /// step-time breakdown; `--compare` overlays the loss and test-domain accuracy of several runs.
+    Plot(plot::PlotArgs),
     /// Launch diagnostic ranks that exercise the launcher (tests).
     #[command(hide = true)]
     Selftest(SelftestArgs),

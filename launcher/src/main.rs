@@ -12,6 +12,7 @@ mod job;
 mod launch;
 mod methods_cmd;
 mod placement;
+mod plot;
 mod progress_display;
 mod rendezvous;
 mod run_dir;
@@ -62,6 +63,7 @@ fn run_command(command: Command, top_launch: &LaunchArgs, cuda_load_error: Optio
         Command::Datagen { which } => data_cmd::datagen(which),
         Command::Sweep(args) => sweep_cmd::sweep(args),
         Command::Collect(args) => sweep_cmd::collect(args),
+        Command::Plot(args) => plot::plot(args, top_launch.out.as_deref()),
         Command::Methods => {
             methods_cmd::print_methods()?;
             Ok(0)
