@@ -229,4 +229,13 @@ fn bench_scaling_measures_every_point() {
         assert_eq!(p["images_per_step"].as_u64(), Some(24 * p["world_size"].as_u64().expect("world")));
     }
     assert!(stdout.contains("| weak | sam | 2 | off |"), "{stdout}");
+    // The figures: decodable PNGs, and SVGs naming every series.
+    for stem in ["scaling", "scaling_step_time"] {
+        let png = image::open(out.join(format!("{stem}.png"))).unwrap_or_else(|e| panic!("{stem}.png: {e}"));
+        assert!(png.width() >= 1600 && png.height() == 650, "{stem}.png is {}x{}", png.width(), png.height());
+    }
+    let svg = std::fs::read_to_string(out.join("scaling.svg")).expect("scaling.svg");
+    for series in ["weak erm", "weak sam", "weak erm no overlap"] {
+        assert!(svg.contains(series), "scaling.svg lacks {series}");
+    }
 }

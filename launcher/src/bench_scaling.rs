@@ -132,6 +132,20 @@ pub fn run(args: &ScalingArgs) -> Result<i32> {
     let md_path = out.join("scaling.md");
     std::fs::write(&md_path, &table).with_context(|| format!("writing {}", md_path.display()))?;
     println!("written: {} and {}", json_path.display(), md_path.display());
+    let figures: Vec<crate::plot::ScalingPoint> = points
+        .iter()
+        .map(|p| crate::plot::ScalingPoint {
+            mode: p.mode.to_string(),
+            series: if p.overlap || p.world == 1 { p.method.clone() } else { format!("{} no overlap", p.method) },
+            ranks: p.world,
+            images_per_s: p.images_per_s,
+            efficiency: efficiency(p, &points),
+            phase_ms: [p.data_wait_ms, p.forward_backward_ms, p.comm_ms, p.optimizer_ms],
+        })
+        .collect();
+    for file in crate::plot::scaling_figures(&figures, &out)? {
+        println!("written: {}", file.display());
+    }
     Ok(0)
 }
 

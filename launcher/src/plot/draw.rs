@@ -124,6 +124,7 @@ impl Curve {
 #[derive(Debug, Clone)]
 pub struct Panel {
     pub caption: String,
+    pub x_desc: String,
     pub y_desc: String,
     pub y_range: Range<f64>,
     pub legend_at: SeriesLabelPosition,
@@ -172,13 +173,14 @@ fn draw_panel<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, panel: &Panel) 
         .build_cartesian_2d(step_extent(panel), panel.y_range.clone())?;
     chart
         .configure_mesh()
-        .x_desc("step")
+        .x_desc(panel.x_desc.as_str())
         .y_desc(panel.y_desc.as_str())
         .label_style((FONT, LABEL_PX))
         .axis_desc_style((FONT, AXIS_DESC_PX))
         .light_line_style(RGBColor(238, 238, 238))
         .bold_line_style(RGBColor(215, 215, 215))
-        .x_label_formatter(&|x| format!("{x:.0}"))
+        // Whole numbers only: steps and ranks (a tick between two ranks would repeat a label).
+        .x_label_formatter(&|x| if (x - x.round()).abs() < 1e-6 { format!("{x:.0}") } else { String::new() })
         .draw()?;
     for curve in &panel.curves {
         let color = curve.color;

@@ -3,7 +3,7 @@
 //! loss and test-domain accuracy of several runs.
 
 mod bitmap_text;
-mod draw;
+pub(crate) mod draw;
 mod run_data;
 
 use crate::console::stdout_line;
@@ -191,6 +191,7 @@ fn compare_plots(runs: &[Run], out: &Path) -> Result<Report> {
             title: format!("Training loss, {title_runs}"),
             size: (1200, 650),
             panels: vec![Panel {
+                x_desc: "step".into(),
                 caption: "per-step loss, moving average".into(),
                 y_desc: "loss".into(),
                 y_range: value_range(&all_losses, 1.0),
@@ -211,6 +212,7 @@ fn compare_plots(runs: &[Run], out: &Path) -> Result<Report> {
             title: format!("Test-domain accuracy, {title_runs}"),
             size: (1200, 650),
             panels: vec![Panel {
+                x_desc: "step".into(),
                 caption: "solid: test domains' accuracy (in splits); dashed: training domains' validation (out splits)"
                     .into(),
                 y_desc: "accuracy".into(),
@@ -304,6 +306,7 @@ fn loss_figure(run: &Run, name: &str) -> Option<LinesFigure> {
         title: format!("{name}: training loss{}", method_and_dataset(run)),
         size: (1200, 650),
         panels: vec![Panel {
+            x_desc: "step".into(),
             caption: format!("{} steps", run.steps.len()),
             y_desc: "loss".into(),
             y_range,
@@ -368,6 +371,7 @@ fn accuracy_figure(run: &Run, name: &str) -> LinesFigure {
             }
         }
         Panel {
+            x_desc: "step".into(),
             caption: format!("{split} split: {caption}"),
             y_desc: "accuracy".into(),
             y_range: ACCURACY_RANGE,
@@ -453,6 +457,89 @@ fn sensitivity_figure(run: &Run, name: &str) -> Option<HeatMapFigure> {
 
 /// The parts of a step, bottom to top: the phases inside it, the rest of it, then the checkpoint
 /// stalls between steps spread over the window.
+/// `mgrun bench scaling`'s figure: images/s and efficiency against the number of ranks, one curve
+/// per mode and method, and the step-time breakdown of every point.
+pub(crate) fn scaling_figures(points: &[ScalingPoint], out: &Path) -> Result<Vec<PathBuf>> {
+    let series: BTreeSet<(String, String)> = points.iter().map(|p| (p.mode.clone(), p.series.clone())).collect();
+    let curve = |index: usize, (mode, name): &(String, String), value: &dyn Fn(&ScalingPoint) -> f64| {
+        let mut curve = Curve::new(
+            Some(format!("{mode} {name}")),
+            points
+                .iter()
+                .filter(|p| &p.mode == mode && &p.series == name)
+                .map(|p| (p.ranks as f64, value(p)))
+                .filter(|(_, v)| v.is_finite())
+                .collect(),
+            series_color(index),
+        );
+        curve.dots = true;
+        if mode == "strong" {
+            curve.stroke = Stroke::Dashed;
+        }
+        curve
+    };
+    let throughput: Vec<Curve> = series.iter().enumerate().map(|(i, s)| curve(i, s, &|p| p.images_per_s)).collect();
+    let efficiency: Vec<Curve> =
+        series.iter().enumerate().map(|(i, s)| curve(i, s, &|p| p.efficiency.unwrap_or(f64::NAN))).collect();
+    let highest = points.iter().map(|p| p.images_per_s).fold(0.0, f64::max);
+    let figure = LinesFigure {
+        title: "bench scaling: throughput and efficiency (solid: weak, dashed: strong)".into(),
+        size: (1600, 650),
+        panels: vec![
+            Panel {
+                x_desc: "ranks".into(),
+                caption: "images/s of the job".into(),
+                y_desc: "images/s".into(),
+                y_range: 0.0..(highest * 1.15).max(1.0),
+                legend_at: SeriesLabelPosition::LowerRight,
+                curves: throughput,
+            },
+            Panel {
+                x_desc: "ranks".into(),
+                caption: "efficiency: images/s over ranks x images/s of 1 rank".into(),
+                y_desc: "efficiency".into(),
+                y_range: 0.0..1.1,
+                legend_at: SeriesLabelPosition::UpperRight,
+                curves: efficiency,
+            },
+        ],
+    };
+    let mut files = draw::write_png_and_svg(&figure, out, "scaling")?;
+    let parts: Vec<(String, RGBColor)> =
+        PHASES.iter().enumerate().map(|(i, phase)| (phase.to_string(), series_color(i))).collect();
+    let bars = StackedBars {
+        caption: "mean over ranks, measured window".into(),
+        x_desc: "mode method ranks".into(),
+        labels: points
+            .iter()
+            .map(|p| format!("{} {} {}", &p.mode[..1], p.series.replace(" no overlap", " (off)"), p.ranks))
+            .collect(),
+        stacks: points.iter().map(|p| p.phase_ms.to_vec()).collect(),
+    };
+    let breakdown = StackedBarsFigure {
+        title: "bench scaling: step time by phase (w = weak, s = strong; (off): comm.overlap = false)".into(),
+        // About 120 px per bar, so that the labels do not run into each other.
+        size: ((points.len() as u32 * 120 + 500).max(1600), 650),
+        parts,
+        y_desc: "ms per step".into(),
+        panels: vec![(bars, 1.0)],
+    };
+    files.extend(draw::write_png_and_svg(&breakdown, out, "scaling_step_time")?);
+    Ok(files)
+}
+
+/// One point of `mgrun bench scaling`, as the figures need it.
+pub(crate) struct ScalingPoint {
+    pub mode: String,
+    /// The method, and "no overlap" for the runs without it.
+    pub series: String,
+    pub ranks: usize,
+    pub images_per_s: f64,
+    pub efficiency: Option<f64>,
+    /// In the order of `run_data::PHASES`.
+    pub phase_ms: [f64; 4],
+}
+
 fn step_parts() -> Vec<(String, RGBColor)> {
     let mut parts: Vec<(String, RGBColor)> =
         PHASES.iter().enumerate().map(|(i, phase)| (phase.to_string(), series_color(i))).collect();
