@@ -67,31 +67,13 @@ pub fn run_worker(args: &WorkerArgs) -> Result<WorkerOutcome> {
     } else {
         Vec::new()
     };
-    let bucket_bytes = (config.comm.bucket_mb * 1024.0 * 1024.0) as usize;
-    let overlap = match overlap_unavailable(&config, env.world_size, device, method.needs_domain_gradients()) {
-        None => {
-            let overlap = GradientOverlap::new(world.as_ref(), model.store(), bucket_bytes)?;
-            if is_main {
-                println!(
-                    "comm.overlap: on: the batch gradient's {} bucket(s) of up to {} MB are reduced during backward",
-                    overlap.buckets(),
-                    config.comm.bucket_mb
-                );
-            }
-            Some(overlap)
-        }
-        Some(why) => {
-            if is_main && config.comm.overlap && env.world_size > 1 {
-                println!("comm.overlap: off: {why}");
-            }
-            None
-        }
-    };
+    let overlap =
+        start_overlap(&config, &env, device, method.needs_domain_gradients(), model.as_ref(), world.as_ref())?;
     let topo = Topology {
         world: world.as_ref(),
         plan: &plan,
         domain_groups: &domain_groups,
-        bucket_bytes,
+        bucket_bytes: bucket_bytes(&config),
         exact: config.train.deterministic.then_some(ExactMode { seed: config.train.seed }),
         overlap: overlap.as_ref(),
     };
@@ -212,6 +194,38 @@ pub fn run_worker(args: &WorkerArgs) -> Result<WorkerOutcome> {
     }
     world.barrier().context("final barrier")?;
     Ok(WorkerOutcome::Finished)
+}
+
+/// `comm.overlap`: the batch gradient's buckets reduced during backward, when this job can (the
+/// launch says which, and why not).
+fn start_overlap(
+    config: &JobConfig,
+    env: &RankEnv,
+    device: tch::Device,
+    per_domain_gradients: bool,
+    model: &dyn Model,
+    world: &dyn Communicator,
+) -> Result<Option<GradientOverlap>> {
+    let is_main = env.rank == 0;
+    if let Some(why) = overlap_unavailable(config, env.world_size, device, per_domain_gradients) {
+        if is_main && config.comm.overlap && env.world_size > 1 {
+            println!("comm.overlap: off: {why}");
+        }
+        return Ok(None);
+    }
+    let overlap = GradientOverlap::new(world, model.store(), bucket_bytes(config))?;
+    if is_main {
+        println!(
+            "comm.overlap: on: the batch gradient's {} bucket(s) of up to {} MB are reduced during backward",
+            overlap.buckets(),
+            config.comm.bucket_mb
+        );
+    }
+    Ok(Some(overlap))
+}
+
+fn bucket_bytes(config: &JobConfig) -> usize {
+    (config.comm.bucket_mb * 1024.0 * 1024.0) as usize
 }
 
 /// Why the batch gradient's communication cannot overlap backward in this job, if it cannot.
