@@ -442,11 +442,8 @@ impl Drop for Span {
         let mut guard = lock();
         let Some(recorder) = guard.as_mut() else { return };
         let seconds = elapsed.as_secs_f64();
-        let (name, category, args) = match self.what {
-            SpanKind::Phase(phase) => {
-                recorder.current.phases[phase.index()] += seconds;
-                (phase.name(), "phase", serde_json::Value::Null)
-            }
+        match self.what {
+            SpanKind::Phase(phase) => recorder.current.phases[phase.index()] += seconds,
             SpanKind::Collective(kind, bytes) => {
                 if on_training_thread {
                     recorder.current.phases[Phase::Comm.index()] += seconds;
@@ -454,11 +451,17 @@ impl Drop for Span {
                     recorder.current.comm_overlapped += seconds;
                 }
                 recorder.current.comm_bytes[kind.index()] += bytes as u64;
-                (kind.name(), "comm", serde_json::json!({"bytes": bytes, "overlapped": !on_training_thread}))
             }
-        };
+        }
         let tracing = recorder.step.is_some_and(|s| s < recorder.trace_steps);
         if let Some(trace) = recorder.trace.as_mut().filter(|_| tracing) {
+            // The event's arguments are built only for the steps that are traced.
+            let (name, category, args) = match self.what {
+                SpanKind::Phase(phase) => (phase.name(), "phase", serde_json::Value::Null),
+                SpanKind::Collective(kind, bytes) => {
+                    (kind.name(), "comm", serde_json::json!({"bytes": bytes, "overlapped": !on_training_thread}))
+                }
+            };
             let end_us = wall_us();
             let duration_us = elapsed.as_micros() as u64;
             trace.complete(name, category, end_us.saturating_sub(duration_us), duration_us, args);
